@@ -1,0 +1,47 @@
+"""Pure functional attention ops: no Flax, no state, no I/O.
+
+    from attn_jax import ops
+    out = ops.dot_product_attention(q, k, v, is_causal=True)
+"""
+
+from attn_jax.ops.attention import (
+    BLOCKWISE_MIN_LOGITS,
+    choose_implementation,
+    dense_attention,
+    dot_product_attention,
+    masked_softmax,
+)
+from attn_jax.ops.blockwise import blockwise_attention
+from attn_jax.ops.heads import merge_heads, num_groups, repeat_kv, split_heads
+from attn_jax.ops.masks import (
+    causal_mask,
+    combine_masks,
+    local_mask,
+    mask_to_bias,
+    padding_mask,
+    query_key_mask,
+    segment_mask,
+    valid_positions,
+)
+from attn_jax.ops.positional import (
+    add_sinusoidal,
+    alibi_bias,
+    alibi_slopes,
+    learned_positional,
+    learned_positional_init,
+    relative_position_bias,
+    relative_position_buckets,
+    rope,
+    sinusoidal,
+)
+from attn_jax.ops.scores import additive_scores, dot_scores, general_scores, scaled_dot_scores
+
+__all__ = [
+    'BLOCKWISE_MIN_LOGITS', 'add_sinusoidal', 'additive_scores', 'alibi_bias', 'alibi_slopes',
+    'blockwise_attention', 'causal_mask', 'choose_implementation', 'combine_masks',
+    'dense_attention', 'dot_product_attention', 'dot_scores', 'general_scores',
+    'learned_positional', 'learned_positional_init', 'local_mask', 'mask_to_bias',
+    'masked_softmax', 'merge_heads', 'num_groups', 'padding_mask', 'query_key_mask',
+    'relative_position_bias', 'relative_position_buckets', 'repeat_kv', 'rope',
+    'scaled_dot_scores', 'segment_mask', 'sinusoidal', 'split_heads', 'valid_positions',
+]

@@ -1,0 +1,369 @@
+"""Memory-efficient attention: online softmax over key/value blocks.
+
+The forward pass walks query blocks and, inside each, key/value blocks, keeping a
+running max `m`, normalizer `l` and output accumulator per query row (Rabe &
+Staats 2021; Dao et al. 2022). It stores only the output and the row
+log-sum-exp. The backward pass (a `jax.custom_vjp`) walks key/value blocks and,
+inside each, query blocks, recomputing every block's probabilities from the
+saved log-sum-exp, accumulating dK/dV per key block and dQ into one
+`[q_len, head_dim]` buffer. Neither pass holds a `[q_len, kv_len]` array.
+
+Masks are built per block from positions (causal, window, segment ids, padding
+of uneven lengths); blocks a causal or windowed mask hides entirely are not
+visited (the loop bounds depend on the block index), so causal attention costs
+about half. Dense `mask`/`bias` arguments are sliced per block; `bias_fn`
+position biases (ALiBi, T5) are evaluated per block and their parameters get
+gradients through a per-block VJP.
+
+Internal layout: q `[B, K, G, T, D]` (K kv heads, G query heads per kv head),
+k/v `[B, K, S, D]`, so GQA never copies k/v.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from attn_jax.ops import attention as attn_lib
+
+DEFAULT_BLOCK = 512
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+  """Hashable, trace-time configuration of one blockwise call."""
+  dims: attn_lib.Dims
+  block_q: int
+  block_kv: int
+  scale: float
+  is_causal: bool
+  window: tuple[int, int] | None
+  dropout_rate: float
+  bias_fn: Any
+  precision: Any
+
+  @property
+  def num_q_blocks(self) -> int:
+    return -(-self.dims.q_len // self.block_q)
+
+  @property
+  def num_kv_blocks(self) -> int:
+    return -(-self.dims.kv_len // self.block_kv)
+
+  @property
+  def left(self) -> int | None:
+    """How far back a query may look; None = unbounded."""
+    return None if self.window is None else self.window[0]
+
+  @property
+  def right(self) -> int | None:
+    """How far ahead a query may look; None = unbounded."""
+    if self.is_causal:
+      return 0 if self.window is None else min(self.window[1], 0)
+    return None if self.window is None else self.window[1]
+
+
+def _pad_axis(x: jax.Array, axis: int, size: int, value=0) -> jax.Array:
+  if x.shape[axis] == size:
+    return x
+  widths = [(0, 0)] * x.ndim
+  widths[axis] = (0, size - x.shape[axis])
+  return jnp.pad(x, widths, constant_values=value)
+
+
+def _slice_block(x: jax.Array, q_start, kv_start, block_q: int, block_kv: int) -> jax.Array:
+  """Block `[..., q_start:+block_q, kv_start:+block_kv]` of a `[..., T|1, S|1]` array.
+
+  Size-1 (broadcast) axes are kept whole.
+  """
+  starts = [0] * (x.ndim - 2) + [q_start if x.shape[-2] > 1 else 0,
+                                 kv_start if x.shape[-1] > 1 else 0]
+  sizes = list(x.shape[:-2]) + [block_q if x.shape[-2] > 1 else 1,
+                                block_kv if x.shape[-1] > 1 else 1]
+  return jax.lax.dynamic_slice(x, starts, sizes)
+
+
+def _block_logits_and_mask(st: _Static, q_blk, k_blk, q_start, kv_start, q_offset, q_seg, kv_seg,
+                           mask, bias, bias_params):
+  """Scaled logits `[B, K, G, bq, bk]` (float32) and their bool mask (or None)."""
+  bq, bk = st.block_q, st.block_kv
+  logits = jnp.einsum('bkgqd,bksd->bkgqs', q_blk, k_blk, precision=st.precision,
+                      preferred_element_type=jnp.float32) * jnp.float32(st.scale)
+  q_pos = q_start + jnp.arange(bq) + q_offset  # absolute query positions
+  kv_pos = kv_start + jnp.arange(bk)
+  if bias is not None:
+    logits = logits + _slice_block(bias, q_start, kv_start, bq, bk).astype(jnp.float32)
+  if st.bias_fn is not None:
+    logits = logits + _bias_fn_block(st, bias_params, q_pos, kv_pos)
+
+  block_mask = kv_pos[None, :] < st.dims.kv_len  # keys past the end are padding
+  if st.is_causal:
+    block_mask &= kv_pos[None, :] <= q_pos[:, None]
+  if st.window is not None:
+    left, right = st.window
+    block_mask &= (kv_pos[None, :] >= q_pos[:, None] - left)
+    block_mask &= (kv_pos[None, :] <= q_pos[:, None] + right)
+  block_mask = block_mask[None, None, None]  # [1, 1, 1, bq, bk]
+  if q_seg is not None:
+    q_ids = jax.lax.dynamic_slice_in_dim(q_seg, q_start, bq, axis=1)
+    kv_ids = jax.lax.dynamic_slice_in_dim(kv_seg, kv_start, bk, axis=1)
+    block_mask = block_mask & (q_ids[:, :, None] == kv_ids[:, None, :])[:, None, None]
+  if mask is not None:
+    block_mask = block_mask & _slice_block(mask, q_start, kv_start, bq, bk)
+  return logits, block_mask
+
+
+def _bias_fn_block(st: _Static, bias_params, q_pos, kv_pos):
+  """`bias_fn` output for one block, grouped to `[1, K|1, G|1, bq, bk]`."""
+  out = st.bias_fn(bias_params, q_pos, kv_pos).astype(jnp.float32)  # [heads|1, bq, bk]
+  return attn_lib.to_grouped(out[None], st.dims)
+
+
+def _kv_block_range(st: _Static, q_start, q_offset):
+  """Key blocks `[lo, hi)` that the causal/window mask leaves visible to a query block."""
+  lo, hi = 0, st.num_kv_blocks
+  first_q = q_start + q_offset
+  last_q = q_start + st.block_q - 1 + q_offset
+  if st.left is not None:
+    lo = jnp.clip(jnp.floor_divide(first_q - st.left, st.block_kv), 0, st.num_kv_blocks)
+  if st.right is not None:
+    hi = jnp.clip(jnp.floor_divide(last_q + st.right, st.block_kv) + 1, 0, st.num_kv_blocks)
+  return lo, hi
+
+
+def _q_block_range(st: _Static, kv_start, q_offset):
+  """Query blocks `[lo, hi)` that can see any key of the block starting at `kv_start`."""
+  lo, hi = 0, st.num_q_blocks
+  last_kv = kv_start + st.block_kv - 1
+  if st.right is not None:  # q + right >= kv_start
+    lo = jnp.clip(jnp.floor_divide(kv_start - st.right - q_offset, st.block_q), 0,
+                  st.num_q_blocks)
+  if st.left is not None:  # q - left <= last_kv
+    hi = jnp.clip(jnp.floor_divide(last_kv + st.left - q_offset, st.block_q) + 1, 0,
+                  st.num_q_blocks)
+  return lo, hi
+
+
+def _dropout_keep(st: _Static, rng, q_block, kv_block, shape):
+  """The block's keep-mask, a pure function of (rng, block indices): the backward
+  pass regenerates exactly the forward's mask."""
+  block_rng = jax.random.fold_in(rng, q_block * st.num_kv_blocks + kv_block)
+  return jax.random.bernoulli(block_rng, 1.0 - st.dropout_rate, shape)
+
+
+def _forward(st: _Static, q, k, v, q_offset, q_seg, kv_seg, mask, bias, bias_params, rng):
+  """Returns out `[B, K, G, Tp, Dv]` (float32) and row log-sum-exp `[B, K, G, Tp]`."""
+  dims, bq, bk = st.dims, st.block_q, st.block_kv
+  row_shape = (dims.batch, dims.kv_heads, dims.groups, bq)
+
+  def one_q_block(q_block):
+    q_start = q_block * bq
+    q_blk = jax.lax.dynamic_slice_in_dim(q, q_start, bq, axis=3)
+
+    def step(kv_block, carry):
+      row_max, row_sum, acc = carry
+      kv_start = kv_block * bk
+      k_blk = jax.lax.dynamic_slice_in_dim(k, kv_start, bk, axis=2)
+      v_blk = jax.lax.dynamic_slice_in_dim(v, kv_start, bk, axis=2)
+      logits, block_mask = _block_logits_and_mask(
+          st, q_blk, k_blk, q_start, kv_start, q_offset, q_seg, kv_seg, mask, bias, bias_params)
+      logits = jnp.where(block_mask, logits, -jnp.inf)
+      new_max = jnp.maximum(row_max, jnp.max(logits, axis=-1))
+      # A row with nothing visible yet keeps max -inf; shift by 0 so exp() gives 0, not NaN.
+      shift = jnp.where(jnp.isfinite(new_max), new_max, 0.0)
+      probs = jnp.exp(logits - shift[..., None])
+      correction = jnp.exp(row_max - shift)
+      row_sum = row_sum * correction + jnp.sum(probs, axis=-1)
+      if st.dropout_rate > 0.0:
+        keep = _dropout_keep(st, rng, q_block, kv_block, probs.shape)
+        probs = jnp.where(keep, probs / (1.0 - st.dropout_rate), 0.0)
+      acc = acc * correction[..., None] + jnp.einsum(
+          'bkgqs,bksd->bkgqd', probs.astype(v.dtype), v_blk, precision=st.precision,
+          preferred_element_type=jnp.float32)
+      return new_max, row_sum, acc
+
+    init = (jnp.full(row_shape, -jnp.inf, jnp.float32), jnp.zeros(row_shape, jnp.float32),
+            jnp.zeros(row_shape + (dims.v_dim,), jnp.float32))
+    lo, hi = _kv_block_range(st, q_start, q_offset)
+    row_max, row_sum, acc = jax.lax.fori_loop(lo, hi, step, init)
+    empty = row_sum == 0.0  # fully masked row: output 0, and +inf lse makes its bwd probs 0
+    out = acc / jnp.where(empty, 1.0, row_sum)[..., None]
+    lse = jnp.where(empty, jnp.inf, row_max + jnp.log(jnp.where(empty, 1.0, row_sum)))
+    return out, lse
+
+  out, lse = jax.lax.map(one_q_block, jnp.arange(st.num_q_blocks))
+  # [nq, B, K, G, bq, ...] -> [B, K, G, nq * bq, ...]
+  out = jnp.moveaxis(out, 0, 3).reshape(*row_shape[:3], -1, dims.v_dim)
+  lse = jnp.moveaxis(lse, 0, 3).reshape(*row_shape[:3], -1)
+  return out, lse
+
+
+def _backward(st: _Static, res, d_out):
+  """Gradients for q, k, v, dense bias and bias_params (layouts as in `_forward`)."""
+  q, k, v, q_offset, q_seg, kv_seg, mask, bias, bias_params, rng, out, lse = res
+  dims, bq, bk = st.dims, st.block_q, st.block_kv
+  d_out = d_out.astype(jnp.float32)
+  # D_i = sum_j P_ij dP_ij = dO_i . O_i (holds with dropout too).
+  delta = jnp.sum(d_out * out, axis=-1)  # [B, K, G, Tp]
+  d_q_init = jnp.zeros(q.shape, jnp.float32)
+  d_bias_init = None if bias is None else jnp.zeros(bias.shape, jnp.float32)
+  d_params_init = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), bias_params)
+
+  def one_kv_block(carry, kv_block):
+    d_q, d_bias, d_params = carry
+    kv_start = kv_block * bk
+    k_blk = jax.lax.dynamic_slice_in_dim(k, kv_start, bk, axis=2)
+    v_blk = jax.lax.dynamic_slice_in_dim(v, kv_start, bk, axis=2)
+
+    def step(q_block, inner):
+      d_k, d_v, d_q, d_bias, d_params = inner
+      q_start = q_block * bq
+      q_blk = jax.lax.dynamic_slice_in_dim(q, q_start, bq, axis=3)
+      d_out_blk = jax.lax.dynamic_slice_in_dim(d_out, q_start, bq, axis=3)
+      lse_blk = jax.lax.dynamic_slice_in_dim(lse, q_start, bq, axis=3)
+      delta_blk = jax.lax.dynamic_slice_in_dim(delta, q_start, bq, axis=3)
+      logits, block_mask = _block_logits_and_mask(
+          st, q_blk, k_blk, q_start, kv_start, q_offset, q_seg, kv_seg, mask, bias, bias_params)
+      probs = jnp.where(block_mask, jnp.exp(logits - lse_blk[..., None]), 0.0)
+      d_probs = jnp.einsum('bkgqd,bksd->bkgqs', d_out_blk, v_blk.astype(jnp.float32),
+                           precision=st.precision)
+      probs_used = probs
+      if st.dropout_rate > 0.0:
+        keep = _dropout_keep(st, rng, q_block, kv_block, probs.shape)
+        probs_used = jnp.where(keep, probs / (1.0 - st.dropout_rate), 0.0)
+        d_probs = jnp.where(keep, d_probs / (1.0 - st.dropout_rate), 0.0)
+      d_v = d_v + jnp.einsum('bkgqs,bkgqd->bksd', probs_used, d_out_blk, precision=st.precision)
+      d_logits = probs * (d_probs - delta_blk[..., None])  # [B, K, G, bq, bk]
+      d_scores = d_logits * jnp.float32(st.scale)
+      d_k = d_k + jnp.einsum('bkgqs,bkgqd->bksd', d_scores, q_blk.astype(jnp.float32),
+                             precision=st.precision)
+      d_q_blk = jnp.einsum('bkgqs,bksd->bkgqd', d_scores, k_blk.astype(jnp.float32),
+                           precision=st.precision)
+      d_q = jax.lax.dynamic_update_slice_in_dim(
+          d_q, jax.lax.dynamic_slice_in_dim(d_q, q_start, bq, axis=3) + d_q_blk, q_start, axis=3)
+      if d_bias is not None:
+        d_bias = _accumulate_block(d_bias, d_logits, q_start, kv_start, bq, bk)
+      if st.bias_fn is not None:
+        q_pos = q_start + jnp.arange(bq) + q_offset
+        kv_pos = kv_start + jnp.arange(bk)
+        block_bias, bias_vjp = jax.vjp(lambda p: _bias_fn_block(st, p, q_pos, kv_pos),
+                                       bias_params)
+        (d_p,) = bias_vjp(_sum_to_shape(d_logits, block_bias.shape))
+        d_params = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), d_params, d_p)
+      return d_k, d_v, d_q, d_bias, d_params
+
+    lo, hi = _q_block_range(st, kv_start, q_offset)
+    init = (jnp.zeros(k_blk.shape, jnp.float32), jnp.zeros(v_blk.shape, jnp.float32), d_q,
+            d_bias, d_params)
+    d_k, d_v, d_q, d_bias, d_params = jax.lax.fori_loop(lo, hi, step, init)
+    return (d_q, d_bias, d_params), (d_k, d_v)
+
+  (d_q, d_bias, d_params), (d_k, d_v) = jax.lax.scan(
+      one_kv_block, (d_q_init, d_bias_init, d_params_init), jnp.arange(st.num_kv_blocks))
+  # [nk, B, K, bk, D] -> [B, K, nk * bk, D]
+  d_k = jnp.moveaxis(d_k, 0, 2).reshape(*k.shape[:2], -1, k.shape[-1])
+  d_v = jnp.moveaxis(d_v, 0, 2).reshape(*v.shape[:2], -1, v.shape[-1])
+  return d_q, d_k, d_v, d_bias, d_params
+
+
+def _sum_to_shape(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+  """Sums `x` over the axes where `shape` (same rank) broadcasts with size 1."""
+  axes = tuple(i for i, (n, m) in enumerate(zip(x.shape, shape, strict=True)) if m == 1 and n > 1)
+  return jnp.sum(x, axis=axes, keepdims=True)
+
+
+def _accumulate_block(total, block, q_start, kv_start, bq, bk):
+  """Adds a `[B, K, G, bq, bk]` gradient block into a broadcast-shaped `total`."""
+  block = _sum_to_shape(block, tuple(
+      1 if total.shape[i] == 1 else block.shape[i] for i in range(block.ndim)))
+  current = _slice_block(total, q_start, kv_start, bq, bk)
+  starts = [0] * (total.ndim - 2) + [q_start if total.shape[-2] > 1 else 0,
+                                     kv_start if total.shape[-1] > 1 else 0]
+  return jax.lax.dynamic_update_slice(total, current + block, starts)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _blockwise_core(st, q, k, v, bias, bias_params, q_offset, q_seg, kv_seg, mask, rng):
+  out, _ = _forward(st, q, k, v, q_offset, q_seg, kv_seg, mask, bias, bias_params, rng)
+  return out
+
+
+def _core_fwd(st, q, k, v, bias, bias_params, q_offset, q_seg, kv_seg, mask, rng):
+  out, lse = _forward(st, q, k, v, q_offset, q_seg, kv_seg, mask, bias, bias_params, rng)
+  return out, (q, k, v, q_offset, q_seg, kv_seg, mask, bias, bias_params, rng, out, lse)
+
+
+def _core_bwd(st, res, d_out):
+  q, k, v, q_offset, q_seg, kv_seg, mask, bias, bias_params, rng = res[:10]
+  d_q, d_k, d_v, d_bias, d_params = _backward(st, res, d_out)
+  cast = lambda g, x: None if g is None else g.astype(x.dtype)  # noqa: E731
+  return (cast(d_q, q), cast(d_k, k), cast(d_v, v), cast(d_bias, bias),
+          jax.tree.map(cast, d_params, bias_params), None, None, None, None, None)
+
+
+_blockwise_core.defvjp(_core_fwd, _core_bwd)
+
+
+def blockwise_attention(query, key, value, *, bias=None, mask=None, is_causal=False, scale=None,
+                        segment_ids=None, local_window=None, q_offset=0, bias_fn=None,
+                        bias_params=None, dropout_rate=0.0, dropout_rng=None, block_size=None,
+                        precision=None):
+  """Memory-efficient `dot_product_attention`; same arguments and result.
+
+  Args:
+    block_size: `(q_block, kv_block)` or one int for both (default 512, capped
+      at the sequence lengths). Lengths need not divide by it.
+
+  Returns:
+    `[batch, q_len, heads, v_dim]` in `query.dtype`. Memory beyond inputs and
+    outputs is O(block_q * block_kv) per (batch, head) in both passes, plus any
+    dense `mask`/`bias` the caller passes.
+  """
+  dims = attn_lib.check_qkv(query, key, value)
+  attn_lib.check_broadcastable('mask', mask, dims)
+  attn_lib.check_broadcastable('bias', bias, dims)
+  q_seg, kv_seg = attn_lib.split_segment_ids(segment_ids, dims)
+  window = attn_lib.masks_lib.normalize_window(local_window)
+  if dropout_rate > 0.0 and dropout_rng is None:
+    raise ValueError('dropout_rate > 0 needs dropout_rng')
+  if block_size is None:
+    block_size = DEFAULT_BLOCK
+  block_q, block_kv = (block_size, block_size) if isinstance(block_size, int) else block_size
+  if block_q <= 0 or block_kv <= 0:
+    raise ValueError(f'block sizes must be positive, got {block_size}')
+  block_q, block_kv = min(block_q, dims.q_len), min(block_kv, dims.kv_len)
+  st = _Static(dims=dims, block_q=block_q, block_kv=block_kv,
+               scale=1.0 / math.sqrt(dims.head_dim) if scale is None else float(scale),
+               is_causal=bool(is_causal), window=window, dropout_rate=float(dropout_rate),
+               bias_fn=bias_fn, precision=precision)
+  t_pad, s_pad = st.num_q_blocks * block_q, st.num_kv_blocks * block_kv
+  b, kh, g = dims.batch, dims.kv_heads, dims.groups
+
+  # [B, T, N, D] -> [B, K, G, Tp, D]; k/v [B, S, K, D] -> [B, K, Sp, D].
+  q = _pad_axis(query.reshape(b, dims.q_len, kh, g, dims.head_dim), 1, t_pad)
+  q = q.transpose(0, 2, 3, 1, 4)
+  k = _pad_axis(key, 1, s_pad).transpose(0, 2, 1, 3)
+  v = _pad_axis(value, 1, s_pad).transpose(0, 2, 1, 3)
+  if mask is not None:
+    mask = _pad_axis(_pad_axis(attn_lib.to_grouped(mask.astype(bool), dims), 3,
+                               t_pad if mask.shape[2] > 1 else 1), 4,
+                     s_pad if mask.shape[3] > 1 else 1)
+  if bias is not None:
+    bias = _pad_axis(_pad_axis(attn_lib.to_grouped(bias, dims), 3,
+                               t_pad if bias.shape[2] > 1 else 1), 4,
+                     s_pad if bias.shape[3] > 1 else 1)
+  if q_seg is not None:
+    q_seg, kv_seg = _pad_axis(q_seg, 1, t_pad), _pad_axis(kv_seg, 1, s_pad)
+  if dropout_rate > 0.0 and not jnp.issubdtype(dropout_rng.dtype, jax.dtypes.prng_key):
+    dropout_rng = jax.random.wrap_key_data(dropout_rng)
+  q_offset = jnp.asarray(q_offset, jnp.int32)
+
+  out = _blockwise_core(st, q, k, v, bias, bias_params, q_offset, q_seg, kv_seg, mask,
+                        dropout_rng if dropout_rate > 0.0 else None)
+  out = out.transpose(0, 3, 1, 2, 4)[:, :dims.q_len]  # [B, T, K, G, Dv]
+  return out.reshape(b, dims.q_len, dims.heads, dims.v_dim).astype(query.dtype)

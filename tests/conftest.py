@@ -1,0 +1,12 @@
+"""Test setup shared by every test module.
+
+Eight fake CPU devices, so pmap/mesh code is tested without accelerators. This
+must happen before jax is imported anywhere, hence at conftest import time.
+"""
+
+import os
+
+_FLAG = '--xla_force_host_platform_device_count=8'
+if _FLAG not in os.environ.get('XLA_FLAGS', ''):
+  os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' ' + _FLAG).strip()
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
