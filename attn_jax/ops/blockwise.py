@@ -40,7 +40,6 @@ class _Static:
   dims: attn_lib.Dims
   block_q: int
   block_kv: int
-  scale: float
   is_causal: bool
   window: tuple[int, int] | None
   dropout_rate: float
@@ -54,6 +53,11 @@ class _Static:
   @property
   def num_kv_blocks(self) -> int:
     return -(-self.dims.kv_len // self.block_kv)
+
+  @property
+  def needs_position_mask(self) -> bool:
+    """Whether some block needs the causal/window/padding mask built from positions."""
+    return self.is_causal or self.window is not None or self.dims.kv_len % self.block_kv != 0
 
   @property
   def left(self) -> int | None:
@@ -89,11 +93,16 @@ def _slice_block(x: jax.Array, q_start, kv_start, block_q: int, block_kv: int) -
 
 
 def _block_logits_and_mask(st: _Static, q_blk, k_blk, q_start, kv_start, q_offset, q_seg, kv_seg,
-                           mask, bias, bias_params):
-  """Scaled logits `[B, K, G, bq, bk]` (float32) and their bool mask (or None)."""
+                           mask, bias, bias_params, position_mask: bool):
+  """Logits `[B, K, G, bq, bk]` (float32; q arrives pre-scaled) and their bool mask or None.
+
+  `position_mask=False` skips the causal/window/padding terms, for blocks that
+  `_fully_visible` proved need none: most blocks, and the mask is a full pass
+  over the block.
+  """
   bq, bk = st.block_q, st.block_kv
   logits = jnp.einsum('bkgqd,bksd->bkgqs', q_blk, k_blk, precision=st.precision,
-                      preferred_element_type=jnp.float32) * jnp.float32(st.scale)
+                      preferred_element_type=jnp.float32)
   q_pos = q_start + jnp.arange(bq) + q_offset  # absolute query positions
   kv_pos = kv_start + jnp.arange(bk)
   if bias is not None:
@@ -101,21 +110,47 @@ def _block_logits_and_mask(st: _Static, q_blk, k_blk, q_start, kv_start, q_offse
   if st.bias_fn is not None:
     logits = logits + _bias_fn_block(st, bias_params, q_pos, kv_pos)
 
-  block_mask = kv_pos[None, :] < st.dims.kv_len  # keys past the end are padding
-  if st.is_causal:
-    block_mask &= kv_pos[None, :] <= q_pos[:, None]
-  if st.window is not None:
-    left, right = st.window
-    block_mask &= (kv_pos[None, :] >= q_pos[:, None] - left)
-    block_mask &= (kv_pos[None, :] <= q_pos[:, None] + right)
-  block_mask = block_mask[None, None, None]  # [1, 1, 1, bq, bk]
+  block_mask = None
+  if position_mask:
+    block_mask = kv_pos[None, :] < st.dims.kv_len  # keys past the end are padding
+    if st.is_causal:
+      block_mask &= kv_pos[None, :] <= q_pos[:, None]
+    if st.window is not None:
+      left, right = st.window
+      block_mask &= (kv_pos[None, :] >= q_pos[:, None] - left)
+      block_mask &= (kv_pos[None, :] <= q_pos[:, None] + right)
+    block_mask = block_mask[None, None, None]  # [1, 1, 1, bq, bk]
   if q_seg is not None:
     q_ids = jax.lax.dynamic_slice_in_dim(q_seg, q_start, bq, axis=1)
     kv_ids = jax.lax.dynamic_slice_in_dim(kv_seg, kv_start, bk, axis=1)
-    block_mask = block_mask & (q_ids[:, :, None] == kv_ids[:, None, :])[:, None, None]
+    block_mask = _and(block_mask, (q_ids[:, :, None] == kv_ids[:, None, :])[:, None, None])
   if mask is not None:
-    block_mask = block_mask & _slice_block(mask, q_start, kv_start, bq, bk)
+    block_mask = _and(block_mask, _slice_block(mask, q_start, kv_start, bq, bk))
   return logits, block_mask
+
+
+def _and(a, b):
+  return b if a is None else a & b
+
+
+def _fully_visible(st: _Static, q_start, kv_start, q_offset):
+  """True when no causal/window/padding mask hides any (query, key) pair of the block."""
+  first_q, last_q = q_start + q_offset, q_start + st.block_q - 1 + q_offset
+  last_kv = kv_start + st.block_kv - 1
+  visible = last_kv < st.dims.kv_len
+  if st.right is not None:
+    visible &= last_kv <= first_q + st.right
+  if st.left is not None:
+    visible &= kv_start >= last_q - st.left
+  return visible
+
+
+def _masked_or_not(st: _Static, body, q_start, kv_start, q_offset, *args):
+  """Runs `body(position_mask, *args)`, skipping the position mask when it is a no-op."""
+  if not st.needs_position_mask:
+    return body(False, *args)
+  return jax.lax.cond(_fully_visible(st, q_start, kv_start, q_offset),
+                      functools.partial(body, False), functools.partial(body, True), *args)
 
 
 def _bias_fn_block(st: _Static, bias_params, q_pos, kv_pos):
@@ -165,14 +200,16 @@ def _forward(st: _Static, q, k, v, q_offset, q_seg, kv_seg, mask, bias, bias_par
     q_start = q_block * bq
     q_blk = jax.lax.dynamic_slice_in_dim(q, q_start, bq, axis=3)
 
-    def step(kv_block, carry):
+    def update(position_mask, kv_block, carry):
       row_max, row_sum, acc = carry
       kv_start = kv_block * bk
       k_blk = jax.lax.dynamic_slice_in_dim(k, kv_start, bk, axis=2)
       v_blk = jax.lax.dynamic_slice_in_dim(v, kv_start, bk, axis=2)
       logits, block_mask = _block_logits_and_mask(
-          st, q_blk, k_blk, q_start, kv_start, q_offset, q_seg, kv_seg, mask, bias, bias_params)
-      logits = jnp.where(block_mask, logits, -jnp.inf)
+          st, q_blk, k_blk, q_start, kv_start, q_offset, q_seg, kv_seg, mask, bias, bias_params,
+          position_mask)
+      if block_mask is not None:
+        logits = jnp.where(block_mask, logits, -jnp.inf)
       new_max = jnp.maximum(row_max, jnp.max(logits, axis=-1))
       # A row with nothing visible yet keeps max -inf; shift by 0 so exp() gives 0, not NaN.
       shift = jnp.where(jnp.isfinite(new_max), new_max, 0.0)
@@ -186,6 +223,9 @@ def _forward(st: _Static, q, k, v, q_offset, q_seg, kv_seg, mask, bias, bias_par
           'bkgqs,bksd->bkgqd', probs.astype(v.dtype), v_blk, precision=st.precision,
           preferred_element_type=jnp.float32)
       return new_max, row_sum, acc
+
+    def step(kv_block, carry):
+      return _masked_or_not(st, update, q_start, kv_block * bk, q_offset, kv_block, carry)
 
     init = (jnp.full(row_shape, -jnp.inf, jnp.float32), jnp.zeros(row_shape, jnp.float32),
             jnp.zeros(row_shape + (dims.v_dim,), jnp.float32))
@@ -206,7 +246,7 @@ def _forward(st: _Static, q, k, v, q_offset, q_seg, kv_seg, mask, bias, bias_par
 def _backward(st: _Static, res, d_out):
   """Gradients for q, k, v, dense bias and bias_params (layouts as in `_forward`)."""
   q, k, v, q_offset, q_seg, kv_seg, mask, bias, bias_params, rng, out, lse = res
-  dims, bq, bk = st.dims, st.block_q, st.block_kv
+  bq, bk = st.block_q, st.block_kv
   d_out = d_out.astype(jnp.float32)
   # D_i = sum_j P_ij dP_ij = dO_i . O_i (holds with dropout too).
   delta = jnp.sum(d_out * out, axis=-1)  # [B, K, G, Tp]
@@ -220,7 +260,7 @@ def _backward(st: _Static, res, d_out):
     k_blk = jax.lax.dynamic_slice_in_dim(k, kv_start, bk, axis=2)
     v_blk = jax.lax.dynamic_slice_in_dim(v, kv_start, bk, axis=2)
 
-    def step(q_block, inner):
+    def update(position_mask, q_block, inner):
       d_k, d_v, d_q, d_bias, d_params = inner
       q_start = q_block * bq
       q_blk = jax.lax.dynamic_slice_in_dim(q, q_start, bq, axis=3)
@@ -228,8 +268,12 @@ def _backward(st: _Static, res, d_out):
       lse_blk = jax.lax.dynamic_slice_in_dim(lse, q_start, bq, axis=3)
       delta_blk = jax.lax.dynamic_slice_in_dim(delta, q_start, bq, axis=3)
       logits, block_mask = _block_logits_and_mask(
-          st, q_blk, k_blk, q_start, kv_start, q_offset, q_seg, kv_seg, mask, bias, bias_params)
-      probs = jnp.where(block_mask, jnp.exp(logits - lse_blk[..., None]), 0.0)
+          st, q_blk, k_blk, q_start, kv_start, q_offset, q_seg, kv_seg, mask, bias, bias_params,
+          position_mask)
+      # Fully masked rows carry lse = +inf, so their probabilities come out 0 here.
+      probs = jnp.exp(logits - lse_blk[..., None])
+      if block_mask is not None:
+        probs = jnp.where(block_mask, probs, 0.0)
       d_probs = jnp.einsum('bkgqd,bksd->bkgqs', d_out_blk, v_blk.astype(jnp.float32),
                            precision=st.precision)
       probs_used = probs
@@ -239,10 +283,9 @@ def _backward(st: _Static, res, d_out):
         d_probs = jnp.where(keep, d_probs / (1.0 - st.dropout_rate), 0.0)
       d_v = d_v + jnp.einsum('bkgqs,bkgqd->bksd', probs_used, d_out_blk, precision=st.precision)
       d_logits = probs * (d_probs - delta_blk[..., None])  # [B, K, G, bq, bk]
-      d_scores = d_logits * jnp.float32(st.scale)
-      d_k = d_k + jnp.einsum('bkgqs,bkgqd->bksd', d_scores, q_blk.astype(jnp.float32),
+      d_k = d_k + jnp.einsum('bkgqs,bkgqd->bksd', d_logits, q_blk.astype(jnp.float32),
                              precision=st.precision)
-      d_q_blk = jnp.einsum('bkgqs,bksd->bkgqd', d_scores, k_blk.astype(jnp.float32),
+      d_q_blk = jnp.einsum('bkgqs,bksd->bkgqd', d_logits, k_blk.astype(jnp.float32),
                            precision=st.precision)
       d_q = jax.lax.dynamic_update_slice_in_dim(
           d_q, jax.lax.dynamic_slice_in_dim(d_q, q_start, bq, axis=3) + d_q_blk, q_start, axis=3)
@@ -256,6 +299,9 @@ def _backward(st: _Static, res, d_out):
         (d_p,) = bias_vjp(_sum_to_shape(d_logits, block_bias.shape))
         d_params = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), d_params, d_p)
       return d_k, d_v, d_q, d_bias, d_params
+
+    def step(q_block, inner):
+      return _masked_or_not(st, update, q_block * bq, kv_start, q_offset, q_block, inner)
 
     lo, hi = _q_block_range(st, kv_start, q_offset)
     init = (jnp.zeros(k_blk.shape, jnp.float32), jnp.zeros(v_blk.shape, jnp.float32), d_q,
@@ -337,13 +383,16 @@ def blockwise_attention(query, key, value, *, bias=None, mask=None, is_causal=Fa
   if block_q <= 0 or block_kv <= 0:
     raise ValueError(f'block sizes must be positive, got {block_size}')
   block_q, block_kv = min(block_q, dims.q_len), min(block_kv, dims.kv_len)
-  st = _Static(dims=dims, block_q=block_q, block_kv=block_kv,
-               scale=1.0 / math.sqrt(dims.head_dim) if scale is None else float(scale),
-               is_causal=bool(is_causal), window=window, dropout_rate=float(dropout_rate),
+  st = _Static(dims=dims, block_q=block_q, block_kv=block_kv, is_causal=bool(is_causal),
+               window=window, dropout_rate=float(dropout_rate),
                bias_fn=bias_fn, precision=precision)
   t_pad, s_pad = st.num_q_blocks * block_q, st.num_kv_blocks * block_kv
   b, kh, g = dims.batch, dims.kv_heads, dims.groups
 
+  # Scaling q once (outside the custom VJP, so autodiff scales dq) saves a pass
+  # over every block of logits.
+  scale = 1.0 / math.sqrt(dims.head_dim) if scale is None else scale
+  query = (query.astype(jnp.float32) * scale).astype(query.dtype)
   # [B, T, N, D] -> [B, K, G, Tp, D]; k/v [B, S, K, D] -> [B, K, Sp, D].
   q = _pad_axis(query.reshape(b, dims.q_len, kh, g, dims.head_dim), 1, t_pad)
   q = q.transpose(0, 2, 3, 1, 4)
