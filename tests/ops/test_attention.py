@@ -154,6 +154,18 @@ def test_bf16_inputs(implementation):
   want = reference.reference_attention(q, k, v, mask=reference.causal(8, 8))
   np.testing.assert_allclose(out.astype(np.float32), want, **TOL[jnp.bfloat16])
 
+  def loss(q, k, v):
+    out = ops.dot_product_attention(q, k, v, is_causal=True, implementation=implementation,
+                                    block_size=4)
+    return jnp.sum(out.astype(jnp.float32) ** 2)
+  grads16 = jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+  grads32 = jax.grad(loss, argnums=(0, 1, 2))(*(x.astype(jnp.float32) for x in (q, k, v)))
+  for g16, g32 in zip(grads16, grads32, strict=True):
+    assert g16.dtype == jnp.bfloat16
+    # Relative to the gradient's scale: bf16 rounding of inputs, outputs and cotangents.
+    np.testing.assert_allclose(g16.astype(np.float32) / np.abs(g32).max(),
+                               g32 / np.abs(g32).max(), atol=2e-2)
+
 
 def test_dropout_on_weights():
   q, k, v = _qkv()

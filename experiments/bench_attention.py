@@ -1,0 +1,299 @@
+r"""Attention kernels side by side: time, achieved GFLOP/s and peak memory.
+
+Compares, in one run and on the same inputs (batch 1, 8 heads, head_dim 64, fp32):
+  attn_dense       attn_jax.ops.dot_product_attention(implementation='dense')
+  attn_blockwise   attn_jax.ops.dot_product_attention(implementation='blockwise')
+  jax_nn           jax.nn.dot_product_attention(implementation='xla')
+  flax_linen       flax.linen.dot_product_attention (causal through a mask)
+  torch_sdpa       torch.nn.functional.scaled_dot_product_attention on CPU, if torch is
+                   installed (`pip install -e '.[bench]'`); otherwise reported as skipped.
+plus the machine's plain 2048^3 matmul GFLOP/s, the practical ceiling.
+
+Each (implementation, length, causal) case runs in its own subprocess with a
+data-size limit, so an out-of-memory case is reported, not fatal, and its peak
+RSS is its own. Times are medians over repeats; FLOPs are model FLOPs
+(4*B*H*L^2*D forward, 3.5x that for forward+backward, halved when causal), the
+same count for every implementation so GFLOP/s compare directly.
+
+  python experiments/bench_attention.py --out bench_out/attention
+  python experiments/bench_attention.py --lengths 512,1024,2048 --impls attn_dense,jax_nn
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+IMPLS = ('attn_dense', 'attn_blockwise', 'jax_nn', 'flax_linen', 'torch_sdpa')
+BATCH, HEADS, HEAD_DIM = 1, 8, 64
+GiB = 1024 ** 3
+
+
+def model_flops(length: int, causal: bool, backward: bool) -> float:
+  flops = 4.0 * BATCH * HEADS * length * length * HEAD_DIM
+  flops *= 3.5 if backward else 1.0
+  return flops * (0.5 if causal else 1.0)
+
+
+def _peak_rss_bytes() -> int:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def _time(fn, budget_s: float, max_reps: int) -> tuple[float, list[float]]:
+  """Compile/warm-up time, then repeat timings within `budget_s`."""
+  start = time.perf_counter()
+  fn()
+  warmup = time.perf_counter() - start
+  times = []
+  while len(times) < max_reps and (not times or sum(times) + times[-1] < budget_s):
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
+  return warmup, times
+
+
+def _jax_case(impl: str, length: int, causal: bool, backward: bool, block: int):
+  import functools
+
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  rng = np.random.default_rng(0)
+  q, k, v = (jnp.asarray(rng.standard_normal((BATCH, length, HEADS, HEAD_DIM)), jnp.float32)
+             for _ in range(3))
+  if impl in ('attn_dense', 'attn_blockwise'):
+    from attn_jax import ops
+    attend = functools.partial(ops.dot_product_attention, is_causal=causal, block_size=block,
+                               implementation=impl.removeprefix('attn_'))
+  elif impl == 'jax_nn':
+    attend = functools.partial(jax.nn.dot_product_attention, is_causal=causal,
+                               implementation='xla')
+  elif impl == 'flax_linen':
+    import flax.linen as nn
+    mask = nn.make_causal_mask(jnp.ones((BATCH, length), bool)) if causal else None
+    attend = functools.partial(nn.dot_product_attention, mask=mask)
+  else:
+    raise ValueError(f'unknown implementation {impl!r}; known: {IMPLS}')
+  if backward:
+    fn = jax.jit(jax.grad(lambda q, k, v: jnp.sum(attend(q, k, v)), argnums=(0, 1, 2)))
+  else:
+    fn = jax.jit(attend)
+  return lambda: jax.block_until_ready(fn(q, k, v))
+
+
+def _torch_case(length: int, causal: bool, backward: bool):
+  import torch
+  import torch.nn.functional as F
+
+  torch.set_num_threads(os.cpu_count())
+  gen = torch.Generator().manual_seed(0)
+  q, k, v = (torch.randn(BATCH, HEADS, length, HEAD_DIM, generator=gen,
+                         requires_grad=backward) for _ in range(3))
+
+  def run():
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    if backward:
+      out.sum().backward()
+      for t in (q, k, v):
+        t.grad = None
+  if not backward:
+    return lambda: torch.inference_mode()(run)()
+  return run
+
+
+def run_case(impl, length, causal, backward, block, budget_s, max_reps) -> dict:
+  """Runs in the child process; returns one result row."""
+  if impl == 'torch_sdpa':
+    fn = _torch_case(length, causal, backward)
+  else:
+    fn = _jax_case(impl, length, causal, backward, block)
+  baseline = _peak_rss_bytes()
+  warmup, times = _time(fn, budget_s, max_reps)
+  median = statistics.median(times)
+  return dict(impl=impl, length=length, causal=causal, backward=backward, status='ok',
+              median_s=median, times_s=times, warmup_s=warmup,
+              gflops=model_flops(length, causal, backward) / median / 1e9,
+              peak_rss_gib=_peak_rss_bytes() / GiB, rss_before_run_gib=baseline / GiB)
+
+
+def matmul_ceiling(size: int = 2048, reps: int = 10) -> float:
+  import jax
+  import jax.numpy as jnp
+
+  a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32)
+  f = jax.jit(lambda a: a @ a)
+  _, times = _time(lambda: jax.block_until_ready(f(a)), budget_s=5.0, max_reps=reps)
+  return 2.0 * size ** 3 / statistics.median(times) / 1e9
+
+
+def _child(argv):
+  args = json.loads(argv)
+  limit = int(args.pop('mem_limit_gib') * GiB)
+  # RLIMIT_DATA covers malloc/mmap: a case that needs more fails inside its own
+  # process (reported as OOM) instead of inviting the kernel's OOM killer.
+  resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
+  if args.pop('matmul', False):
+    print(json.dumps(dict(matmul_gflops=matmul_ceiling())))
+  else:
+    print(json.dumps(run_case(**args)))
+
+
+def spawn(payload: dict, timeout_s: float) -> dict:
+  cmd = [sys.executable, __file__, '--_child', json.dumps(payload)]
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+      [os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+       os.environ.get('PYTHONPATH', '')]))
+  try:
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env)
+  except subprocess.TimeoutExpired:
+    return dict(payload, status=f'timeout>{timeout_s:.0f}s')
+  lines = [line for line in proc.stdout.splitlines() if line.startswith('{')]
+  if proc.returncode == 0 and lines:
+    return json.loads(lines[-1])
+  err = proc.stderr.strip().splitlines()
+  tail = err[-1] if err else f'exit {proc.returncode}'
+  oom = any(s in proc.stderr for s in ('RESOURCE_EXHAUSTED', 'MemoryError', 'Out of memory',
+                                        'bad_alloc', 'Cannot allocate'))
+  status = 'OOM' if oom or proc.returncode in (-9, 137) else 'error'
+  return dict(payload, status=status, error=tail[-300:])
+
+
+def torch_available() -> bool:
+  try:
+    import torch  # noqa: F401
+    return True
+  except ImportError:
+    return False
+
+
+def format_table(rows: list[dict], reference: str = 'jax_nn') -> str:
+  """One line per (length, causal, pass); ratio = reference time / impl time (>1 faster)."""
+  keyed = {(r['impl'], r['length'], r['causal'], r['backward']): r for r in rows}
+  impls = [i for i in IMPLS if any(r['impl'] == i for r in rows)]
+  header = f"{'len':>6} {'causal':>6} {'pass':>8} | " + ' | '.join(
+      f'{i:>30}' for i in impls)
+  lines = [header, '-' * len(header)]
+  for length, causal, backward in sorted({k[1:] for k in keyed}):
+    ref = keyed.get((reference, length, causal, backward))
+    cells = []
+    for impl in impls:
+      r = keyed.get((impl, length, causal, backward))
+      if r is None:
+        cells.append(f"{'-':>30}")
+      elif r['status'] != 'ok':
+        cells.append(f"{r['status']:>30}")
+      else:
+        speedup = (f"x{ref['median_s'] / r['median_s']:.2f}"
+                   if ref and ref['status'] == 'ok' else 'x?')
+        cells.append(f"{r['median_s']:7.3f}s {r['gflops']:5.0f}GF "
+                     f"{r['peak_rss_gib']:5.2f}GiB {speedup:>6}")
+      cells[-1] = cells[-1][-30:]
+    lines.append(f"{length:>6} {str(causal):>6} {'fwd+bwd' if backward else 'fwd':>8} | "
+                 + ' | '.join(cells))
+  return '\n'.join(lines)
+
+
+def plot(rows: list[dict], ceiling: float, path: str) -> None:
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+
+  fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
+  for impl in IMPLS:
+    for causal, style in ((False, '-'), (True, '--')):
+      sel = sorted((r for r in rows if r['impl'] == impl and r['causal'] == causal
+                    and r['backward'] and r['status'] == 'ok'), key=lambda r: r['length'])
+      if not sel:
+        continue
+      xs = [r['length'] for r in sel]
+      label = f"{impl}{' causal' if causal else ''}"
+      axes[0].plot(xs, [r['median_s'] for r in sel], style, marker='o', label=label)
+      axes[1].plot(xs, [r['gflops'] for r in sel], style, marker='o', label=label)
+      axes[2].plot(xs, [r['peak_rss_gib'] for r in sel], style, marker='o', label=label)
+  axes[1].axhline(ceiling, color='k', lw=0.8, ls=':', label='2048^3 matmul')
+  titles = ('forward+backward time (s)', 'achieved GFLOP/s (model FLOPs)',
+            'peak RSS of the case process (GiB)')
+  for ax, title in zip(axes, titles, strict=True):
+    ax.set_xscale('log', base=2)
+    ax.set_xlabel('sequence length (tokens)')
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+  axes[0].set_yscale('log')
+  axes[2].set_yscale('log')
+  axes[0].legend(fontsize=7)
+  fig.suptitle(f'Attention on CPU: batch {BATCH}, {HEADS} heads, head_dim {HEAD_DIM}, fp32')
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  parser.add_argument('--lengths', default='512,1024,2048,4096,8192,16384,32768,65536')
+  parser.add_argument('--impls', default=','.join(IMPLS))
+  parser.add_argument('--causal', default='false,true', help='which of false,true to run')
+  parser.add_argument('--passes', default='fwd,fwd+bwd')
+  parser.add_argument('--block', type=int, default=None, help='blockwise block size')
+  parser.add_argument('--budget_s', type=float, default=20.0, help='timing budget per case')
+  parser.add_argument('--max_reps', type=int, default=5)
+  parser.add_argument('--case_timeout_s', type=float, default=1800.0)
+  parser.add_argument('--mem_limit_gib', type=float, default=16.0)
+  parser.add_argument('--max_dense_length', type=int, default=16384,
+                      help='longest length tried for the implementations that store L^2 scores')
+  parser.add_argument('--out', default='bench_out/attention')
+  parser.add_argument('--_child', help=argparse.SUPPRESS)
+  args = parser.parse_args()
+  if args._child:
+    return _child(args._child)
+
+  impls = args.impls.split(',')
+  unknown = sorted(set(impls) - set(IMPLS))
+  if unknown:
+    parser.error(f'unknown --impls {unknown}; known: {list(IMPLS)}')
+  lengths = [int(x) for x in args.lengths.split(',')]
+  causals = [{'false': False, 'true': True}[c] for c in args.causal.split(',')]
+  passes = [{'fwd': False, 'fwd+bwd': True}[p] for p in args.passes.split(',')]
+  os.makedirs(args.out, exist_ok=True)
+  if 'torch_sdpa' in impls and not torch_available():
+    print("torch not installed: torch_sdpa skipped (pip install -e '.[bench]' to include it)")
+    impls.remove('torch_sdpa')
+
+  ceiling = spawn(dict(matmul=True, mem_limit_gib=args.mem_limit_gib), 300).get('matmul_gflops')
+  print(f'matmul 2048^3 ceiling: {ceiling:.0f} GFLOP/s' if ceiling else 'matmul ceiling failed')
+  rows = []
+  for length in lengths:
+    for causal in causals:
+      for backward in passes:
+        for impl in impls:
+          payload = dict(impl=impl, length=length, causal=causal, backward=backward,
+                         block=args.block, budget_s=args.budget_s, max_reps=args.max_reps,
+                         mem_limit_gib=args.mem_limit_gib)
+          if impl != 'attn_blockwise' and impl != 'torch_sdpa' and length > args.max_dense_length:
+            row = dict(payload, status='skipped(L^2)')
+          else:
+            row = spawn(payload, args.case_timeout_s)
+          row.pop('mem_limit_gib', None)
+          rows.append(row)
+          shown = (f"{row['median_s']:.3f}s {row['gflops']:.0f} GFLOP/s "
+                   f"{row['peak_rss_gib']:.2f} GiB" if row['status'] == 'ok' else row['status'])
+          print(f"{impl:>15} L={length:>6} causal={causal!s:>5} "
+                f"{'fwd+bwd' if backward else 'fwd':>7}: {shown}", flush=True)
+  table = format_table(rows)
+  print('\nratio = jax_nn time / implementation time (higher is faster)\n' + table)
+  with open(os.path.join(args.out, 'results.json'), 'w') as f:
+    json.dump(dict(matmul_gflops=ceiling, batch=BATCH, heads=HEADS, head_dim=HEAD_DIM,
+                   rows=rows), f, indent=1)
+  with open(os.path.join(args.out, 'table.txt'), 'w') as f:
+    f.write(table + '\n')
+  plot(rows, ceiling or 0.0, os.path.join(args.out, 'attention.png'))
+  print(f'wrote {args.out}/results.json, table.txt, attention.png')
+
+
+if __name__ == '__main__':
+  main()
