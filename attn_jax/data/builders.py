@@ -108,34 +108,35 @@ class AttnJaxListops(_ParamsBuilder):
 
 
 class AttnJaxLocalCorpus(_ParamsBuilder):
-  """A user's files converted once (see attn_jax.data.local), fed pre-parsed examples.
+  """A user's files converted once (see attn_jax.data.local).
 
-  params: {'task': 'seq2seq'|'classification'|'lm', 'label_names': [...], 'splits': [...],
-  'files': fingerprints of the source files, ...}. The examples come through `examples=` because
-  reading and validating the files happens (with its errors) before any TFDS work.
+  The config's params fingerprint the files and options; `corpus_info` ({'task', 'label_names',
+  'splits'}) gives the features, and `examples` (only when generating) the pre-parsed splits,
+  because reading and validating the files happens, with its errors, before any TFDS work.
   """
 
   name = 'attn_jax_local_corpus'
 
-  def __init__(self, *, config: ParamsConfig, examples: dict[str, list[dict]] | None = None,
-               **kwargs):
+  def __init__(self, *, config: ParamsConfig, corpus_info: dict,
+               examples: dict[str, list[dict]] | None = None, **kwargs):
+    self._corpus_info = corpus_info
     self._examples = examples
     super().__init__(config=config, **kwargs)
 
   def _info(self):
-    task = self.params['task']
+    task = self._corpus_info['task']
     if task == 'seq2seq':
       features = {'source': tfds.features.Text(), 'target': tfds.features.Text()}
     elif task == 'classification':
       features = {'text': tfds.features.Text(),
-                  'label': tfds.features.ClassLabel(names=self.params['label_names'])}
+                  'label': tfds.features.ClassLabel(names=self._corpus_info['label_names'])}
     else:
       features = {'text': tfds.features.Text()}
     return self.dataset_info_from_configs(features=tfds.features.FeaturesDict(features),
                                           description='User corpus converted by attn_jax.data.')
 
   def _split_names(self):
-    return tuple(self.params['splits'])
+    return tuple(self._corpus_info['splits'])
 
   def _generate_examples(self, split):
     if self._examples is None:
@@ -144,8 +145,7 @@ class AttnJaxLocalCorpus(_ParamsBuilder):
     yield from enumerate(self._examples[split])
 
 
-BUILDERS = {'algorithmic': AttnJaxAlgorithmic, 'listops': AttnJaxListops,
-            'local': AttnJaxLocalCorpus}
+BUILDERS = {'algorithmic': AttnJaxAlgorithmic, 'listops': AttnJaxListops}
 
 
 def prepare(kind: str, params: dict, data_dir: str, **builder_kwargs: Any):
