@@ -248,9 +248,38 @@ def pack(ds: grain.IterDataset, *, max_lengths: dict[str, int], batch_size: int,
 def concat_split(ds: grain.IterDataset, *, max_length: int, batch_size: int,
                  drop_remainder: bool) -> grain.IterDataset:
   """LM rows of exactly `max_length` tokens cut from concatenated documents."""
-  ds = grain.experimental.ConcatThenSplitIterDataset(ds, length_struct={'inputs': max_length})
+  ds = _JsonSafeConcatState(
+      grain.experimental.ConcatThenSplitIterDataset(ds, length_struct={'inputs': max_length}))
   return ds.batch(batch_size, drop_remainder=drop_remainder,
                   batch_fn=_PadRows(batch_size)).map(FinalizePacked())
+
+
+class _JsonSafeConcatIterator(grain_dataset.DatasetIterator):
+  """Delegates to grain's concat-then-split iterator, restoring tuples that JSON made lists.
+
+  grain 0.2.18 compares `remainder_slices` values with the tuple (-1, -1); after a JSON round
+  trip (what checkpoints store) they are lists, the comparison fails, and the restored iterator
+  silently skips part of a document. Restoring tuples makes the checkpointed state exact.
+  """
+
+  def __init__(self, parent):
+    super().__init__(parent)
+
+  def __next__(self):
+    return next(self._parent)
+
+  def get_state(self):
+    return self._parent.get_state()
+
+  def set_state(self, state):
+    state = dict(state)
+    state['remainder_slices'] = {k: tuple(v) for k, v in state['remainder_slices'].items()}
+    self._parent.set_state(state)
+
+
+class _JsonSafeConcatState(grain.IterDataset):
+  def __iter__(self):
+    return _JsonSafeConcatIterator(self._parent.__iter__())
 
 
 class _PadRows:
