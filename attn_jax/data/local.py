@@ -137,6 +137,9 @@ def _rows(cfg, path: str, problems: _Problems):
       raise ValueError(f'{path}:{good[0][0]}: header {header} has no column {field!r} '
                        '(set text_field / label_field).')
   ti, li = header.index(cfg.text_field), header.index(cfg.label_field)
+  # csv yields no row for blank lines at the very end; report them like any other empty line.
+  while len(good) > 1 and not good[-1][1].strip():
+    problems.report('empty line', path, good.pop()[0])
   for row in reader:
     n = good[reader.line_num - 1][0] if reader.line_num - 1 < len(good) else good[-1][0]
     if not row or not any(c.strip() for c in row):
