@@ -231,14 +231,15 @@ def read_corpus(cfg, seed: int) -> tuple[dict[str, list[dict]], list[str], dict]
   if not splits['train']:
     raise ValueError(f'local.train={cfg.train!r} holds no usable example.')
   # Fraction splits come out of the training file, in a seeded random order.
-  wanted = {s: cfg[f'{s}_fraction'] for s in ('validation', 'test') if not cfg[s]}
-  if any(wanted.values()):
+  wanted = {s: cfg[f'{s}_fraction'] for s in ('validation', 'test')
+            if not cfg[s] and cfg[f'{s}_fraction'] > 0}
+  if wanted:
     train = splits['train']
     order = np.random.default_rng(seed).permutation(len(train))
     start = 0
     for s, frac in wanted.items():
       n = int(round(frac * len(train)))
-      if frac > 0 and n == 0:
+      if n == 0:
         raise ValueError(f'local.{s}_fraction={frac} of {len(train)} training examples is 0.')
       splits[s] = [train[i] for i in order[start:start + n]]
       start += n

@@ -206,6 +206,15 @@ def _make_tokenizers(cfg, task: str, train_source, data_key: str, data_dir: str)
   return made, paths
 
 
+def _ensure_absl_flags_parsed() -> None:
+  # grain's worker processes read absl flags; outside an absl app (pytest, notebooks) nothing
+  # parsed them and every read raises, so accept the defaults as parsed.
+  from absl import flags
+
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+
+
 def _batches(ds: grain.MapDataset, cfg, *, train: bool, seed: int, encode: Encode,
              max_lengths: dict[str, int], batch_size: int, process_index: int,
              process_count: int) -> tuple[grain.IterDataset, batching.LengthPolicy | None]:
@@ -220,6 +229,7 @@ def _batches(ds: grain.MapDataset, cfg, *, train: bool, seed: int, encode: Encod
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.read_threads,
                                             prefetch_buffer_size=4 * batch_size))
   if cfg.num_workers:
+    _ensure_absl_flags_parsed()
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.num_workers))
   mode = cfg.batching if train else ('concat' if cfg.batching == 'concat' else 'pad')
   if mode == 'concat':

@@ -14,7 +14,7 @@ FIXTURES = os.path.join(os.path.dirname(__file__), 'fixtures')
 tfds.disable_progress_bar()
 
 
-def tiny_config(name: str, **overrides):
+def tiny_config(name: str, /, **overrides):
   """A data config small enough for unit tests (tens of examples, short sequences)."""
   c = data.default_config(name)
   c.algorithmic.num_train, c.algorithmic.num_validation, c.algorithmic.num_test = 64, 8, 8
@@ -22,7 +22,7 @@ def tiny_config(name: str, **overrides):
   if name == 'addition':
     c.algorithmic.train_length, c.algorithmic.test_length = (1, 4), (5, 7)
   c.listops.num_train, c.listops.num_validation, c.listops.num_test = 32, 8, 8
-  c.listops.length, c.listops.max_depth, c.listops.max_args = (10, 60), 4, 5
+  c.listops.length, c.listops.max_depth, c.listops.max_args = (10, 31), 4, 5
   c.max_length, c.batch_size, c.eval_batch_size = 32, 4, 4
   c.read_threads, c.bucket_window = 1, 2
   c.tokenizer.vocab_size = 64
