@@ -30,6 +30,7 @@ from attn_jax.data.tokenizers import (
     CharTokenizer,
     SentencePieceTokenizer,
     WordTokenizer,
+    decode_batch,
     load_tokenizer,
     save_tokenizer,
 )
@@ -37,6 +38,6 @@ from attn_jax.data.tokenizers import (
 __all__ = [
     'BATCHING_MODES', 'BOS_ID', 'DATASET_NAMES', 'EOS_ID', 'NAMED_DATASETS', 'PAD_ID', 'UNK_ID',
     'ByteTokenizer', 'CharTokenizer', 'DataBundle', 'LengthPolicy', 'SentencePieceTokenizer',
-    'WordTokenizer', 'default_config', 'length_boundaries', 'load_tokenizer', 'make_datasets',
-    'save_tokenizer', 'segment_positions', 'task_of', 'validate_config',
+    'WordTokenizer', 'decode_batch', 'default_config', 'length_boundaries', 'load_tokenizer',
+    'make_datasets', 'save_tokenizer', 'segment_positions', 'task_of', 'validate_config',
 ]

@@ -53,6 +53,11 @@ class _ParamsBuilder(tfds.core.GeneratorBasedBuilder):
   # per parameter set by `make_config`.
   BUILDER_CONFIGS: list[ParamsConfig] = []
 
+  def dataset_info_from_configs(self, **kwargs):
+    # Keep records in generation / file order: example i of a split is generated example i,
+    # and a decoded test set lines up with the user's reference file for BLEU.
+    return super().dataset_info_from_configs(disable_shuffling=True, **kwargs)
+
   @tfds.core.utils.classproperty
   @classmethod
   def code_path(cls) -> epath.Path:

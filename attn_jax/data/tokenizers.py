@@ -233,5 +233,13 @@ def load_tokenizer(path: str) -> Tokenizer:
                    '(SentencePiece models end in .model).')
 
 
+def decode_batch(tokenizer: Tokenizer, ids) -> list[str]:
+  """int [batch, length] (model outputs or targets) -> one detokenized string per row, for BLEU.
+
+  Each row stops at its first EOS; pad and bos are dropped.
+  """
+  return [tokenizer.decode(row) for row in np.asarray(ids)]
+
+
 def tokenizer_filename(kind: str) -> str:
   return 'sentencepiece.model' if kind == 'sentencepiece' else f'{kind}_vocab.json'
