@@ -107,7 +107,7 @@ def _sources(cfg, data_dir: str):
   elif cfg.name == 'listops':
     b = builders.prepare('listops', config_lib.listops_params(cfg, cfg.data_seed), data_dir)
     canon, evals = _Canonical({'text': 'text', 'label': 'label'}), ('validation', 'test')
-    meta = {'num_classes': listops_lib.NUM_CLASSES}
+    meta = {'num_classes': listops_lib.NUM_CLASSES, 'label_names': list(listops_lib.DIGITS)}
   elif cfg.name == 'local':
     b, info = local.prepare_corpus(cfg.local, data_dir, cfg.data_seed)
     fields = {'seq2seq': {'source': 'source', 'target': 'target'},
@@ -121,7 +121,10 @@ def _sources(cfg, data_dir: str):
     spec = named.spec_for(cfg.name, reverse_translation=cfg.tfds.reverse_translation)
     b = named.load_builder(cfg.name, data_dir)
     canon, evals = named.Canonicalize(spec), spec.eval_splits
-    meta = {'num_classes': spec.num_classes} if spec.task == 'classification' else {}
+    meta = {}
+    if spec.task == 'classification':
+      meta = {'num_classes': spec.num_classes,
+              'label_names': list(b.info.features[spec.label].names)}
     if cfg.tfds.train_split:
       meta['train_split'] = cfg.tfds.train_split
     if cfg.tfds.eval_splits:

@@ -125,8 +125,9 @@ class WordTokenizer:
 
   def encode(self, text: str) -> np.ndarray:
     """str -> int32 [num_words]; unknown words -> 3."""
+    words = text.split()
     get = self._index.get
-    return np.array([get(w, UNK_ID) for w in text.split()], dtype=np.int32)
+    return np.fromiter((get(w, UNK_ID) for w in words), dtype=np.int32, count=len(words))
 
   def decode(self, ids: Sequence[int] | np.ndarray) -> str:
     return ' '.join(self.words[i - NUM_SPECIAL] if NUM_SPECIAL <= i < self.vocab_size

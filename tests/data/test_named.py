@@ -21,6 +21,7 @@ def test_mocked_named_datasets_give_well_formed_batches(name, task, num_classes,
     batch = next(bundle.train)
     evals = {s: list(ds) for s, ds in bundle.eval.items()}
   assert bundle.meta['task'] == task and bundle.meta['num_classes'] == num_classes
+  assert len(bundle.meta.get('label_names', [])) == num_classes
   assert batch['inputs'].dtype == np.int32 and batch['inputs'].shape[0] == 4
   assert (batch['inputs'] < bundle.meta['vocab_size']).all()
   if task == 'classification':
