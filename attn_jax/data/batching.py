@@ -282,6 +282,53 @@ class _JsonSafeConcatState(grain.IterDataset):
     return _JsonSafeConcatIterator(self._parent.__iter__())
 
 
+class _FixedCountIterator(grain_dataset.DatasetIterator):
+  def __init__(self, parent, num_batches, template):
+    super().__init__(parent)
+    self._num_batches = num_batches
+    self._template = template
+    self._emitted = 0
+
+  def __next__(self):
+    if self._emitted >= self._num_batches:
+      extra = next(self._parent, None)
+      if extra is not None:
+        raise ValueError(f'FixedBatchCountIterDataset: more than num_batches='
+                         f'{self._num_batches} batches upstream.')
+      raise StopIteration
+    try:
+      batch = next(self._parent)
+    except StopIteration:
+      batch = {k: np.zeros_like(v) for k, v in self._template.items()}
+    self._emitted += 1
+    return batch
+
+  def get_state(self):
+    return {'parent': self._parent.get_state(), 'emitted': self._emitted}
+
+  def set_state(self, state):
+    self._parent.set_state(state['parent'])
+    self._emitted = state['emitted']
+
+
+class FixedBatchCountIterDataset(grain.IterDataset):
+  """Appends all-pad batches (shaped like `template`) until exactly `num_batches` were yielded.
+
+  Multi-host evaluation needs every process to run the same number of steps, or collective
+  ops wait forever; shards differ by one example, hence sometimes by one batch. The parent
+  must not yield more than `num_batches` batches (checked: ValueError).
+  """
+
+  def __init__(self, parent: grain.IterDataset, *, num_batches: int,
+               template: dict[str, np.ndarray]):
+    super().__init__(parent)
+    self._num_batches = num_batches
+    self._template = template
+
+  def __iter__(self):
+    return _FixedCountIterator(self._parent.__iter__(), self._num_batches, self._template)
+
+
 class _PadRows:
   """Stacks equal-shape rows, appending all-zero rows up to batch_size (short eval batches)."""
 

@@ -9,7 +9,10 @@
 
 Per process: the source is sharded `[process_index::process_count]` before shuffling, so hosts
 read disjoint examples, and `batch_size` (global) is divided by `process_count`. The training
-split is shuffled with `seed` each epoch and repeated (`num_epochs=0`: forever).
+split is shuffled with `seed` each epoch and repeated (`num_epochs=0`: forever; prefer it on
+several hosts, whose finite epochs can differ by a batch). Eval splits are never packed, and
+(except LM 'concat' eval) every process gets the same number of eval batches, padded with
+all-pad batches/rows: weight rows by `(inputs != 0).any(-1)`.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 from typing import Any
 
@@ -223,6 +227,7 @@ def _batches(ds: grain.MapDataset, cfg, *, train: bool, seed: int, encode: Encod
              process_count: int) -> tuple[grain.IterDataset, batching.LengthPolicy | None]:
   if not train and cfg.eval_max_examples:
     ds = ds[:cfg.eval_max_examples]
+  total = len(ds)
   ds = ds[process_index::process_count]
   if train:
     if cfg.shuffle:
@@ -251,7 +256,15 @@ def _batches(ds: grain.MapDataset, cfg, *, train: bool, seed: int, encode: Encod
     return batching.SortedWindowBatchIterDataset(
         it, batch_size=batch_size, window=cfg.bucket_window, seed=seed, batch_fn=pad,
         drop_remainder=train, shuffle=train and cfg.shuffle), policy
-  return it.batch(batch_size, drop_remainder=train, batch_fn=pad), policy
+  it = it.batch(batch_size, drop_remainder=train, batch_fn=pad)
+  if not train:
+    # Every process runs the same number of eval steps: that of the largest shard.
+    num_batches = math.ceil(math.ceil(total / process_count) / batch_size)
+    template = {f: np.zeros((batch_size, b[0]), np.int32) for f, b in pad.boundaries.items()}
+    if encode.task == 'classification':
+      template['label'] = np.zeros((batch_size,), np.int32)
+    it = batching.FixedBatchCountIterDataset(it, num_batches=num_batches, template=template)
+  return it, policy
 
 
 def make_datasets(cfg, *, data_dir: str | None = None, seed: int = 0, process_index: int = 0,

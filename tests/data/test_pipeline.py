@@ -201,3 +201,17 @@ def test_local_classification_and_lm_through_make_datasets(data_dir, tmp_path):
   assert set(b) == {'inputs', 'inputs_segmentation', 'inputs_position'}
   assert lm.meta['tokenizer_kind'] == 'byte' and b['inputs'].shape == (4, 32)
   assert lm.meta['num_examples'] == {'train': 24, 'validation': 6}
+
+
+def test_eval_batch_count_equal_across_processes(data_dir):
+  # 8 examples, 3 processes -> shards of 3, 3, 2; per-process batch 1 -> 3 batches each.
+  cfg = tiny_config('copy', batch_size=3, eval_batch_size=3, batching='pad')
+  counts, real = [], 0
+  for pi in range(3):
+    bundle = data.make_datasets(cfg, data_dir=data_dir, seed=0, process_index=pi,
+                                process_count=3)
+    batches = list(bundle.eval['test'])
+    counts.append(len(batches))
+    assert all(b['inputs'].shape[0] == 1 for b in batches)
+    real += sum(int((b['inputs'] != 0).any()) for b in batches)
+  assert counts == [3, 3, 3] and real == 8
