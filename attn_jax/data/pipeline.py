@@ -102,7 +102,7 @@ class Encode:
 
 
 def _sources(cfg, data_dir: str):
-  """(split -> MapDataset of canonical examples, default eval splits, cache key, meta)."""
+  """(split -> MapDataset of canonical examples, meta with splits, cache key, classes)."""
   if cfg.name in algorithmic.ALGORITHMIC_TASKS:
     b = builders.prepare('algorithmic', config_lib.algorithmic_params(cfg, cfg.data_seed),
                          data_dir)
@@ -187,7 +187,10 @@ def _make_tokenizers(cfg, task: str, train_source, data_key: str, data_dir: str)
     return {'inputs': tok, 'targets': tok}, {}
   opts = {k: t[k] for k in ('vocab_size', 'model_type', 'joint', 'max_train_examples',
                             'char_max_vocab')}
-  digest = builders.params_hash({'kind': kind, **opts, 'seed': cfg.data_seed})
+  # Everything that changes what the tokenizer is trained on is part of its cache key.
+  digest = builders.params_hash({'kind': kind, **opts, 'seed': cfg.data_seed,
+                                 'reverse': cfg.tfds.reverse_translation,
+                                 'train_split': cfg.tfds.train_split})
   directory = os.path.join(data_dir, TOKENIZER_DIR, data_key, f'{kind}_{digest}')
   fields = {'seq2seq': ('source', 'target')}.get(task, ('text',))
   roles = {'joint': fields} if (task != 'seq2seq' or t.joint) else {
@@ -202,8 +205,11 @@ def _make_tokenizers(cfg, task: str, train_source, data_key: str, data_dir: str)
       if kind == 'char':
         made[role] = tokenizers.CharTokenizer.train(texts, max_vocab_size=t.char_max_vocab or None)
       else:
+        # SentencePiece skips "sentences" over its max length (a whole book as one document
+        # would be dropped), so it learns from lines.
+        lines = (line for text in texts for line in text.splitlines())
         made[role] = tokenizers.SentencePieceTokenizer.train(
-            texts, vocab_size=t.vocab_size, model_type=t.model_type)
+            lines, vocab_size=t.vocab_size, model_type=t.model_type)
       tokenizers.save_tokenizer(made[role], path)
       logging.info('Trained %s tokenizer (%d ids) -> %s', kind, made[role].vocab_size, path)
     paths[role] = path

@@ -215,3 +215,17 @@ def test_eval_batch_count_equal_across_processes(data_dir):
     assert all(b['inputs'].shape[0] == 1 for b in batches)
     real += sum(int((b['inputs'] != 0).any()) for b in batches)
   assert counts == [3, 3, 3] and real == 8
+
+
+def test_sentencepiece_learns_from_lines_of_one_long_document(data_dir, tmp_path):
+  book = tmp_path / 'book.txt'
+  book.write_text(''.join(f'chapter {i % 50} tells of the river and the town {i}\n'
+                          for i in range(600)))  # one ~30k character document
+  cfg = tiny_config('local', batching='concat', **{
+      'local.task': 'lm', 'local.train': str(book), 'local.lm_documents': 'file',
+      'tokenizer.kind': 'sentencepiece', 'eval_splits': ''})
+  bundle = data.make_datasets(cfg, data_dir=data_dir, seed=0)
+  tok = bundle.tokenizers['inputs']
+  assert tok.vocab_size > 30 and tok.decode(tok.encode('the river')) == 'the river'
+  b = next(bundle.train)
+  assert b['inputs'].shape == (4, 32) and (b['inputs_segmentation'] == 1).all()
