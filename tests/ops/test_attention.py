@@ -5,6 +5,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from jax.test_util import check_grads
 
 from attn_jax import ops
@@ -211,3 +213,20 @@ def test_implementation_choice():
   assert ops.choose_implementation(small, small, **kw) == 'dense'
   assert ops.choose_implementation(big, big, **kw) == 'blockwise'
   assert ops.choose_implementation(big, big, **{**kw, 'return_weights': True}) == 'dense'
+
+
+@settings(max_examples=15, deadline=None, derandomize=True)
+@given(t=st.integers(1, 9), s=st.integers(1, 9), kh=st.sampled_from([1, 2, 3]),
+       groups=st.sampled_from([1, 2]), causal=st.booleans(), offset=st.integers(0, 4),
+       mask_p=st.sampled_from([0.0, 0.3, 0.9]), bias=st.booleans(), seed=st.integers(0, 999))
+def test_property_dense_matches_reference(t, s, kh, groups, causal, offset, mask_p, bias, seed):
+  q, k, v = _qkv(b=2, t=t, s=s, n=kh * groups, kh=kh, d=4, seed=seed)
+  rng = np.random.default_rng(seed)
+  mask = rng.random((2, 1, t, s)) >= mask_p
+  bias_arr = rng.normal(size=(1, kh * groups, t, s)).astype(np.float32) if bias else None
+  out = ops.dot_product_attention(q, k, v, mask=jnp.asarray(mask), is_causal=causal,
+                                  q_offset=offset, implementation='dense',
+                                  bias=None if bias_arr is None else jnp.asarray(bias_arr))
+  ref_mask = mask & reference.causal(t, s, offset) if causal else mask
+  want = reference.reference_attention(q, k, v, mask=ref_mask, bias=bias_arr)
+  np.testing.assert_allclose(out, want, **TOL[jnp.float32])
