@@ -95,8 +95,11 @@ def _get_field(config: Any, field: str) -> Any:
   return value
 
 
-def validate_choices(config: Any, field: str, allowed: Iterable[Any]) -> Any:
+def validate_choices(config: Any, field: str, allowed: Iterable[Any], *,
+                     where: str = 'config') -> Any:
   """Checks that `config.<field>` (dotted path) is one of `allowed` and returns it.
+
+  `where` names `config` in the message, e.g. 'config.optim' for a section.
 
   Raises:
     ValueError: naming the field, the bad value and the allowed values.
@@ -104,7 +107,7 @@ def validate_choices(config: Any, field: str, allowed: Iterable[Any]) -> Any:
   allowed = tuple(allowed)
   value = _get_field(config, field)
   if value not in allowed:
-    raise ValueError(f'config.{field}={value!r} is not one of {allowed}')
+    raise ValueError(f'{where}.{field}={value!r} is not one of {allowed}')
   return value
 
 
