@@ -34,7 +34,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.learning_rate = 1e-3
   c.schedule = 'warmup_rsqrt'
   c.warmup_steps = 1000
-  c.total_steps = 100_000  # Used by cosine/linear decay; the loop sets it from num_train_steps.
+  c.total_steps = 0  # Cosine/linear decay length in updates; 0 = train_loop fills it in.
   c.end_lr_factor = 0.0  # Final lr = learning_rate * end_lr_factor for cosine/linear.
   c.b1 = 0.9
   c.b2 = 0.98
