@@ -5,7 +5,8 @@
     restored = ckpt.restore(abstract_state)  # None when there is nothing to resume.
 
 Each step directory holds two items: 'state' (the TrainState pytree: params, opt state, step,
-RNG key) and 'data' (the iterator's `get_state()` as JSON; bytes states are base64-wrapped).
+RNG key) and 'data' (each process's iterator `get_state()` as JSON, keyed by process index;
+bytes states are base64-wrapped).
 Saves are async: arrays are copied to host before `save` returns (so the next step may donate
 them) and written in a background thread. A latest checkpoint that fails to restore (truncated
 or corrupt files) is moved aside with a warning and the previous one is used.
@@ -14,6 +15,7 @@ or corrupt files) is moved aside with a warning and the previous one is used.
 from __future__ import annotations
 
 import base64
+import json
 import logging
 import math
 import os
@@ -23,6 +25,7 @@ from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
@@ -51,6 +54,38 @@ def decode_data_state(item: Mapping[str, Any] | None) -> Any:
     raw = base64.b64decode(item[_BYTES_KEY])
     return raw.decode() if item.get('str') else raw
   return dict(item)
+
+
+def _gather_strings(text: str) -> list[str]:
+  """Every process's `text`, in process order (a collective; identity with one process)."""
+  if jax.process_count() == 1:
+    return [text]
+  from jax.experimental import multihost_utils
+  raw = np.frombuffer(text.encode(), np.uint8)
+  lengths = multihost_utils.process_allgather(np.asarray([raw.size], np.int32))
+  padded = np.zeros(int(np.max(lengths)), np.uint8)
+  padded[:raw.size] = raw
+  rows = multihost_utils.process_allgather(padded[None], tiled=True)
+  return [bytes(row[:int(n)]).decode() for row, n in zip(rows, lengths.reshape(-1), strict=True)]
+
+
+def _data_item(data_state: Any) -> dict[str, Any]:
+  """The JSON item holding every process's iterator state (each process reads its shard)."""
+  states = _gather_strings(json.dumps(encode_data_state(data_state)))
+  return {'num_processes': len(states),
+          'per_process': {str(i): json.loads(x) for i, x in enumerate(states)}}
+
+
+def _data_state_from_item(item: Mapping[str, Any] | None) -> Any:
+  if not item:
+    return None
+  n, me = item.get('num_processes'), jax.process_index()
+  if n != jax.process_count():
+    logging.warning('checkpoint holds iterator states of %s processes, this run has %d: the '
+                    'train iterator is not restored (data order will differ)', n,
+                    jax.process_count())
+    return None
+  return decode_data_state(item['per_process'][str(me)])
 
 
 class Restored(NamedTuple):
@@ -143,7 +178,7 @@ class Checkpointer:
     if step in self._manager.all_steps():
       return False
     args = ocp.args.Composite(state=ocp.args.StandardSave(state),
-                              data=ocp.args.JsonSave(encode_data_state(data_state)))
+                              data=ocp.args.JsonSave(_data_item(data_state)))
     metrics = {k: float(v) for k, v in metrics.items()} if metrics else None
     return bool(self._manager.save(step, args=args, metrics=metrics, force=force))
 
@@ -186,7 +221,7 @@ class Checkpointer:
   def _restore(self, step: int, abstract_state: Any) -> Restored:
     out = self._manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
-    return Restored(step, out['state'], decode_data_state(out['data']))
+    return Restored(step, out['state'], _data_state_from_item(out['data']))
 
   def _quarantine(self, step: int) -> None:
     # Renamed, not deleted: the files may help debugging, and orbax ignores non-step names.
@@ -251,7 +286,6 @@ class PreemptionHandler:
       local = local or bool(ocp.utils.reached_preemption(step))
     except Exception:  # noqa: BLE001 - no coordination service: local signals only.
       pass
-    import numpy as np
     from jax.experimental import multihost_utils
     flags = multihost_utils.process_allgather(np.asarray(local, np.int32))
     return bool(np.any(flags))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pathlib
 import signal
 import sys
 import time
@@ -22,13 +23,19 @@ KILL_AT = 5
 
 class _KillingIterator(tiny.BatchIterator):
 
-  def __init__(self, kill_at: int):
+  def __init__(self, workdir: str, kill_at: int):
     super().__init__(seed=1)
-    self.kill_at = kill_at
+    self.workdir, self.kill_at = pathlib.Path(workdir), kill_at
 
   def __next__(self):
     if self.index == self.kill_at:
-      time.sleep(2.0)  # Let the async checkpoint of step CHECKPOINT_EVERY finish writing.
+      # Die only once the async checkpoint of step CHECKPOINT_EVERY is committed (orbax
+      # renames the finished temporary directory to its step number), so the restart has
+      # something to resume from; metrics of later steps are already in metrics.jsonl.
+      done = self.workdir / 'checkpoints' / str(CHECKPOINT_EVERY)
+      deadline = time.time() + 60
+      while not done.is_dir() and time.time() < deadline:
+        time.sleep(0.05)
       os.kill(os.getpid(), signal.SIGKILL)
     return super().__next__()
 
@@ -45,7 +52,7 @@ def config():
 def run(workdir, kill_at: int = -1):
   init_params, loss_fn = tiny.make_task(dropout_rate=0.2)
   return loop.train_loop(config(), workdir, init_params=init_params, loss_fn=loss_fn,
-                         train_iter=_KillingIterator(kill_at))
+                         train_iter=_KillingIterator(workdir, kill_at))
 
 
 if __name__ == '__main__':

@@ -12,6 +12,7 @@ import sys
 
 import jax
 
+from attn_jax.train import checkpoint as ckpt_lib
 from attn_jax.train import parallel
 from attn_jax.train import state as state_lib
 
@@ -34,6 +35,19 @@ def main(out_dir: str, steps: int) -> None:
     state, m = step(state, parallel.global_batch(next(local), mesh))
     m = parallel.to_host(m)
     losses.append(float(m['loss'][0] / m['loss'][1]))
+  # Each process checkpoints its own iterator position and gets it back; the sharded state
+  # round-trips through orbax's multi-process save.
+  ckpt = ckpt_lib.Checkpointer(pathlib.Path(out_dir) / 'ckpt', async_save=False)
+  ckpt.save(steps, state, data_state=local.get_state() | {'pid': jax.process_index()})
+  abstract = ckpt_lib.with_shardings(jax.eval_shape(lambda: state), shardings)
+  restored = ckpt.restore(abstract)
+  ckpt.close()
+  assert restored.step == steps
+  assert restored.data_state == {'index': steps, 'seed': 0, 'pid': jax.process_index()}
+  same = jax.jit(lambda a, b: jax.numpy.all(jax.numpy.stack(jax.tree_util.tree_leaves(
+      jax.tree_util.tree_map(jax.numpy.array_equal, a, b)))))(restored.state.params,
+                                                              state.params)
+  assert bool(parallel.to_host(same)), 'restored params differ'
   if parallel.is_primary():
     (pathlib.Path(out_dir) / 'losses.json').write_text(json.dumps({
         'losses': losses, 'process_count': jax.process_count(),
