@@ -150,6 +150,7 @@ class Checkpointer:
     )
     self._manager = ocp.CheckpointManager(self.directory, options=options,
                                           item_names=('state', 'data'))
+    self._requested: set[int] = set()  # Includes saves still being written asynchronously.
 
   def all_steps(self) -> list[int]:
     return list(self._manager.all_steps())
@@ -175,8 +176,9 @@ class Checkpointer:
     Returns False if `step` is already saved (e.g. a preemption save right after a periodic
     one). `metrics` (Python floats) rank the checkpoint for `best_metric`.
     """
-    if step in self._manager.all_steps():
+    if step in self._requested or step in self._manager.all_steps():
       return False
+    self._requested.add(step)
     args = ocp.args.Composite(state=ocp.args.StandardSave(state),
                               data=ocp.args.JsonSave(_data_item(data_state)))
     metrics = {k: float(v) for k, v in metrics.items()} if metrics else None

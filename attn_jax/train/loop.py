@@ -46,7 +46,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.num_steps = 1000
   c.log_every = 100
   c.eval_every = 1000  # 0 = only at the end.
-  c.checkpoint_every = 1000  # 0 = only at the end (and on SIGTERM).
+  # 0 = only at the end (and on SIGTERM / data exhaustion). Best-checkpoint tracking ranks
+  # the checkpoints saved at eval steps, so make this a multiple of eval_every.
+  c.checkpoint_every = 1000
   c.keep_checkpoints = 3
   c.best_metric = ''  # e.g. 'valid/loss': that checkpoint is kept too.
   c.best_mode = 'min'
@@ -292,6 +294,8 @@ def train_loop(
           break
       if t.nonfinite == 'raise':
         _raise_if_nonfinite(pending)
+      if result.data_exhausted and step > start:
+        ckpt.save(step, runner.host_state(state), data_state=data_state())  # No-op if saved.
   finally:
     ckpt.wait()
     ckpt.close()

@@ -119,6 +119,32 @@ def sequence_accuracy(
   return jnp.sum(exact), jnp.sum(present)
 
 
+def softmax_loss_and_metrics(
+    logits: jax.Array,
+    targets: jax.Array,
+    weights: jax.Array | None = None,
+    *,
+    label_smoothing: float = 0.0,
+) -> tuple[jax.Array, dict[str, Metric]]:
+  """The usual `loss_fn` body for token or class prediction.
+
+  Args:
+    logits: `[..., V]`; targets: `[...]` int; weights: `[...]` (e.g. `token_weights`) or None.
+    label_smoothing: applied to the objective only; the reported 'loss' is the plain
+      cross-entropy, so it stays comparable across smoothing settings (and its exp is the
+      perplexity).
+
+  Returns:
+    `(objective_sum, {'loss': (ce_sum, weight_sum), 'accuracy': (correct, weight_sum)})`.
+  """
+  loss = cross_entropy(logits, targets, weights)
+  if label_smoothing > 0.0:
+    objective, _ = cross_entropy(logits, targets, weights, label_smoothing=label_smoothing)
+  else:
+    objective = loss[0]
+  return objective, {'loss': loss, 'accuracy': accuracy(logits, targets, weights)}
+
+
 def perplexity(loss_sum: Any, weight_sum: Any) -> Any:
   """`exp(loss_sum / weight_sum)` with the exponent clipped at `MAX_LOG_PPL`."""
   mean = loss_sum / jnp.maximum(weight_sum, 1e-8)

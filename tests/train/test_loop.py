@@ -129,6 +129,7 @@ def test_nonfinite_skip_continues_and_exhaustion_stops(tmp_path):
   result = _scalar_run(tmp_path, [1.0, np.nan, 1.0], 'skip')
   assert result.data_exhausted and result.step == 3
   assert _by_step(tmp_path, 'train/nonfinite') == {1: 0.0, 2: 1.0, 3: 0.0}
+  assert (tmp_path / 'checkpoints' / '3').is_dir()  # Exhaustion still saves the progress.
   assert np.all(np.isfinite(result.state.params['w']))
 
 

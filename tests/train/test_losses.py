@@ -98,3 +98,14 @@ def test_shape_errors(fn):
 def test_bad_label_smoothing():
   with pytest.raises(ValueError, match='label_smoothing=1.0'):
     losses.cross_entropy(jnp.asarray(LOGITS), jnp.asarray(TARGETS), label_smoothing=1.0)
+
+
+def test_softmax_loss_and_metrics_reports_plain_loss_and_smoothed_objective():
+  w = losses.token_weights(jnp.asarray(TARGETS))
+  obj, m = losses.softmax_loss_and_metrics(jnp.asarray(LOGITS), jnp.asarray(TARGETS), w,
+                                           label_smoothing=0.1)
+  np.testing.assert_allclose(float(obj), _naive_ce(LOGITS, TARGETS, np.asarray(w), 0.1)[0],
+                             rtol=1e-5)
+  np.testing.assert_allclose([float(x) for x in m['loss']],
+                             _naive_ce(LOGITS, TARGETS, np.asarray(w), 0.0), rtol=1e-5)
+  assert set(m) == {'loss', 'accuracy'} and float(m['accuracy'][1]) == float(w.sum())

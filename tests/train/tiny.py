@@ -49,10 +49,8 @@ def make_task(dropout_rate: float = 0.0, dtype=jnp.float32, label_smoothing: flo
     logits = model.apply({'params': params}, batch['inputs'], train=train,
                          rngs={'dropout': rng} if train else None)
     weights = losses.token_weights(batch['targets'])
-    obj, _ = losses.cross_entropy(logits, batch['targets'], weights,
-                                  label_smoothing=label_smoothing)
-    loss = losses.cross_entropy(logits, batch['targets'], weights)
-    return obj, {'loss': loss, 'accuracy': losses.accuracy(logits, batch['targets'], weights)}
+    return losses.softmax_loss_and_metrics(logits, batch['targets'], weights,
+                                           label_smoothing=label_smoothing)
 
   return init_params, loss_fn
 
