@@ -52,7 +52,7 @@ def default_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.mode = 'none'
   c.mesh = ml_collections.ConfigDict({'data': -1, 'fsdp': 1, 'tensor': 1})
-  c.logical_axis_rules = [list(r) if isinstance(r[1], tuple) else r for r in DEFAULT_RULES]
+  c.logical_axis_rules = DEFAULT_RULES  # (logical name, mesh axis | tuple | None) pairs.
   c.coordinator_address = ''  # 'host:port'; '' = read JAX_COORDINATOR_ADDRESS or run alone.
   c.num_processes = 1
   c.process_id = 0
