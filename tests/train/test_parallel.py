@@ -153,3 +153,16 @@ def test_two_processes_match_one(reference, tmp_path):
   assert not (tmp_path / 'losses_1.json').exists()  # Only process 0 writes.
   assert result['process_count'] == 2 and result['device_count'] == 4
   np.testing.assert_allclose(result['losses'], reference[0], rtol=1e-5)
+
+
+def test_host_helpers():
+  assert parallel.local_batch_size(8) == 8  # One process here.
+  with pytest.raises(ValueError, match='process_id=2 must be in'):
+    parallel.initialize_distributed(ml_collections.ConfigDict(
+        {'coordinator_address': '127.0.0.1:1', 'num_processes': 2, 'process_id': 2}))
+  mesh = parallel.make_mesh({'data': 4, 'fsdp': 2})
+  with pytest.raises(ValueError, match=r"batch\['x'\] shape \(6, 2\): global batch not divisible"):
+    parallel.global_batch({'x': np.zeros((6, 2))}, mesh)
+  got = parallel.global_batch({'x': np.arange(16.0).reshape(8, 2)}, mesh)
+  assert got['x'].sharding.spec == P(('data', 'fsdp'))
+  np.testing.assert_array_equal(parallel.to_host(got)['x'], np.arange(16.0).reshape(8, 2))

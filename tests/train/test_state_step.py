@@ -155,3 +155,22 @@ def test_loss_fn_without_loss_metric_is_rejected():
   with pytest.raises(ValueError, match="nonfinite='ignore'"):
     step_lib.make_train_step(bad_fn, tx, sched, nonfinite='ignore')
 
+
+
+def test_grad_accumulation_through_the_step():
+  tx, sched = _optim(learning_rate=0.1, grad_accum_steps=2, schedule='warmup_constant',
+                     warmup_steps=4)
+  state = state_lib.create_train_state(lambda r: {'w': jnp.ones((2, 2))}, tx,
+                                       jax.random.PRNGKey(0))
+  step = jax.jit(step_lib.make_train_step(_scalar_task(), tx, sched, grad_accum_steps=2))
+  s1, m1 = step(state, {'scale': jnp.float32(1.0)})
+  chex.assert_trees_all_equal(s1.params, state.params)  # Accumulating, not yet applied.
+  s2, m2 = step(s1, {'scale': jnp.float32(3.0)})
+  # The first update has lr = schedule(0) = 0 under warmup, so params are still unchanged.
+  chex.assert_trees_all_equal(s2.params, state.params)
+  s3, _ = step(s2, {'scale': jnp.float32(1.0)})
+  s4, m4 = step(s3, {'scale': jnp.float32(3.0)})
+  # Second update: lr = 0.1 * 1/4, mean gradient mean(2 * 1 * w, 2 * 3 * w) = 4w at w = 1.
+  np.testing.assert_allclose(s4.params['w'], np.full((2, 2), 1.0 - 0.1 * 0.25 * 4.0), rtol=1e-6)
+  lrs = [float(m['learning_rate'][0]) for m in (m1, m2, m4)]
+  assert lrs == pytest.approx([0.0, 0.0, 0.025])  # schedule(step // 2): updates 0, 0, 1.
