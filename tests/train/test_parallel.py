@@ -19,23 +19,37 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from attn_jax.train import optim, parallel
+from attn_jax.train import loop, optim, parallel
 from attn_jax.train import state as state_lib
 from attn_jax.train import step as step_lib
+from attn_jax.train.metrics import read_metrics
 from tests.train import tiny
 
 STEPS = 3
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+OPTIM = dict(name='adamw', schedule='warmup_constant', warmup_steps=2, learning_rate=0.05,
+             weight_decay=0.01, clip_grad_norm=1.0)
+
+
 def make_setup():
   """(init_params, tx, step_fn): AdamW + clipping, no dropout (so devices see equal math)."""
   c = optim.default_config()
-  c.update(dict(name='adamw', schedule='warmup_constant', warmup_steps=2, learning_rate=0.05,
-                weight_decay=0.01, clip_grad_norm=1.0))
+  c.update(OPTIM)
   tx, sched = optim.make_optimizer(c)
   init_params, loss_fn = tiny.make_task()
   return init_params, tx, step_lib.make_train_step(loss_fn, tx, sched)
+
+
+def loop_config(num_steps):
+  """train_loop config with `make_setup`'s optimizer, sharded over all devices (mp_worker)."""
+  c = loop.full_config()
+  c.optim.update(OPTIM)
+  c.train.update(dict(num_steps=num_steps, log_every=1, eval_every=0, checkpoint_every=0,
+                      progress=False, tensorboard=False))
+  c.parallel.mode = 'sharded'
+  return c
 
 
 def _loss(m):
@@ -149,11 +163,13 @@ def test_two_processes_match_one(reference, tmp_path):
         p.kill()
   for p, out in zip(procs, outputs, strict=True):
     assert p.returncode == 0, out[-3000:]
-  result = json.loads((tmp_path / 'losses.json').read_text())
-  assert not (tmp_path / 'losses_1.json').exists()  # Only process 0 writes.
-  assert result['process_count'] == 2 and result['device_count'] == 4
-  np.testing.assert_allclose(result['losses'], reference[0], rtol=1e-5)
-
+  for i in range(2):
+    done = json.loads((tmp_path / f'done_{i}.json').read_text())
+    assert done == {'first_step': STEPS - 1, 'start_step': STEPS - 1, 'step': STEPS,
+                    'iterator_index': STEPS, 'process_count': 2, 'device_count': 4}
+  losses = {r['step']: r['train/loss'] for r in read_metrics(tmp_path)}
+  assert sorted(losses) == list(range(1, STEPS + 1))  # One writer: no duplicated records.
+  np.testing.assert_allclose([losses[s] for s in sorted(losses)], reference[0], rtol=1e-5)
 
 def test_host_helpers():
   assert parallel.local_batch_size(8) == 8  # One process here.
