@@ -70,12 +70,16 @@ def init_state(init_params: InitFn, tx: optax.GradientTransformation, rng: jax.A
     init_params: `rng -> params` (e.g. `lambda r: model.init(r, dummy)['params']`); may
       return logically boxed params, which are unboxed here.
     tx: optimizer from `optim.make_optimizer`.
-    rng: PRNG key; split into an init key and the state's dropout key.
+    rng: PRNG key (raw `PRNGKey` or typed `jax.random.key`); split into an init key and the
+      state's dropout key, which is kept as raw uint32 data.
 
   Raises:
     ValueError: if a floating param is not float32.
   """
   init_rng, state_rng = jax.random.split(rng)
+  if jnp.issubdtype(state_rng.dtype, jax.dtypes.prng_key):
+    # Stored as raw uint32 key data: checkpoints and shardings treat it as a plain array.
+    state_rng = jax.random.key_data(state_rng)
   params = nn.meta.unbox(init_params(init_rng))
   _check_float32(params)
   return TrainState(

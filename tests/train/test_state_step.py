@@ -40,6 +40,13 @@ def test_create_state_shapes_count_and_dtype():
   assert int(state.step) == 0
 
 
+def test_typed_key_is_stored_as_raw_key_data():
+  tx, _ = _optim()
+  state = state_lib.init_state(lambda r: {'w': jax.random.normal(r, (2,))}, tx,
+                               jax.random.key(0))
+  assert state.rng.dtype == jnp.uint32 and state.rng.shape == (2,)
+
+
 def test_bf16_params_rejected_before_allocation():
   tx, _ = _optim()
   with pytest.raises(ValueError, match=r"params must be float32.*\['w'\]"):
