@@ -10,6 +10,10 @@ and optional eval hooks (e.g. decoding + BLEU). The config has sections `optim`
 (`optim.default_config()`), `train` (`default_config()` here) and optionally `parallel`
 (`parallel.default_config()`).
 
+Multi-host: call `parallel.initialize_distributed(config.parallel)` first thing in the entry
+point (before any other JAX call), give every process the same `workdir` (shared storage) and
+its own rows of each global batch; use `parallel.mode='sharded'`.
+
 Resume: if `workdir/checkpoints` holds a checkpoint, the state (params, optimizer, step, RNG)
 and the iterator position are restored, so a killed run continues with exactly the batches
 and dropout masks it would have seen. SIGTERM saves a checkpoint and returns early.
