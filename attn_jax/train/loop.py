@@ -1,0 +1,315 @@
+"""A generic training loop: steps, periodic eval, metrics, checkpoints, resume, preemption.
+
+    result = train_loop(config, workdir, init_params=init_params, loss_fn=loss_fn,
+                        train_iter=train_iter, eval_iters={'valid': lambda: valid_batches()})
+
+The loop knows no model or dataset. A task provides `init_params(rng)`, `loss_fn(params,
+batch, rng, train) -> (objective_sum, {name: (sum, count)})`, a train iterator of numpy
+batch dicts (with grain-style `get_state()`/`set_state()` for exact resume), eval iterables
+and optional eval hooks (e.g. decoding + BLEU). The config has sections `optim`
+(`optim.default_config()`), `train` (`default_config()` here) and optionally `parallel`
+(`parallel.default_config()`).
+
+Multi-host: call `parallel.initialize_distributed(config.parallel)` first thing in the entry
+point (before any other JAX call), give every process the same `workdir` (shared storage) and
+its own rows of each global batch; use `parallel.mode='sharded'`.
+
+Resume: if `workdir/checkpoints` holds a checkpoint, the state (params, optimizer, step, RNG)
+and the iterator position are restored, so a killed run continues with exactly the batches
+and dropout masks it would have seen. SIGTERM saves a checkpoint and returns early.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import pathlib
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from attn_jax.train import checkpoint as ckpt_lib
+from attn_jax.train import losses, optim, parallel
+from attn_jax.train import state as state_lib
+from attn_jax.train import step as step_lib
+from attn_jax.train.config_args import validate_choices
+from attn_jax.train.metrics import MetricWriter
+
+EvalHook = Callable[[state_lib.TrainState, int], Mapping[str, float]]
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """The `config.train` section with every field `train_loop` reads."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.num_steps = 1000
+  c.log_every = 100
+  c.eval_every = 1000  # 0 = only at the end.
+  # 0 = only at the end (and on SIGTERM / data exhaustion). Best-checkpoint tracking ranks
+  # the checkpoints saved at eval steps, so make this a multiple of eval_every.
+  c.checkpoint_every = 1000
+  c.keep_checkpoints = 3
+  c.best_metric = ''  # e.g. 'valid/loss': that checkpoint is kept too.
+  c.best_mode = 'min'
+  c.async_checkpoint = True
+  c.nonfinite = 'skip'  # 'skip' the update, or 'raise' (stop naming the step).
+  c.max_eval_batches = 0  # 0 = whole eval iterable.
+  c.tensorboard = True
+  c.progress = True
+  c.preemption_check_every = 10  # Multi-process only (a collective); 1 process polls every step.
+  return c
+
+
+def full_config(**sections: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`{optim, train, parallel}` defaults, updated by any sections given."""
+  c = ml_collections.ConfigDict({'optim': optim.default_config(), 'train': default_config(),
+                                 'parallel': parallel.default_config()})
+  for name, section in sections.items():
+    c[name].update(section)
+  return c
+
+
+@dataclasses.dataclass
+class LoopResult:
+  """What `train_loop` returns: the final state (unreplicated), its step, and why it stopped."""
+
+  state: state_lib.TrainState
+  step: int
+  start_step: int = 0  # > 0 when the run resumed from a checkpoint.
+  preempted: bool = False
+  data_exhausted: bool = False
+  last_eval: dict[str, float] = dataclasses.field(default_factory=dict)
+
+
+def _check_config(config: ml_collections.ConfigDict) -> None:
+  for section in ('optim', 'train'):
+    if section not in config:
+      raise ValueError(f'config needs a {section!r} section (see attn_jax.train.{section})')
+  t = config.train
+  for field in ('num_steps', 'log_every', 'keep_checkpoints', 'preemption_check_every'):
+    if not isinstance(t[field], int) or t[field] < 1:
+      raise ValueError(f'config.train.{field}={t[field]!r} must be an int >= 1')
+  for field in ('eval_every', 'checkpoint_every', 'max_eval_batches'):
+    if not isinstance(t[field], int) or t[field] < 0:
+      raise ValueError(f'config.train.{field}={t[field]!r} must be an int >= 0')
+  validate_choices(config, 'train.nonfinite', step_lib.NONFINITE_MODES)
+  validate_choices(config, 'train.best_mode', ckpt_lib.BEST_MODES)
+  if 'parallel' in config:
+    validate_choices(config, 'parallel.mode', parallel.PARALLEL_MODES)
+
+
+def _optim_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  oc = ml_collections.ConfigDict(config.optim.to_dict())
+  if oc.get('schedule') in ('warmup_cosine', 'warmup_linear') and not oc.get('total_steps'):
+    oc.total_steps = max(1, config.train.num_steps // max(1, oc.get('grad_accum_steps', 1)))
+  return oc
+
+
+class _Runner:
+  """The parallel-mode-specific pieces: state placement, batch placement, compiled steps."""
+
+  def __init__(self, config, init_params, loss_fn, tx, schedule):
+    pc = config.get('parallel', parallel.default_config())
+    self.mode = pc.mode
+    step_fn = step_lib.make_train_step(
+        loss_fn, tx, schedule, grad_accum_steps=config.optim.grad_accum_steps,
+        nonfinite=config.train.nonfinite)
+    eval_fn = step_lib.make_eval_step(loss_fn)
+    rng = jax.random.PRNGKey(config.train.seed)
+    self.abstract = state_lib.abstract_state(init_params, tx, rng)
+    self.shardings = None
+    if self.mode == 'sharded':
+      self.mesh = parallel.make_mesh(pc.mesh.to_dict())
+      rules = list(pc.logical_axis_rules)
+      self.shardings = parallel.state_shardings(
+          self.abstract, state_lib.abstract_params(init_params, rng), self.mesh, rules)
+      self.train_step = parallel.sharded_train_step(step_fn, self.mesh, self.shardings, rules)
+      self.eval_step = parallel.sharded_eval_step(eval_fn, self.mesh, self.shardings, rules)
+    elif self.mode == 'pmap':
+      self.train_step = parallel.pmap_train_step(step_fn)
+      self.eval_step = parallel.pmap_eval_step(eval_fn)
+    else:
+      self.train_step = jax.jit(step_fn, donate_argnums=(0,))
+      self.eval_step = jax.jit(eval_fn)
+    self._init = lambda: state_lib.create_train_state(init_params, tx, rng,
+                                                      shardings=self.shardings)
+
+  def init(self):
+    return self.place(self._init())
+
+  def abstract_for_restore(self):
+    return ckpt_lib.with_shardings(self.abstract, self.shardings)
+
+  def place(self, state):
+    """A freshly created/restored state -> the layout the compiled step takes."""
+    return parallel.replicate(state) if self.mode == 'pmap' else state
+
+  def host_state(self, state):
+    """The state as one logical copy (for checkpoints and hooks)."""
+    return parallel.unreplicate(state) if self.mode == 'pmap' else state
+
+  def batch(self, batch):
+    if self.mode == 'pmap':
+      return parallel.shard_batch(batch)
+    if self.mode == 'sharded':
+      return parallel.global_batch(batch, self.mesh)
+    return batch
+
+  def metrics(self, metrics):
+    return parallel.unreplicate(metrics) if self.mode == 'pmap' else metrics
+
+
+def _iterate(source: Any) -> Iterator[Any]:
+  return iter(source() if callable(source) else source)
+
+
+def evaluate(runner: _Runner, state, eval_iters: Mapping[str, Any], max_batches: int
+             ) -> dict[str, float]:
+  """Sums eval metrics over each eval iterable; returns `{'<name>/<metric>': mean}`."""
+  out = {}
+  for name, source in eval_iters.items():
+    total, n = {}, 0
+    for batch in _iterate(source):
+      metrics = runner.eval_step(state, runner.batch(batch))
+      total = losses.add_metrics(total, runner.metrics(metrics))
+      n += 1
+      if max_batches and n >= max_batches:
+        break
+    if n == 0:
+      raise ValueError(f'eval set {name!r} yielded no batches')
+    summary = losses.summarize(parallel.to_host(total))
+    out.update({f'{name}/{k}': v for k, v in summary.items()})
+  return out
+
+
+def train_loop(
+    config: ml_collections.ConfigDict,
+    workdir: str | os.PathLike,
+    *,
+    init_params: Callable[[jax.Array], Any],
+    loss_fn: step_lib.LossFn,
+    train_iter: Iterator[Mapping[str, np.ndarray]],
+    eval_iters: Mapping[str, Iterable[Any] | Callable[[], Iterable[Any]]] | None = None,
+    eval_hooks: Sequence[EvalHook] = (),
+) -> LoopResult:
+  """Trains until `config.train.num_steps`, resuming from `workdir` if it has checkpoints.
+
+  Args:
+    config: sections `optim`, `train` and optionally `parallel` (see `full_config`).
+    workdir: run directory: `checkpoints/`, `metrics.jsonl`, `tensorboard/`.
+    init_params: `rng -> params` (may be logically boxed).
+    loss_fn: see `step.py`.
+    train_iter: yields batch dicts of numpy arrays (this process's rows: with several
+      processes, `parallel.local_batch_size` of the global batch); `get_state`/`set_state`
+      make resume exact, without them resume restarts the iterator (with a warning). The
+      state must describe the position after the batches already taken (no look-ahead).
+    eval_iters: `{name: iterable or zero-arg callable returning one}`, evaluated every
+      `eval_every` steps and at the end; batches must be padded to the training layout
+      (weights zero on padding). Metrics are written as `<name>/<metric>`.
+    eval_hooks: `hook(state, step) -> {name: value}` run after eval (e.g. decoding + BLEU),
+      with the unreplicated state.
+
+  Returns:
+    LoopResult. Raises FloatingPointError naming the step when `nonfinite='raise'` and a
+    step's loss or gradient was NaN/Inf.
+  """
+  _check_config(config)
+  t = config.train
+  workdir = pathlib.Path(workdir)
+  eval_iters = dict(eval_iters or {})
+  tx, schedule = optim.make_optimizer(_optim_config(config))
+  runner = _Runner(config, init_params, loss_fn, tx, schedule)
+  logging.info('model has %d parameters', state_lib.param_count(runner.abstract.params))
+
+  ckpt = ckpt_lib.Checkpointer(workdir / 'checkpoints', max_to_keep=t.keep_checkpoints,
+                               best_metric=t.best_metric or None, best_mode=t.best_mode,
+                               async_save=t.async_checkpoint)
+  restored = ckpt.restore(runner.abstract_for_restore())
+  if restored is None:
+    state = runner.init()
+    start = 0
+  else:
+    state, start = runner.place(restored.state), restored.step
+    if restored.data_state is not None and hasattr(train_iter, 'set_state'):
+      train_iter.set_state(restored.data_state)
+    else:
+      logging.warning('resumed at step %d but the train iterator state was not restored '
+                      '(iterator has no set_state or checkpoint has none)', start)
+    logging.info('resumed from checkpoint step %d', start)
+
+  writer = MetricWriter(workdir, total_steps=t.num_steps, start_step=start,
+                        tensorboard=t.tensorboard, progress=t.progress)
+  result = LoopResult(state=None, step=start, start_step=start)
+  check_every = 1 if jax.process_count() == 1 else t.preemption_check_every
+
+  def data_state():
+    return train_iter.get_state() if hasattr(train_iter, 'get_state') else None
+
+  def run_eval(step):
+    scalars = evaluate(runner, state, eval_iters, t.max_eval_batches) if eval_iters else {}
+    for hook in eval_hooks:
+      scalars.update(hook(runner.host_state(state), step))
+    if scalars:
+      writer.write(step, scalars, prefix='')
+    result.last_eval = scalars
+    return scalars
+
+  step, acc, pending, t0, t0_step = start, {}, None, time.time(), start
+  try:
+    with ckpt_lib.PreemptionHandler() as preempt:
+      while step < t.num_steps:
+        try:
+          batch = next(train_iter)
+        except StopIteration:
+          logging.warning('train iterator exhausted at step %d of %d', step, t.num_steps)
+          result.data_exhausted = True
+          break
+        state, metrics = runner.train_step(state, runner.batch(batch))
+        metrics = runner.metrics(metrics)
+        step += 1
+        if t.nonfinite == 'raise':
+          # Checked one step late so the host does not wait for every step to finish.
+          _raise_if_nonfinite(pending)
+          pending = (step, metrics['nonfinite'][0])
+        acc = losses.add_metrics(acc, metrics)
+        writer.advance(step)
+        last = step == t.num_steps
+        if step % t.log_every == 0 or last:
+          summary = losses.summarize(parallel.to_host(acc))
+          summary['steps_per_second'] = (step - t0_step) / max(time.time() - t0, 1e-9)
+          summary['nonfinite'] = float(parallel.to_host(acc['nonfinite'][0]))  # A count.
+          writer.write(step, summary)
+          acc, t0, t0_step = {}, time.time(), step
+        eval_scalars = None
+        if (t.eval_every and step % t.eval_every == 0) or last:
+          eval_scalars = run_eval(step)
+        if (t.checkpoint_every and step % t.checkpoint_every == 0) or last:
+          ckpt.save(step, runner.host_state(state), data_state=data_state(),
+                    metrics=eval_scalars)
+        if step % check_every == 0 and preempt.reached(step):
+          logging.warning('preempted: saving checkpoint at step %d and stopping', step)
+          ckpt.save(step, runner.host_state(state), data_state=data_state(), force=True)
+          result.preempted = True
+          break
+      if t.nonfinite == 'raise':
+        _raise_if_nonfinite(pending)
+      if result.data_exhausted and step > start:
+        ckpt.save(step, runner.host_state(state), data_state=data_state())  # No-op if saved.
+  finally:
+    ckpt.wait()
+    ckpt.close()
+    writer.close()
+  result.state, result.step = runner.host_state(state), step
+  return result
+
+
+def _raise_if_nonfinite(pending: tuple[int, Any] | None) -> None:
+  if pending is not None and float(parallel.to_host(pending[1])) > 0:
+    raise FloatingPointError(
+        f'non-finite loss or gradient at step {pending[0]} (update skipped); set '
+        "config.train.nonfinite='skip' to continue past such steps")

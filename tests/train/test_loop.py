@@ -1,0 +1,148 @@
+"""train_loop end to end on the tiny task: metrics, eval, checkpoints, resume across
+parallel modes, SIGTERM, non-finite handling, config errors."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from attn_jax.train import loop
+from attn_jax.train.metrics import read_metrics
+from tests.train import tiny
+
+NUM_STEPS = 8
+
+
+def _config(**train):
+  c = loop.full_config()
+  c.optim.update(dict(name='adamw', learning_rate=0.02, schedule='warmup_rsqrt', warmup_steps=2,
+                      weight_decay=0.01))
+  c.train.update(dict(num_steps=NUM_STEPS, log_every=2, eval_every=4, checkpoint_every=4,
+                      best_metric='valid/loss', progress=False))
+  c.train.update(train)
+  return c
+
+
+def _eval_batches():
+  return [tiny.make_batch(99, i) for i in range(2)]
+
+
+def _run(workdir, config, train_iter=None, **kw):
+  init_params, loss_fn = tiny.make_task()
+  return loop.train_loop(config, workdir, init_params=init_params, loss_fn=loss_fn,
+                         train_iter=train_iter or tiny.BatchIterator(seed=3),
+                         eval_iters={'valid': _eval_batches}, **kw)
+
+
+def _by_step(workdir, key):
+  return {r['step']: r[key] for r in read_metrics(workdir) if key in r}
+
+
+@pytest.fixture(scope='module')
+def reference(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp('reference')
+  hook_calls = []
+
+  def hook(state, step):
+    hook_calls.append(step)
+    return {'hook/param_step': float(state.step)}
+
+  result = _run(workdir, _config(), eval_hooks=[hook])
+  return workdir, result, hook_calls
+
+
+def test_loop_writes_metrics_evaluates_and_checkpoints(reference):
+  workdir, result, hook_calls = reference
+  assert result.step == NUM_STEPS and result.start_step == 0 and not result.preempted
+  train_loss = _by_step(workdir, 'train/loss')
+  assert sorted(train_loss) == [2, 4, 6, 8] and train_loss[8] < train_loss[2]
+  assert sorted(_by_step(workdir, 'valid/loss')) == [4, 8]
+  assert sorted(_by_step(workdir, 'train/learning_rate')) == [2, 4, 6, 8]
+  assert _by_step(workdir, 'hook/param_step') == {4: 4.0, 8: 8.0} and hook_calls == [4, 8]
+  assert set(result.last_eval) >= {'valid/loss', 'valid/accuracy', 'valid/perplexity'}
+  assert sorted(int(p.name) for p in (workdir / 'checkpoints').iterdir()
+                if p.name.isdigit()) == [4, 8]
+  assert (workdir / 'tensorboard').is_dir()
+  # Already finished: a second call restores step 8 and trains nothing.
+  again = _run(workdir, _config())
+  assert again.start_step == NUM_STEPS and again.step == NUM_STEPS
+
+
+def test_resume_across_parallel_modes_matches_reference(reference, tmp_path):
+  ref_dir = reference[0]
+  sharded = _config(num_steps=4)
+  sharded.parallel.mode = 'sharded'
+  sharded.parallel.mesh.update({'data': 2, 'fsdp': 2, 'tensor': 2})
+  first = _run(tmp_path, sharded)
+  assert first.step == 4
+  pmap = _config()
+  pmap.parallel.mode = 'pmap'
+  second = _run(tmp_path, pmap, train_iter=tiny.BatchIterator(seed=3))
+  assert second.start_step == 4 and second.step == NUM_STEPS
+  for key in ('train/loss', 'valid/loss'):
+    want, got = _by_step(ref_dir, key), _by_step(tmp_path, key)
+    assert sorted(got) == sorted(want)
+    np.testing.assert_allclose([got[s] for s in sorted(got)], [want[s] for s in sorted(want)],
+                               rtol=1e-5)
+
+
+class _SigtermAt(tiny.BatchIterator):
+
+  def __next__(self):
+    if self.index == 2:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return super().__next__()
+
+
+def test_sigterm_saves_checkpoint_and_stops(tmp_path):
+  result = _run(tmp_path, _config(), train_iter=_SigtermAt(seed=3))
+  assert result.preempted and result.step == 3
+  assert (tmp_path / 'checkpoints' / '3').is_dir()
+
+
+def _scalar_task():
+  def loss_fn(params, batch, rng, train):
+    loss = jnp.sum(batch['scale'] * params['w'] ** 2)
+    return loss, {'loss': (loss, jnp.float32(1.0))}
+  return (lambda rng: {'w': jnp.ones((2, 2))}), loss_fn
+
+
+def _scalar_run(tmp_path, scales, nonfinite):
+  init_params, loss_fn = _scalar_task()
+  config = _config(nonfinite=nonfinite, eval_every=0, checkpoint_every=0, best_metric='',
+                   log_every=1, tensorboard=False)
+  batches = iter([{'scale': np.float32(s)} for s in scales])
+  return loop.train_loop(config, tmp_path, init_params=init_params, loss_fn=loss_fn,
+                         train_iter=batches)
+
+
+def test_nonfinite_raise_names_the_step(tmp_path):
+  with pytest.raises(FloatingPointError, match='non-finite loss or gradient at step 2'):
+    _scalar_run(tmp_path, [1.0, np.inf, 1.0, 1.0], 'raise')
+
+
+def test_nonfinite_skip_continues_and_exhaustion_stops(tmp_path):
+  result = _scalar_run(tmp_path, [1.0, np.nan, 1.0], 'skip')
+  assert result.data_exhausted and result.step == 3
+  assert _by_step(tmp_path, 'train/nonfinite') == {1: 0.0, 2: 1.0, 3: 0.0}
+  assert (tmp_path / 'checkpoints' / '3').is_dir()  # Exhaustion still saves the progress.
+  assert np.all(np.isfinite(result.state.params['w']))
+
+
+@pytest.mark.parametrize('section,field,value,match', [
+    ('train', 'num_steps', 0, r'config.train.num_steps=0 must be an int >= 1'),
+    ('train', 'eval_every', -1, r'config.train.eval_every=-1'),
+    ('train', 'nonfinite', 'warn', r"config.train.nonfinite='warn' is not one of"),
+    ('parallel', 'mode', 'dp', r"config.parallel.mode='dp' is not one of"),
+    ('optim', 'name', 'lion', r"config.optim.name='lion' is not one of"),
+])
+def test_bad_config_raises_before_training(tmp_path, section, field, value, match):
+  config = _config()
+  config[section][field] = value
+  with pytest.raises(ValueError, match=match):
+    _run(tmp_path, config)
+  assert not (tmp_path / 'checkpoints').exists()
