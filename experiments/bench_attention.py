@@ -206,17 +206,17 @@ def plot(rows: list[dict], ceiling: float, path: str) -> None:
   import matplotlib.pyplot as plt
 
   fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
-  for impl in IMPLS:
+  colors = plt.rcParams['axes.prop_cycle'].by_key()['color']
+  for color, impl in zip(colors, IMPLS, strict=False):
     for causal, style in ((False, '-'), (True, '--')):
       sel = sorted((r for r in rows if r['impl'] == impl and r['causal'] == causal
                     and r['backward'] and r['status'] == 'ok'), key=lambda r: r['length'])
       if not sel:
         continue
       xs = [r['length'] for r in sel]
-      label = f"{impl}{' causal' if causal else ''}"
-      axes[0].plot(xs, [r['median_s'] for r in sel], style, marker='o', label=label)
-      axes[1].plot(xs, [r['gflops'] for r in sel], style, marker='o', label=label)
-      axes[2].plot(xs, [r['peak_rss_gib'] for r in sel], style, marker='o', label=label)
+      label = f"{impl}{' (causal, dashed)' if causal else ''}"
+      for ax, field in zip(axes, ('median_s', 'gflops', 'peak_rss_gib'), strict=True):
+        ax.plot(xs, [r[field] for r in sel], style, color=color, marker='o', label=label)
   axes[1].axhline(ceiling, color='k', lw=0.8, ls=':', label='2048^3 matmul')
   titles = ('forward+backward time (s)', 'achieved GFLOP/s (model FLOPs)',
             'peak RSS of the case process (GiB)')
