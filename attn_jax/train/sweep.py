@@ -113,16 +113,19 @@ def derive_name(arg: str, overrides: Mapping[str, Any]) -> str:
 
   `('task=reverse,model=rnn', {'optim.learning_rate': 1e-3})` ->
   `'task=reverse,model=rnn,learning_rate=0.001'`: the arg items, then one `field=value` per
-  override with the field's last dotted component. Characters outside `[A-Za-z0-9._=,+-]`
-  become '-'; a name longer than MAX_NAME_LEN is cut and ends in a hash of the full text, so
-  it stays distinct. `run_names` makes names unique within a sweep.
+  override with the field's last dotted component (tuples as `4-8`). Runs of characters
+  outside `[A-Za-z0-9._=,+-]` become '-'; a name longer than MAX_NAME_LEN is cut and ends in a
+  hash of the full text, so it stays distinct. `parse_sweep` makes names unique in a sweep.
   """
   parts = [item.strip() for item in arg.split(',') if item.strip()]
-  parts += [f'{k.rsplit(".", 1)[-1]}={format_value(v)}' for k, v in overrides.items()]
-  text = ','.join(parts)
-  name = _UNSAFE_RE.sub('-', text).lstrip('-.,=+') or 'default'
+  for key, value in overrides.items():
+    format_value(value)  # Validates the type.
+    text = '-'.join(map(format_value, value)) if isinstance(value, tuple | list) else (
+        format_value(value))
+    parts.append(f'{key.rsplit(".", 1)[-1]}={text}')
+  name = ','.join(_UNSAFE_RE.sub('-', p).strip('-') for p in parts).lstrip('-.,=+') or 'default'
   if len(name) > MAX_NAME_LEN:
-    digest = hashlib.sha1(text.encode()).hexdigest()[:8]
+    digest = hashlib.sha1(','.join(parts).encode()).hexdigest()[:8]
     name = f'{name[:MAX_NAME_LEN - 9]}-{digest}'
   return name
 

@@ -1,0 +1,55 @@
+r"""Runs the `sweep()` of a config file, one training process per entry, then a summary table.
+
+  python experiments/sweep.py --config configs/algorithmic.py --base_workdir /tmp/sweep
+  python experiments/sweep.py --config configs/algorithmic.py --base_workdir /tmp/sweep \
+      --only 'task=reverse,model=rnn' --dry_run > jobs.txt    # one command per line
+
+Runs go one after another in BASE/NAME; a finished run (DONE file) is skipped, an unfinished
+one is launched again and resumes from its checkpoint, a crashed one is reported (FAILED,
+BASE/NAME/sweep.log) and the sweep goes on. After running, BASE/summary.csv and
+BASE/summary.md list each run's status and final/best eval metrics (see attn_jax.train.sweep).
+Exit code 1 if any selected run failed.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags, logging
+
+from attn_jax.train import sweep
+
+_CONFIG = flags.DEFINE_string('config', None, 'config file defining sweep()', required=True)
+_BASE = flags.DEFINE_string('base_workdir', None, 'runs go to BASE/NAME', required=True)
+_DRY_RUN = flags.DEFINE_bool('dry_run', False, 'print the commands of unfinished runs only')
+_ONLY = flags.DEFINE_list('only', [], 'run names to restrict the sweep to')
+_TRAIN_SCRIPT = flags.DEFINE_string('train_script', sweep.DEFAULT_TRAIN_SCRIPT,
+                                    'script launched per run')
+_PYTHON = flags.DEFINE_string('python', sys.executable, 'interpreter for the train script')
+_SUMMARY_ONLY = flags.DEFINE_bool('summary_only', False, 'only (re)write the summary table')
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  runs = sweep.load_sweep(_CONFIG.value)
+  statuses = {}
+  if not _SUMMARY_ONLY.value:
+    statuses = sweep.run_sweep(
+        runs, config_path=_CONFIG.value, base_workdir=_BASE.value,
+        train_script=_TRAIN_SCRIPT.value, python=_PYTHON.value, only=_ONLY.value,
+        dry_run=_DRY_RUN.value)
+  if _DRY_RUN.value:
+    return 0
+  csv_path, md_path = sweep.write_summary(runs, _BASE.value)
+  print(md_path.read_text(), end='')
+  logging.info('summary written to %s and %s', csv_path, md_path)
+  failed = [name for name, status in statuses.items() if status == 'failed']
+  if failed:
+    logging.error('%d run(s) failed: %s', len(failed), failed)
+    return 1
+  return 0
+
+
+if __name__ == '__main__':
+  app.run(main)
