@@ -61,8 +61,9 @@ DEFAULT_TRAIN_SCRIPT = 'experiments/train.py'
 MAX_NAME_LEN = 120
 LOG_TAIL_LINES = 20
 
-_NAME_RE = re.compile(r'^[A-Za-z0-9][A-Za-z0-9._=,+-]*$')
-_UNSAFE_RE = re.compile(r'[^A-Za-z0-9._=,+-]+')
+# No ',' in names: `--only` takes a comma-separated list of them.
+_NAME_RE = re.compile(r'^[A-Za-z0-9][A-Za-z0-9._=+-]*$')
+_UNSAFE_RE = re.compile(r'[^A-Za-z0-9._=+-]+')
 _FIELD_RE = re.compile(r'^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$')
 _REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -112,10 +113,11 @@ def derive_name(arg: str, overrides: Mapping[str, Any]) -> str:
   """A readable, filesystem-safe workdir name from an entry's arg and overrides.
 
   `('task=reverse,model=rnn', {'optim.learning_rate': 1e-3})` ->
-  `'task=reverse,model=rnn,learning_rate=0.001'`: the arg items, then one `field=value` per
-  override with the field's last dotted component (tuples as `4-8`). Runs of characters
-  outside `[A-Za-z0-9._=,+-]` become '-'; a name longer than MAX_NAME_LEN is cut and ends in a
-  hash of the full text, so it stays distinct. `parse_sweep` makes names unique in a sweep.
+  `'task=reverse+model=rnn+learning_rate=0.001'`: the arg items, then one `field=value` per
+  override with the field's last dotted component (tuples as `4-8`), joined by '+'. Runs of
+  characters outside `[A-Za-z0-9._=+-]` become '-'; a name longer than MAX_NAME_LEN is cut
+  and ends in a hash of the full text, so it stays distinct. `parse_sweep` makes names unique
+  within a sweep ('-2', '-3', ... for names that collide).
   """
   parts = [item.strip() for item in arg.split(',') if item.strip()]
   for key, value in overrides.items():
@@ -123,7 +125,7 @@ def derive_name(arg: str, overrides: Mapping[str, Any]) -> str:
     text = '-'.join(map(format_value, value)) if isinstance(value, tuple | list) else (
         format_value(value))
     parts.append(f'{key.rsplit(".", 1)[-1]}={text}')
-  name = ','.join(_UNSAFE_RE.sub('-', p).strip('-') for p in parts).lstrip('-.,=+') or 'default'
+  name = '+'.join(_UNSAFE_RE.sub('-', p).strip('-') for p in parts).lstrip('-.=+') or 'default'
   if len(name) > MAX_NAME_LEN:
     digest = hashlib.sha1(','.join(parts).encode()).hexdigest()[:8]
     name = f'{name[:MAX_NAME_LEN - 9]}-{digest}'
@@ -204,7 +206,7 @@ def parse_sweep(entries: Any, *, get_config: Callable[..., Any] | None = None) -
     if name is not None and (not isinstance(name, str) or not _NAME_RE.match(name)
                              or len(name) > 200):
       raise ValueError(f'{where}: name {name!r} must be a string of at most 200 characters '
-                       'from [A-Za-z0-9._=,+-], not starting with punctuation')
+                       'from [A-Za-z0-9._=+-], not starting with punctuation')
     if get_config is not None:
       try:
         config = get_config(arg) if arg else get_config()
@@ -242,7 +244,7 @@ def _assign_names(parsed: list[tuple[int, str, dict[str, Any], str | None]]) -> 
       name, k = base, 1
       while name in taken:  # Two entries that differ only in characters the name drops.
         k += 1
-        name = f'{base}+{k}'
+        name = f'{base}-{k}'
       taken[name] = i
     runs.append(Run(name=name, arg=arg, overrides=overrides))
   return runs
