@@ -2,7 +2,9 @@ r"""Runs the `sweep()` of a config file, one training process per entry, then a 
 
   python experiments/sweep.py --config configs/algorithmic.py --base_workdir /tmp/sweep
   python experiments/sweep.py --config configs/algorithmic.py --base_workdir /tmp/sweep \
-      --only 'task=reverse,model=rnn' --dry_run > jobs.txt    # one command per line
+      --only reverse_rnn_lr0.001,copy_transformer --dry_run > jobs.txt  # a command per line
+  python experiments/sweep.py --config configs/translation.py --base_workdir /tmp/mt \
+      --override data.local.train=/data/train --override data.local.validation=/data/dev ...
 
 Runs go one after another in BASE/NAME; a finished run (DONE file) is skipped, an unfinished
 one is launched again and resumes from its checkpoint, a crashed one is reported (FAILED,
@@ -26,19 +28,23 @@ _ONLY = flags.DEFINE_list('only', [], 'run names to restrict the sweep to')
 _TRAIN_SCRIPT = flags.DEFINE_string('train_script', sweep.DEFAULT_TRAIN_SCRIPT,
                                     'script launched per run')
 _PYTHON = flags.DEFINE_string('python', sys.executable, 'interpreter for the train script')
+_OVERRIDE = flags.DEFINE_multi_string(
+    'override', [], 'field=value added to every run as --config.field=value (repeatable), '
+    'e.g. --override data.local.train=/data/train')
 _SUMMARY_ONLY = flags.DEFINE_bool('summary_only', False, 'only (re)write the summary table')
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  runs = sweep.load_sweep(_CONFIG.value)
+  common = sweep.parse_common_overrides(_OVERRIDE.value)
+  runs = sweep.load_sweep(_CONFIG.value, common_overrides=common)
   statuses = {}
   if not _SUMMARY_ONLY.value:
     statuses = sweep.run_sweep(
         runs, config_path=_CONFIG.value, base_workdir=_BASE.value,
         train_script=_TRAIN_SCRIPT.value, python=_PYTHON.value, only=_ONLY.value,
-        dry_run=_DRY_RUN.value)
+        dry_run=_DRY_RUN.value, common_overrides=common)
   if _DRY_RUN.value:
     return 0
   csv_path, md_path = sweep.write_summary(runs, _BASE.value)

@@ -18,7 +18,9 @@ one is launched again and resumes from its own checkpoint. A run that exits non-
 Entry keys: 'arg' (str, the part after `:`; default ''), 'overrides' (dict of dotted config
 field -> bool/int/float/str/tuple value; default {}), 'name' (optional workdir name; derived
 from arg + overrides when absent, see `derive_name`). Entries are checked against
-`get_config(arg)` before anything runs, so a typo in a field name fails at once.
+`get_config(arg)` before anything runs, so a typo in a field name fails at once. Overrides
+shared by every run (data paths, say) are given to the runner, not written into `sweep()`:
+`experiments/sweep.py --override data.local.train=/data/train`.
 
 Summary (`BASE/summary.csv`, `BASE/summary.md`): one row per run with name, arg, overrides,
 status (done/failed/running/missing), steps (last step in metrics.jsonl) and, for every eval
@@ -144,8 +146,10 @@ def load_config_module(config_path: str | os.PathLike) -> ModuleType:
   return module
 
 
-def _check_override(config: Any, field: str, value: Any, where: str) -> None:
-  """Assigns `value` to `config.<field>` (a scratch copy), as the train script's flag would."""
+def _check_override(config: Any, field: str, value: Any, where: str, *, assign: bool = True
+                    ) -> None:
+  """Checks `config.<field>` exists and, with `assign`, that `value` fits it (by assigning to a
+  scratch copy of the config, as the train script's flag will)."""
   parts = field.split('.')
   node = config
   for i, part in enumerate(parts):
@@ -154,7 +158,7 @@ def _check_override(config: Any, field: str, value: Any, where: str) -> None:
     except (KeyError, TypeError, AttributeError):
       raise ValueError(f'{where}: override {field!r}: the config has no field '
                        f'{".".join(parts[:i + 1])!r}') from None
-    if i == len(parts) - 1:
+    if i == len(parts) - 1 and assign:
       try:
         node[part] = tuple(value) if isinstance(value, list) else value
       except (TypeError, ValueError) as e:
@@ -163,13 +167,17 @@ def _check_override(config: Any, field: str, value: Any, where: str) -> None:
     node = child
 
 
-def parse_sweep(entries: Any, *, get_config: Callable[..., Any] | None = None) -> list[Run]:
+def parse_sweep(entries: Any, *, get_config: Callable[..., Any] | None = None,
+                common_overrides: Mapping[str, str] | None = None) -> list[Run]:
   """Validates `sweep()` output and names every run.
 
   Args:
     entries: the list returned by a config's `sweep()`.
     get_config: the config's `get_config`; if given, every entry's arg must be accepted by it
       and every override must name an existing field and fit its type.
+    common_overrides: `{field: text}` added to every run's command (see
+      `parse_common_overrides`); with `get_config`, each field must exist in every run's
+      config. An entry may not override the same field.
 
   Returns:
     One Run per entry, in order, with unique names.
@@ -202,6 +210,9 @@ def parse_sweep(entries: Any, *, get_config: Callable[..., Any] | None = None) -
         format_value(value)
       except ValueError as e:
         raise ValueError(f'{where}: override {field!r}: {e}') from None
+      if field in (common_overrides or {}):
+        raise ValueError(f'{where}: override {field!r} is also set for every run '
+                         f'(common override {field}={common_overrides[field]})')
     name = entry.get('name')
     if name is not None and (not isinstance(name, str) or not _NAME_RE.match(name)
                              or len(name) > 200):
@@ -216,6 +227,8 @@ def parse_sweep(entries: Any, *, get_config: Callable[..., Any] | None = None) -
         config = config.copy_and_resolve_references()  # A scratch copy to assign into.
         for field, value in overrides.items():
           _check_override(config, field, value, where)
+        for field in common_overrides or {}:
+          _check_override(config, field, None, where + ' (common override)', assign=False)
       else:
         logging.warning('%s: get_config returned a %s, not a ConfigDict; overrides unchecked',
                         where, type(config).__name__)
@@ -250,7 +263,27 @@ def _assign_names(parsed: list[tuple[int, str, dict[str, Any], str | None]]) -> 
   return runs
 
 
-def load_sweep(config_path: str | os.PathLike, *, check: bool = True) -> list[Run]:
+def parse_common_overrides(items: Iterable[str]) -> dict[str, str]:
+  """`['data.local.train=/x.tsv', ...]` -> `{'data.local.train': '/x.tsv'}`: overrides for every
+  run (e.g. data paths), passed verbatim as `--config.K=V` and typed by the train script.
+
+  Raises:
+    ValueError: for an item without '=', a bad field name or a field given twice.
+  """
+  out: dict[str, str] = {}
+  for item in items:
+    field, sep, value = item.partition('=')
+    field = field.strip().removeprefix('config.')
+    if not sep or not _FIELD_RE.match(field):
+      raise ValueError(f'common override {item!r} must look like field.name=value')
+    if field in out:
+      raise ValueError(f'common override {field!r} given twice')
+    out[field] = value
+  return out
+
+
+def load_sweep(config_path: str | os.PathLike, *, check: bool = True,
+               common_overrides: Mapping[str, str] | None = None) -> list[Run]:
   """The validated runs of `config_path`'s `sweep()` (checked against its `get_config`)."""
   module = load_config_module(config_path)
   if not callable(getattr(module, 'sweep', None)):
@@ -258,7 +291,8 @@ def load_sweep(config_path: str | os.PathLike, *, check: bool = True) -> list[Ru
   get_config = getattr(module, 'get_config', None)
   if check and not callable(get_config):
     raise ValueError(f'config file {str(config_path)!r} defines no get_config() function')
-  return parse_sweep(module.sweep(), get_config=get_config if check else None)
+  return parse_sweep(module.sweep(), get_config=get_config if check else None,
+                     common_overrides=common_overrides)
 
 
 def select_runs(runs: Sequence[Run], only: Iterable[str] | None) -> list[Run]:
@@ -274,12 +308,13 @@ def select_runs(runs: Sequence[Run], only: Iterable[str] | None) -> list[Run]:
 
 
 def train_command(run: Run, *, config_path: str, base_workdir: str | os.PathLike,
-                  train_script: str = DEFAULT_TRAIN_SCRIPT, python: str = sys.executable
-                  ) -> list[str]:
-  """The argv that trains `run` in `base_workdir/run.name`."""
+                  train_script: str = DEFAULT_TRAIN_SCRIPT, python: str = sys.executable,
+                  common_overrides: Mapping[str, str] | None = None) -> list[str]:
+  """The argv that trains `run` in `base_workdir/run.name` (common overrides first)."""
   config = f'{config_path}:{run.arg}' if run.arg else str(config_path)
   cmd = [python, str(train_script), f'--config={config}',
          f'--workdir={pathlib.Path(base_workdir) / run.name}']
+  cmd += [f'--config.{k}={v}' for k, v in (common_overrides or {}).items()]
   cmd += [f'--config.{k}={format_value(v)}' for k, v in run.overrides.items()]
   return cmd
 
@@ -338,6 +373,7 @@ def _launch(run: Run, cmd: list[str], workdir: pathlib.Path) -> str:
 def run_sweep(runs: Sequence[Run], *, config_path: str, base_workdir: str | os.PathLike,
               train_script: str = DEFAULT_TRAIN_SCRIPT, python: str = sys.executable,
               only: Iterable[str] | None = None, dry_run: bool = False,
+              common_overrides: Mapping[str, str] | None = None,
               print_fn: Callable[[str], None] = print) -> dict[str, str]:
   """Trains the selected runs one after another, skipping finished ones.
 
@@ -350,6 +386,7 @@ def run_sweep(runs: Sequence[Run], *, config_path: str, base_workdir: str | os.P
     only: run names to restrict to (others are left alone).
     dry_run: print one shell-quoted command per unfinished run (for a cluster scheduler)
       through `print_fn` instead of running anything.
+    common_overrides: `--config.K=V` text added to every run (`parse_common_overrides`).
 
   Returns:
     `{name: status}` for the selected runs after this call (see `run_status`); in a dry run,
@@ -369,7 +406,8 @@ def run_sweep(runs: Sequence[Run], *, config_path: str, base_workdir: str | os.P
       statuses[run.name] = status
       continue
     cmd = train_command(run, config_path=config_path, base_workdir=base,
-                        train_script=train_script, python=python)
+                        train_script=train_script, python=python,
+                        common_overrides=common_overrides)
     if dry_run:
       print_fn(shlex.join(cmd))
       statuses[run.name] = status

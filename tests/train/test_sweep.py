@@ -108,6 +108,21 @@ def test_bad_entries_raise_naming_the_entry(entries, message):
     sweep.parse_sweep(entries, get_config=_get_config())
 
 
+def test_common_overrides():
+  assert sweep.parse_common_overrides(['a.b=1', 'config.c= x=y ']) == {'a.b': '1', 'c': ' x=y '}
+  for items, message in [(['a.b'], 'must look like field.name=value'),
+                         (['a b=1'], 'must look like'), (['a=1', 'a=2'], "'a' given twice")]:
+    with pytest.raises(ValueError, match=message):
+      sweep.parse_common_overrides(items)
+  get_config = _get_config()
+  runs = sweep.parse_sweep([{}], get_config=get_config, common_overrides={'fake.tag': 'x'})
+  assert runs[0].overrides == {}
+  with pytest.raises(ValueError, match=r"sweep entry 0 \(common override\): .*no field 'fake.tg'"):
+    sweep.parse_sweep([{}], get_config=get_config, common_overrides={'fake.tg': 'x'})
+  with pytest.raises(ValueError, match="sweep entry 1: override 'fake.tag' is also set for every"):
+    sweep.parse_sweep([{}, {'overrides': {'fake.tag': 'y'}}], common_overrides={'fake.tag': 'x'})
+
+
 def test_int_override_of_float_field_is_accepted():
   runs = sweep.parse_sweep([{'overrides': {'optim.learning_rate': 1}}], get_config=_get_config())
   assert runs[0].overrides == {'optim.learning_rate': 1}
@@ -149,14 +164,15 @@ def test_dry_run_prints_shell_quoted_commands_of_unfinished_runs(tmp_path):
   printed = []
   statuses = sweep.run_sweep(runs, config_path=CONFIG, base_workdir=tmp_path,
                              train_script=FAKE_TRAIN, python='python3', dry_run=True,
-                             print_fn=printed.append)
+                             common_overrides={'model.name': 'a "b"'}, print_fn=printed.append)
   assert statuses == {RNN: 'done', TF: 'missing', CRASH: 'missing'}
   assert [shlex.split(line) for line in printed] == [
       ['python3', FAKE_TRAIN, f'--config={CONFIG}:model=transformer,steps=4',
-       f'--workdir={tmp_path / TF}', "--config.fake.tag=it's a b",
-       '--config.fake.use_bias=false', '--config.fake.dims=(4, 8)'],
+       f'--workdir={tmp_path / TF}', '--config.model.name=a "b"',
+       "--config.fake.tag=it's a b", '--config.fake.use_bias=false', '--config.fake.dims=(4, 8)'],
       ['python3', FAKE_TRAIN, f'--config={CONFIG}:model=rnn', f'--workdir={tmp_path / CRASH}',
-       '--config.fake.fail_at_step=3', '--config.fake.fail_launches=1'],
+       '--config.model.name=a "b"', '--config.fake.fail_at_step=3',
+       '--config.fake.fail_launches=1'],
   ]
   assert sorted(p.name for p in tmp_path.iterdir()) == [RNN]  # Nothing ran.
 
@@ -277,7 +293,7 @@ def test_summary_table_contents(tmp_path):
 def test_cli_runs_sweep_reports_failure_and_prints_dry_run(tmp_path):
   base = tmp_path / 'sweep'
   cmd = [sys.executable, str(REPO / 'experiments' / 'sweep.py'), f'--config={CONFIG}',
-         f'--base_workdir={base}', f'--train_script={FAKE_TRAIN}']
+         f'--base_workdir={base}', f'--train_script={FAKE_TRAIN}', '--override=model.name=common']
   env = {**os.environ, 'PYTHONPATH': str(REPO), 'JAX_PLATFORMS': 'cpu'}
   proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
   assert proc.returncode == 1, proc.stderr  # One run crashed; the others finished.
@@ -288,10 +304,12 @@ def test_cli_runs_sweep_reports_failure_and_prints_dry_run(tmp_path):
   assert summary[0]['valid/loss:final'] == repr(2 * 0.002 / 3)
   assert summary[0]['valid/accuracy:best'] == '0.875'
   assert proc.stdout == (base / 'summary.md').read_text()  # The table is printed too.
+  for name in (RNN, TF):  # The common override reached every run.
+    assert json.loads((base / name / 'config.json').read_text())['model']['name'] == 'common'
 
   proc = subprocess.run(cmd + ['--dry_run', f'--only={CRASH},{RNN}'], capture_output=True,
                         text=True, env=env, check=False)
   assert proc.returncode == 0, proc.stderr
   assert proc.stdout.splitlines() == [shlex.join(sweep.train_command(
       sweep.load_sweep(CONFIG)[2], config_path=CONFIG, base_workdir=base,
-      train_script=FAKE_TRAIN))]
+      train_script=FAKE_TRAIN, common_overrides={'model.name': 'common'}))]
