@@ -31,6 +31,9 @@ _PYTHON = flags.DEFINE_string('python', sys.executable, 'interpreter for the tra
 _OVERRIDE = flags.DEFINE_multi_string(
     'override', [], 'field=value added to every run as --config.field=value (repeatable), '
     'e.g. --override data.local.train=/data/train')
+_SUMMARY_METRICS = flags.DEFINE_list(
+    'summary_metrics', None, 'eval metrics in the summary table (default: all), e.g. '
+    'validation/sequence_accuracy,test/loss')
 _SUMMARY_ONLY = flags.DEFINE_bool('summary_only', False, 'only (re)write the summary table')
 
 
@@ -47,7 +50,7 @@ def main(argv):
         dry_run=_DRY_RUN.value, common_overrides=common)
   if _DRY_RUN.value:
     return 0
-  csv_path, md_path = sweep.write_summary(runs, _BASE.value)
+  csv_path, md_path = sweep.write_summary(runs, _BASE.value, _SUMMARY_METRICS.value)
   print(md_path.read_text(), end='')
   logging.info('summary written to %s and %s', csv_path, md_path)
   failed = [name for name, status in statuses.items() if status == 'failed']

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from attn_jax.train.metrics import METRICS_FILE
 
@@ -222,6 +223,8 @@ def curves_figure(runs: Mapping[str, str | os.PathLike], keys: Sequence[str], *,
       ax.plot(xs, ys, label=label, marker='.' if len(xs) <= 30 else None)
     ax.set_title(key, fontsize=10)
     ax.set_xlabel('step' if x == 'step' else 'wall time (s)')
+    if x == 'step':
+      ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel(key)
     if logy:
       ax.set_yscale('log')

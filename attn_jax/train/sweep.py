@@ -442,10 +442,10 @@ def _is_eval_metric(key: str) -> bool:
   return key not in ('step', 'time') and not key.startswith('train/')
 
 
-def summarize(runs: Sequence[Run], base_workdir: str | os.PathLike
-              ) -> tuple[list[str], list[dict[str, Any]]]:
+def summarize(runs: Sequence[Run], base_workdir: str | os.PathLike,
+              metrics: Sequence[str] | None = None) -> tuple[list[str], list[dict[str, Any]]]:
   """Columns and one row per run: name, arg, overrides, status, steps, `<metric>:final`,
-  `<metric>:best` for every eval metric any run wrote (sorted by name).
+  `<metric>:best` for each of `metrics` (default: every eval metric any run wrote, sorted).
 
   Cells are str/int/float, None where the run has no such value, or float('nan') where the
   last value written was null (non-finite). Best ignores nulls; it is None for metrics whose
@@ -453,8 +453,12 @@ def summarize(runs: Sequence[Run], base_workdir: str | os.PathLike
   """
   base = pathlib.Path(base_workdir)
   records = {r.name: read_metrics(base / r.name) for r in runs}
-  metrics = sorted({k for recs in records.values() for rec in recs for k in rec
-                    if _is_eval_metric(k)})
+  written = {k for recs in records.values() for rec in recs for k in rec if _is_eval_metric(k)}
+  if metrics is None:
+    metrics = sorted(written)
+  elif set(metrics) - written:
+    logging.warning('summary metrics %s are in no run (yet); their columns stay empty; the '
+                    'runs have %s', sorted(set(metrics) - written), sorted(written))
   unknown = [m for m in metrics if metric_mode(m) is None]
   if unknown:
     logging.info('no best value for metrics of unknown direction: %s', unknown)
@@ -506,12 +510,12 @@ def summary_markdown(columns: Sequence[str], rows: Sequence[Mapping[str, Any]]) 
   return '\n'.join(lines) + '\n'
 
 
-def write_summary(runs: Sequence[Run], base_workdir: str | os.PathLike
-                  ) -> tuple[pathlib.Path, pathlib.Path]:
-  """Writes `base_workdir/summary.csv` and `summary.md`; returns their paths."""
+def write_summary(runs: Sequence[Run], base_workdir: str | os.PathLike,
+                  metrics: Sequence[str] | None = None) -> tuple[pathlib.Path, pathlib.Path]:
+  """Writes `base_workdir/summary.csv` and `summary.md` (see `summarize`); returns their paths."""
   base = pathlib.Path(base_workdir)
   base.mkdir(parents=True, exist_ok=True)
-  columns, rows = summarize(runs, base)
+  columns, rows = summarize(runs, base, metrics)
   csv_path, md_path = base / SUMMARY_CSV, base / SUMMARY_MD
   csv_path.write_text(summary_csv(columns, rows))
   md_path.write_text(summary_markdown(columns, rows))

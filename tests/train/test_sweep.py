@@ -281,6 +281,12 @@ def test_summary_table_contents(tmp_path):
       ['failed_run', 'm=c', '', 'failed', '1', '', '', '', '', '', '', '', ''],
       ['missing_run', 'm=d', '', 'missing', '', '', '', '', '', '', '', '', ''],
   ]
+  picked, rows = sweep.summarize(runs, tmp_path, ['valid/loss', 'test/bleu'])
+  assert picked[5:] == ['valid/loss:final', 'valid/loss:best', 'test/bleu:final',
+                         'test/bleu:best']
+  assert [(r['valid/loss:final'], r['test/bleu:best']) for r in rows[::2]] == [
+      (1.75, None), (None, None)]
+
   md = md_path.read_text().splitlines()
   assert md[0] == '| ' + ' | '.join(columns) + ' |'
   assert md[1] == '|' + '|'.join(['---'] * len(columns)) + '|'
