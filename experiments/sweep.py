@@ -10,7 +10,8 @@ Runs go one after another in BASE/NAME; a finished run (DONE file) is skipped, a
 one is launched again and resumes from its checkpoint, a crashed one is reported (FAILED,
 BASE/NAME/sweep.log) and the sweep goes on. After running, BASE/summary.csv and
 BASE/summary.md list each run's status and final/best eval metrics (see attn_jax.train.sweep).
-Exit code 1 if any selected run failed.
+SIGTERM (a preempted sweep job) is passed to the current run, which checkpoints; no further
+run starts and the exit code is 143. Otherwise the exit code is 1 if any selected run failed.
 """
 
 from __future__ import annotations
@@ -42,17 +43,23 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   common = sweep.parse_common_overrides(_OVERRIDE.value)
   runs = sweep.load_sweep(_CONFIG.value, common_overrides=common)
-  statuses = {}
+  statuses, exit_code = {}, 0
   if not _SUMMARY_ONLY.value:
-    statuses = sweep.run_sweep(
-        runs, config_path=_CONFIG.value, base_workdir=_BASE.value,
-        train_script=_TRAIN_SCRIPT.value, python=_PYTHON.value, only=_ONLY.value,
-        dry_run=_DRY_RUN.value, common_overrides=common)
+    try:
+      statuses = sweep.run_sweep(
+          runs, config_path=_CONFIG.value, base_workdir=_BASE.value,
+          train_script=_TRAIN_SCRIPT.value, python=_PYTHON.value, only=_ONLY.value,
+          dry_run=_DRY_RUN.value, common_overrides=common)
+    except sweep.SweepInterrupted as e:
+      logging.warning('%s', e)
+      statuses, exit_code = e.statuses, 128 + e.signum
   if _DRY_RUN.value:
     return 0
   csv_path, md_path = sweep.write_summary(runs, _BASE.value, _SUMMARY_METRICS.value)
   print(md_path.read_text(), end='')
   logging.info('summary written to %s and %s', csv_path, md_path)
+  if exit_code:
+    return exit_code
   failed = [name for name, status in statuses.items() if status == 'failed']
   if failed:
     logging.error('%d run(s) failed: %s', len(failed), failed)

@@ -41,8 +41,10 @@ import os
 import pathlib
 import re
 import shlex
+import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import ModuleType
@@ -75,6 +77,16 @@ LOWER_IS_BETTER = ('loss', 'perplexity', 'ppl', 'error', 'err', 'wer', 'cer', 'n
                    'bpb', 'entropy', 'nonfinite')
 HIGHER_IS_BETTER = ('accuracy', 'acc', 'bleu', 'chrf', 'f1', 'precision', 'recall', 'auc',
                     'rouge', 'match', 'score')
+
+
+class SweepInterrupted(Exception):
+  """The sweep got SIGTERM: the current run was passed the signal (to checkpoint) and has
+  exited; no further run was started. `statuses` as `run_sweep` would have returned them."""
+
+  def __init__(self, signum: int, statuses: dict[str, str]):
+    super().__init__(f'sweep stopped by signal {signum}; launch it again to resume')
+    self.signum = signum
+    self.statuses = statuses
 
 
 @dataclasses.dataclass(frozen=True)
@@ -340,8 +352,43 @@ def _tail(path: pathlib.Path, n: int) -> str:
   return '\n'.join(lines[-n:])
 
 
-def _launch(run: Run, cmd: list[str], workdir: pathlib.Path) -> str:
-  """Runs one training process, output appended to workdir/sweep.log; returns its status."""
+def _wait_forwarding_sigterm(cmd: list[str], **popen_kwargs: Any) -> tuple[int, int | None]:
+  """Runs `cmd` to completion; a SIGTERM to this process (a preempted sweep job) is passed on
+  to it, so that training checkpoints and exits. Returns (exit code, signal received or None).
+
+  SIGINT is not forwarded: Ctrl-C already reaches the whole foreground process group.
+  """
+  received, procs = [], []
+
+  def forward(signum, frame):
+    del frame
+    received.append(signum)
+    for proc in procs:
+      proc.send_signal(signum)
+
+  main = threading.current_thread() is threading.main_thread()  # Handlers need the main thread.
+  # Installed before the child exists, so no signal falls between its start and the handler.
+  previous = signal.signal(signal.SIGTERM, forward) if main else None
+  try:
+    procs.append(subprocess.Popen(cmd, **popen_kwargs))
+    if received:  # Arrived while the child was being started.
+      procs[0].send_signal(received[0])
+    rc = procs[0].wait()
+  finally:
+    if main:
+      signal.signal(signal.SIGTERM, previous)
+    if procs and procs[0].poll() is None:  # Interrupted by an exception: no orphan training.
+      procs[0].kill()
+      procs[0].wait()
+  return rc, (received[0] if received else None)
+
+
+def _launch(run: Run, cmd: list[str], workdir: pathlib.Path) -> tuple[str, int | None]:
+  """Runs one training process, output appended to workdir/sweep.log.
+
+  Returns:
+    The run's status afterwards and the signal that stopped the sweep meanwhile (or None).
+  """
   workdir.mkdir(parents=True, exist_ok=True)
   (workdir / FAILED_FILE).unlink(missing_ok=True)
   log_path = workdir / LOG_FILE
@@ -353,21 +400,23 @@ def _launch(run: Run, cmd: list[str], workdir: pathlib.Path) -> str:
     log.write(f'\n=== {time.strftime("%Y-%m-%d %H:%M:%S")} sweep launch: {shlex.join(cmd)}\n')
     log.flush()
     start = time.time()
-    rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                        check=False).returncode
+    rc, signum = _wait_forwarding_sigterm(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
   elapsed = time.time() - start
-  if rc != 0:
+  if rc != 0 and signum is None:
     (workdir / FAILED_FILE).write_text(f'exit code {rc}\n{shlex.join(cmd)}\n')
     logging.error('run %s FAILED (exit code %d after %.1f s); last lines of %s:\n%s',
                   run.name, rc, elapsed, log_path, _tail(log_path, LOG_TAIL_LINES))
-    return 'failed'
+    return 'failed', None
   status = run_status(workdir)
-  if status != 'done':
+  if signum is not None:
+    logging.warning('run %s stopped by forwarded signal %d after %.1f s (exit code %d), status '
+                    '%s', run.name, signum, elapsed, rc, status)
+  elif status != 'done':
     logging.warning('run %s exited 0 after %.1f s without writing %s (preempted?); launch the '
                     'sweep again to resume it', run.name, elapsed, DONE_FILE)
   else:
     logging.info('run %s done in %.1f s', run.name, elapsed)
-  return status
+  return status, signum
 
 
 def run_sweep(runs: Sequence[Run], *, config_path: str, base_workdir: str | os.PathLike,
@@ -391,6 +440,9 @@ def run_sweep(runs: Sequence[Run], *, config_path: str, base_workdir: str | os.P
   Returns:
     `{name: status}` for the selected runs after this call (see `run_status`); in a dry run,
     the status they had.
+
+  Raises:
+    SweepInterrupted: on SIGTERM, after the current run has exited (it gets the signal too).
   """
   selected = select_runs(runs, only)
   if not pathlib.Path(train_script).is_file():
@@ -412,9 +464,12 @@ def run_sweep(runs: Sequence[Run], *, config_path: str, base_workdir: str | os.P
       print_fn(shlex.join(cmd))
       statuses[run.name] = status
       continue
-    logging.info('[%d/%d] %s: %s', i, len(selected), run.name,
-                 'resuming' if status in ('running', 'failed') else 'starting')
-    statuses[run.name] = _launch(run, cmd, workdir)
+    logging.info('[%d/%d] %s: %s (output in %s)', i, len(selected), run.name,
+                 'resuming' if status in ('running', 'failed') else 'starting',
+                 workdir / LOG_FILE)
+    statuses[run.name], signum = _launch(run, cmd, workdir)
+    if signum is not None:
+      raise SweepInterrupted(signum, statuses)
   return statuses
 
 

@@ -14,8 +14,10 @@ import math
 import os
 import pathlib
 import shlex
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -206,7 +208,8 @@ def test_run_skip_resume_and_failure(tmp_path, caplog):
   # Overrides reach the train script with their types (parsed by ml_collections flags).
   config = json.loads((tmp_path / TF / 'config.json').read_text())
   assert config['fake'] == {'num_steps': 4, 'fail_at_step': 0, 'fail_launches': 0,
-                            'tag': "it's a b", 'use_bias': False, 'dims': [4, 8]}
+                            'tag': "it's a b", 'use_bias': False, 'dims': [4, 8],
+                            'wait_for_sigterm': False}
   assert config['model'] == {'name': 'transformer'}
   assert json.loads((tmp_path / RNN / 'config.json').read_text())['optim'] == {
       'learning_rate': 0.002}
@@ -319,3 +322,29 @@ def test_cli_runs_sweep_reports_failure_and_prints_dry_run(tmp_path):
   assert proc.stdout.splitlines() == [shlex.join(sweep.train_command(
       sweep.load_sweep(CONFIG)[2], config_path=CONFIG, base_workdir=base,
       train_script=FAKE_TRAIN, common_overrides={'model.name': 'common'}))]
+
+
+def test_sigterm_is_passed_to_the_run_and_stops_the_sweep(tmp_path):
+  base = tmp_path / 'sweep'
+  cmd = [sys.executable, str(REPO / 'experiments' / 'sweep.py'), f'--config={CONFIG}',
+         f'--base_workdir={base}', f'--train_script={FAKE_TRAIN}', f'--only={RNN},{TF}',
+         '--override=fake.wait_for_sigterm=true']
+  env = {**os.environ, 'PYTHONPATH': str(REPO), 'JAX_PLATFORMS': 'cpu'}
+  proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          env=env)
+  try:
+    deadline = time.monotonic() + 120
+    while not (base / RNN / 'started').exists():  # The first run is up and waiting.
+      assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+      time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)  # To the sweep only, as a cluster preemption might.
+    stdout, stderr = proc.communicate(timeout=120)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  assert proc.returncode == 128 + signal.SIGTERM, stderr
+  assert (base / RNN / 'got_sigterm').read_text() == 'True'  # Forwarded: it could checkpoint.
+  assert not (base / TF).exists()  # No further run started.
+  assert sweep.run_status(base / RNN) == 'running'  # Resumes next time; not marked failed.
+  assert 'sweep stopped by signal 15' in stderr
+  assert f'| {RNN} | model=rnn | optim.learning_rate=0.002 | running |' in stdout
