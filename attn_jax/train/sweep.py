@@ -13,7 +13,9 @@ Each entry is one training run, launched as its own process
 so a crash of one run is reported, not fatal. The runner is resumable: a run whose workdir
 holds a `DONE` file (written by the train script when it finishes) is skipped; an unfinished
 one is launched again and resumes from its own checkpoint. A run that exits non-zero gets a
-`FAILED` file (exit code and command) and its output stays in `BASE/NAME/sweep.log`.
+`FAILED` file (exit code and command) and its output stays in `BASE/NAME/sweep.log`. A
+SIGTERM to the sweep (a preempted job) is passed on to the running training, which saves a
+checkpoint; the sweep then stops (`SweepInterrupted`) and resumes when launched again.
 
 Entry keys: 'arg' (str, the part after `:`; default ''), 'overrides' (dict of dotted config
 field -> bool/int/float/str/tuple value; default {}), 'name' (optional workdir name; derived
