@@ -1,0 +1,240 @@
+"""Plots for runs: attention maps and learning curves, written as PNG files.
+
+    plot_attention(weights[0], query_tokens=src, key_tokens=src, title='layer 0', path='a.png')
+    plot_curves({'rnn': 'runs/rnn', 'tf': 'runs/tf'}, ['valid/accuracy', 'train/loss'],
+                'curves.png')
+
+Figures are built with `matplotlib.figure.Figure` on an Agg canvas, never through pyplot, so
+no global figure state is created or leaked (safe in tests, threads and servers). The
+`*_figure` functions return the figure for inspection; `plot_*` save it and drop it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import pathlib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from attn_jax.train.metrics import METRICS_FILE
+
+MAX_TOKEN_LABELS = 40  # More tick labels than this on an axis become unreadable.
+X_KEYS = ('step', 'time')
+
+
+def _grid(n: int) -> tuple[int, int]:
+  """(rows, cols) of a near-square grid with n panels."""
+  cols = math.ceil(math.sqrt(n))
+  return math.ceil(n / cols), cols
+
+
+def _new_figure(rows: int, cols: int, panel_w: float, panel_h: float) -> tuple[Figure, Any]:
+  fig = Figure(figsize=(cols * panel_w, rows * panel_h), layout='constrained')
+  FigureCanvasAgg(fig)
+  axes = fig.subplots(rows, cols, squeeze=False)
+  return fig, axes
+
+
+def _save(fig: Figure, path: str | os.PathLike, dpi: int) -> pathlib.Path:
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fig.savefig(path, dpi=dpi)
+  fig.clear()  # Releases the artists now, not when the garbage collector gets to them.
+  return path
+
+
+# --- Attention maps ---------------------------------------------------------------------------
+
+
+def _check_tokens(tokens: Sequence[Any] | None, length: int, what: str, shape) -> list[str] | None:
+  if tokens is None:
+    return None
+  if isinstance(tokens, str):
+    raise ValueError(f'{what} must be a sequence of tokens, got the string {tokens!r}')
+  if len(tokens) != length:
+    raise ValueError(f'len({what})={len(tokens)} does not match weights {shape} '
+                     f'[heads, q_len, kv_len] (expected {length})')
+  return [str(t) for t in tokens]
+
+
+def attention_figure(weights: Any, *, query_tokens: Sequence[Any] | None = None,
+                     key_tokens: Sequence[Any] | None = None, title: str | None = None,
+                     head_names: Sequence[str] | None = None) -> Figure:
+  """A grid of heatmaps, one panel per head, with a shared colour scale and colorbar.
+
+  Args:
+    weights: float `[heads, q_len, kv_len]` (numpy or jax), e.g. one batch row of
+      `ops.dot_product_attention(..., return_weights=True)[1]`; rows are queries.
+    query_tokens, key_tokens: labels of the `q_len` rows / `kv_len` columns, shown as tick
+      labels when there are at most MAX_TOKEN_LABELS of them (positions otherwise).
+    title: figure title.
+    head_names: panel titles (default 'head i').
+
+  Raises:
+    ValueError: if weights is not 3-D, is empty or non-finite, or a token/name list has the
+      wrong length.
+  """
+  w = np.asarray(weights, dtype=np.float32)
+  if w.ndim != 3 or 0 in w.shape:
+    raise ValueError(f'weights must be [heads, q_len, kv_len] with no empty axis, got shape '
+                     f'{w.shape} (select one batch row of [batch, heads, q, kv] weights; add '
+                     'a heads axis to a single [q, kv] map)')
+  if not np.isfinite(w).all():
+    raise ValueError(f'weights {w.shape} hold {int((~np.isfinite(w)).sum())} non-finite values')
+  heads, q_len, kv_len = w.shape
+  q_labels = _check_tokens(query_tokens, q_len, 'query_tokens', w.shape)
+  k_labels = _check_tokens(key_tokens, kv_len, 'key_tokens', w.shape)
+  if head_names is not None and len(head_names) != heads:
+    raise ValueError(f'len(head_names)={len(head_names)} != {heads} heads of weights {w.shape}')
+  names = list(head_names) if head_names is not None else [f'head {h}' for h in range(heads)]
+  show_q = q_labels is not None and q_len <= MAX_TOKEN_LABELS
+  show_k = k_labels is not None and kv_len <= MAX_TOKEN_LABELS
+  # Panels grow with the number of labelled rows/columns so the labels do not overlap.
+  panel_w = max(3.0, 0.16 * kv_len + 1.2) if show_k else 3.2
+  panel_h = max(2.6, 0.16 * q_len + 1.0) if show_q else 2.8
+  rows, cols = _grid(heads)
+  fig, axes = _new_figure(rows, cols, panel_w, panel_h)
+  vmax = float(w.max()) if w.max() > 0 else 1.0
+  image = None
+  for h, ax in enumerate(axes.flat):
+    if h >= heads:
+      ax.set_visible(False)
+      continue
+    image = ax.imshow(w[h], cmap='viridis', vmin=0.0, vmax=vmax, aspect='auto',
+                      interpolation='nearest')
+    ax.set_title(names[h], fontsize=9)
+    if show_k:
+      ax.set_xticks(range(kv_len), k_labels, rotation=90, fontsize=7)
+    if show_q:
+      ax.set_yticks(range(q_len), q_labels, fontsize=7)
+    if h + cols >= heads:  # The lowest visible panel of its column.
+      ax.set_xlabel('key token' if show_k else 'key position')
+    if h % cols == 0:
+      ax.set_ylabel('query token' if show_q else 'query position')
+  fig.colorbar(image, ax=[a for a in axes.flat if a.get_visible()], label='attention weight',
+               shrink=0.9)
+  if title:
+    fig.suptitle(title)
+  return fig
+
+
+def plot_attention(weights: Any, *, query_tokens: Sequence[Any] | None = None,
+                   key_tokens: Sequence[Any] | None = None, title: str | None = None,
+                   path: str | os.PathLike, head_names: Sequence[str] | None = None,
+                   dpi: int = 100) -> pathlib.Path:
+  """Writes `attention_figure(...)` as a PNG at `path` (parents created); returns the path."""
+  fig = attention_figure(weights, query_tokens=query_tokens, key_tokens=key_tokens,
+                         title=title, head_names=head_names)
+  return _save(fig, path, dpi)
+
+
+# --- Learning curves --------------------------------------------------------------------------
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
+  """Records of a metrics JSONL file, or of `<dir>/metrics.jsonl` when given a run directory.
+
+  Raises:
+    ValueError: naming the file if it does not exist, or file:line for a malformed line.
+  """
+  path = pathlib.Path(path)
+  if path.is_dir():
+    path = path / METRICS_FILE
+  if not path.is_file():
+    raise ValueError(f'metrics file {str(path)!r} does not exist')
+  records = []
+  for i, line in enumerate(path.read_text().splitlines(), 1):
+    if not line.strip():
+      continue
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise ValueError(f'{path}:{i}: not a JSON line ({e})') from None
+    if not isinstance(record, dict):
+      raise ValueError(f'{path}:{i}: expected a JSON object, got {type(record).__name__}')
+    records.append(record)
+  return records
+
+
+def curve(records: Sequence[Mapping[str, Any]], key: str, x: str = 'step'
+          ) -> tuple[np.ndarray, np.ndarray]:
+  """(x, y) float64 arrays of `key` over the records that have it; null values are NaN.
+
+  x='step' is the training step; x='time' is seconds since the first record of the run.
+  """
+  if x not in X_KEYS:
+    raise ValueError(f'x={x!r} must be one of {X_KEYS}')
+  t0 = next((r['time'] for r in records if 'time' in r), 0.0)
+  xs, ys = [], []
+  for r in records:
+    if key in r and x in r:
+      xs.append(r[x] - t0 if x == 'time' else r[x])
+      ys.append(math.nan if r[key] is None else r[key])
+  return np.asarray(xs, dtype=np.float64), np.asarray(ys, dtype=np.float64)
+
+
+def curves_figure(runs: Mapping[str, str | os.PathLike], keys: Sequence[str], *,
+                  x: str = 'step', logy: bool = False) -> Figure:
+  """Learning curves: one panel per metric key, one line per run (labelled by its name).
+
+  Args:
+    runs: `{label: metrics.jsonl path or run directory}`.
+    keys: metric names as in the JSONL, e.g. ['valid/accuracy', 'train/loss'].
+    x: 'step' or 'time' (seconds since the run's first record).
+    logy: log-scale y axes (for losses spanning orders of magnitude).
+
+  Raises:
+    ValueError: for no runs/keys, a missing or malformed file, a bad x, or a key that no
+      run has (listing the keys they do have). A run lacking a key some other run has is
+      left out of that panel, with a log line.
+  """
+  if not runs:
+    raise ValueError('runs is empty: give {label: metrics.jsonl path}')
+  if isinstance(keys, str) or not keys:
+    raise ValueError(f'keys must be a non-empty list of metric names, got {keys!r}')
+  if x not in X_KEYS:
+    raise ValueError(f'x={x!r} must be one of {X_KEYS}')
+  records = {label: read_jsonl(path) for label, path in runs.items()}
+  available = sorted({k for recs in records.values() for r in recs for k in r} - set(X_KEYS))
+  for key in keys:
+    if key not in available:
+      raise ValueError(f'metric {key!r} is in none of the runs {list(runs)}; they have '
+                       f'{available}')
+  rows, cols = _grid(len(keys))
+  fig, axes = _new_figure(rows, cols, 4.5, 3.2)
+  for i, ax in enumerate(axes.flat):
+    if i >= len(keys):
+      ax.set_visible(False)
+      continue
+    key = keys[i]
+    for label, recs in records.items():
+      xs, ys = curve(recs, key, x)
+      if not len(xs):
+        logging.info('run %r has no %r; left out of that panel', label, key)
+        continue
+      ax.plot(xs, ys, label=label, marker='.' if len(xs) <= 30 else None)
+    ax.set_title(key, fontsize=10)
+    ax.set_xlabel('step' if x == 'step' else 'wall time (s)')
+    if x == 'step':
+      ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel(key)
+    if logy:
+      ax.set_yscale('log')
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+  return fig
+
+
+def plot_curves(runs: Mapping[str, str | os.PathLike], keys: Sequence[str],
+                path: str | os.PathLike, x: str = 'step', *, logy: bool = False,
+                dpi: int = 100) -> pathlib.Path:
+  """Writes `curves_figure(...)` as a PNG at `path` (parents created); returns the path."""
+  return _save(curves_figure(runs, keys, x=x, logy=logy), path, dpi)
