@@ -198,9 +198,9 @@ def format_table(rows: list[dict], reference: str = 'jax_nn') -> str:
       else:
         speedup = (f"x{ref['median_s'] / r['median_s']:.2f}"
                    if ref and ref['status'] == 'ok' else 'x?')
-        cells.append(f"{r['median_s']:7.3f}s {r['gflops']:5.0f}GF "
+        cells.append(f"{r['median_s']:>7.4g}s {r['gflops']:4.0f}GF "
                      f"{r['peak_rss_gib']:5.2f}GiB {speedup:>6}")
-      cells[-1] = cells[-1][-30:]
+      cells[-1] = f'{cells[-1]:>30}'
     lines.append(f"{length:>6} {str(causal):>6} {'fwd+bwd' if backward else 'fwd':>8} | "
                  + ' | '.join(cells))
   return '\n'.join(lines)
