@@ -205,7 +205,10 @@ class MultiHeadAttention(nn.Module):
     max_len = cached_key.value.shape[1]
     if q_len > max_len:
       raise ValueError(f'{q_len} tokens do not fit a cache of {max_len}')
-    update = lambda cache, x: jax.lax.dynamic_update_slice_in_dim(cache, x, index, axis=1)
+
+    def update(cache, x):
+      return jax.lax.dynamic_update_slice_in_dim(cache, x, index, axis=1)
+
     cached_key.value = update(cached_key.value, key.astype(cached_key.value.dtype))
     cached_value.value = update(cached_value.value, value.astype(cached_value.value.dtype))
     cached_segment.value = update(cached_segment.value, segment_ids)

@@ -31,10 +31,12 @@ class FeedForward(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, *, deterministic: bool = True) -> jax.Array:
     cfg = self.config
-    dense = lambda features, names, name: nn.Dense(
-        features, use_bias=cfg.use_bias, dtype=cfg.compute_dtype, name=name,
-        kernel_init=partitioned(nn.initializers.lecun_normal(), names),
-        bias_init=partitioned(nn.initializers.zeros, names[1:]))
+
+    def dense(features, names, name):
+      return nn.Dense(features, use_bias=cfg.use_bias, dtype=cfg.compute_dtype, name=name,
+                      kernel_init=partitioned(nn.initializers.lecun_normal(), names),
+                      bias_init=partitioned(nn.initializers.zeros, names[1:]))
+
     hidden = dense(cfg.d_ff, ('embed', 'mlp'), 'wi')(x)
     if cfg.activation == 'relu':
       hidden = nn.relu(hidden)

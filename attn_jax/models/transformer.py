@@ -15,11 +15,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from attn_jax.models import decoding
 from attn_jax.models.attention import MultiHeadAttention, partitioned
 from attn_jax.models.configs import TransformerConfig
+from attn_jax.models.decoding import BOS_ID, PAD_ID
 from attn_jax.models.layers import Embedder, FeedForward, make_norm, shift_right
-
-PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
 
 
 def _attention(cfg: TransformerConfig, *, causal: bool, self_attention: bool, name: str,
@@ -235,7 +235,6 @@ class EncoderDecoder(nn.Module):
 
   @nn.nowrap
   def decoding_fns(self, params, *, inputs, prompt=None, max_decode_len):
-    from attn_jax.models import decoding  # decoding imports the models.
     return decoding.encoder_decoder_fns(self, params, inputs, max_decode_len)
 
 
@@ -266,7 +265,6 @@ class DecoderLM(nn.Module):
 
   @nn.nowrap
   def decoding_fns(self, params, *, inputs=None, prompt=None, max_decode_len):
-    from attn_jax.models import decoding
     return decoding.decoder_lm_fns(self, params, prompt if prompt is not None else inputs,
                                    max_decode_len)
 
