@@ -190,8 +190,9 @@ def beam_search(fns: DecodeFns, *, beam_size: int, max_decode_len: int,
   """Beam search with length penalty; finished hypotheses leave the beam at EOS.
 
   Each step expands the `beam_size` alive hypotheses to their `2 * beam_size` best
-  continuations; those ending in EOS compete (score = log-prob / length penalty) for the
-  `beam_size` finished slots, the others become the new alive beam. The search stops once
+  continuations; those ending in EOS within the best `beam_size` compete (score = log-prob
+  / length penalty) for the `beam_size` finished slots, the best `beam_size` not ending in
+  EOS become the new alive beam. The search stops once
   no alive hypothesis can beat the worst finished one (log-probs only fall, and the
   penalty is largest at `max_decode_len`). Rows with no finished hypothesis fall back to
   their alive ones.
@@ -231,7 +232,10 @@ def beam_search(fns: DecodeFns, *, beam_size: int, max_decode_len: int,
     alive_seqs, alive_tokens = gather(seqs, alive_idx), gather(tokens, alive_idx)
     source = (jnp.arange(batch)[:, None] * k + gather(beam, alive_idx)).reshape(-1)
 
-    new_scores = jnp.where(is_eos, top_logp / _length_penalty(i + 1, length_penalty), neg_inf)
+    # A hypothesis finishes only if its EOS ranks within the top `k` (as in fairseq), so
+    # beam_size=1 is exactly greedy decoding.
+    finishes = is_eos & (jnp.arange(2 * k) < k)[None]
+    new_scores = jnp.where(finishes, top_logp / _length_penalty(i + 1, length_penalty), neg_inf)
     fin_scores, fin_idx = jax.lax.top_k(jnp.concatenate([fin_scores, new_scores], axis=1), k)
     fin_seqs = gather(jnp.concatenate([fin_seqs, seqs], axis=1), fin_idx)
 

@@ -159,9 +159,20 @@ class Decoder(nn.Module):
                capture: bool = False) -> jax.Array:
     """`decoder_inputs` int `[batch, T]` (already shifted) -> float32 `[batch, T, vocab]`."""
     cfg = self.config
+    if decode and positions is None:
+      # Absolute positions continue from the tokens decoded so far.
+      initialized = self.has_variable('cache', 'position_index')
+      index = self.variable('cache', 'position_index', lambda: jnp.array(0, jnp.int32))
+      positions = index.value + jnp.arange(decoder_inputs.shape[1])
+      if initialized:
+        index.value = index.value + decoder_inputs.shape[1]
     y = self.embedder(decoder_inputs, positions)
     y = nn.Dropout(cfg.dropout_rate)(y, deterministic=not train)
-    cross_ids = None if cross_segment_ids is None else (segment_ids, cross_segment_ids)
+    cross_ids = None
+    if cross_segment_ids is not None:
+      # Packed sources with unpacked targets: every target token is in segment 1.
+      q_ids = jnp.ones_like(decoder_inputs) if segment_ids is None else segment_ids
+      cross_ids = (q_ids, cross_segment_ids)
     y = stack_layers(cfg, DecoderLayer, cfg.num_decoder_layers, y, encoded, cross_mask,
                      segment_ids, cross_ids, positions, deterministic=not train, decode=decode,
                      capture=capture)
