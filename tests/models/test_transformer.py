@@ -17,6 +17,8 @@ VOCAB = 13
 
 
 def _cfg(**overrides):
+  # One layer each unless a test is about stacking: compile time dominates these tests.
+  overrides = dict(dict(num_encoder_layers=1, num_decoder_layers=1), **overrides)
   return models.transformer_config('tiny', vocab_size=VOCAB, dropout_rate=0.0, **overrides)
 
 
@@ -95,15 +97,14 @@ def test_classifier_ignores_padding(pooling):
                              atol=ATOL)
 
 
-def _decode_matches_full(model, params, full_logits, decoder_tokens, apply_decode, cache):
-  """Prefill 3 tokens, then feed the rest one at a time; compare with `full_logits`."""
+def _prefill_and_step(decode_fn, cache, decoder_tokens):
+  """Prefill 3 tokens, then feed the rest one at a time: logits `[b, len, vocab]`."""
   outs = []
   for start, stop in [(0, 3)] + [(i, i + 1) for i in range(3, decoder_tokens.shape[1])]:
-    logits, mutated = apply_decode({'params': params, 'cache': cache},
-                                   decoder_tokens[:, start:stop], start)
+    logits, mutated = decode_fn(cache, decoder_tokens[:, start:stop], start)
     cache = mutated['cache']
     outs.append(logits)
-  np.testing.assert_allclose(jnp.concatenate(outs, axis=1), full_logits, atol=ATOL)
+  return jnp.concatenate(outs, axis=1)
 
 
 def _empty_cache(model, *args, **kwargs):
@@ -116,8 +117,8 @@ LM_CACHE_CASES = {
                                          norm_position='pre', activation='swiglu',
                                          norm='rmsnorm'),
     'alibi_sliding_window': dict(positional='alibi', sliding_window=2),
-    't5_learned_untied': dict(positional='t5', tie_output=False),
-    'learned': dict(positional='learned'),
+    't5_untied': dict(positional='t5', tie_output=False),
+    'learned_mha': dict(positional='learned'),
 }
 
 
@@ -125,34 +126,44 @@ LM_CACHE_CASES = {
 def test_decoder_lm_cached_decoding_equals_full_forward(case):
   model = models.DecoderLM(_cfg(**LM_CACHE_CASES[case]))
   tokens = _tokens(0, (2, 7))
-  params = _init(model, tokens)['params']
-  full = _apply(model)({'params': params}, tokens)
-  shifted = models.shift_right(tokens)
-  apply = _apply(model)
 
-  def apply_decode(variables, chunk, start):
-    del start  # the cache index knows where the chunk goes
-    return apply(variables, chunk, decode=True, mutable=('cache',))
-  cache = _empty_cache(model, jnp.ones((2, 9), jnp.int32), decode=True)
-  _decode_matches_full(model, params, full, shifted, apply_decode, cache)
+  @jax.jit  # one program per case: compiling is what costs time here
+  def full_and_cached(tokens):
+    params = model.init(jax.random.key(0), tokens)['params']
+    full = model.apply({'params': params}, tokens)
+
+    def decode_fn(cache, chunk, start):
+      del start  # the cache index knows where the chunk goes
+      return model.apply({'params': params, 'cache': cache}, chunk, decode=True,
+                         mutable=['cache'])
+    cache = _empty_cache(model, jnp.ones((2, 9), jnp.int32), decode=True)
+    return full, _prefill_and_step(decode_fn, cache, models.shift_right(tokens))
+
+  full, cached = full_and_cached(tokens)
+  np.testing.assert_allclose(cached, full, atol=ATOL)
 
 
 def test_encoder_decoder_cached_decoding_equals_full_forward():
   model = models.EncoderDecoder(_cfg(num_kv_heads=1))
   inputs, targets = _tokens(0, (2, 6), lengths=[4, 6]), _tokens(1, (2, 6))
-  params = _init(model, inputs, targets)['params']
-  apply = _apply(model)
-  full = apply({'params': params}, inputs, targets)
-  encoded = apply({'params': params}, inputs, method='encode')
 
-  def apply_decode(variables, chunk, start):
-    positions = jnp.broadcast_to(start + jnp.arange(chunk.shape[1]), chunk.shape)
-    return apply(variables, encoded, inputs, chunk, targets_positions=positions,
-                 targets_segmentation=jnp.ones_like(chunk), decode=True, method='decode',
-                 mutable=('cache',))
-  cache = _empty_cache(model, encoded, inputs, jnp.ones((2, 8), jnp.int32), decode=True,
-                       method='decode')
-  _decode_matches_full(model, params, full, models.shift_right(targets), apply_decode, cache)
+  @jax.jit
+  def full_and_cached(inputs, targets):
+    params = model.init(jax.random.key(0), inputs, targets)['params']
+    full = model.apply({'params': params}, inputs, targets)
+    encoded = model.apply({'params': params}, inputs, method='encode')
+
+    def decode_fn(cache, chunk, start):
+      positions = jnp.broadcast_to(start + jnp.arange(chunk.shape[1]), chunk.shape)
+      return model.apply({'params': params, 'cache': cache}, encoded, inputs, chunk,
+                         targets_positions=positions, targets_segmentation=jnp.ones_like(chunk),
+                         decode=True, method='decode', mutable=['cache'])
+    cache = _empty_cache(model, encoded, inputs, jnp.ones((2, 8), jnp.int32), decode=True,
+                         method='decode')
+    return full, _prefill_and_step(decode_fn, cache, models.shift_right(targets))
+
+  full, cached = full_and_cached(inputs, targets)
+  np.testing.assert_allclose(cached, full, atol=ATOL)
 
 
 def _stack_layers(params):
@@ -167,24 +178,25 @@ def _stack_layers(params):
 
 
 def test_scan_and_remat_change_no_value_or_gradient():
-  base = dict(positional='t5', norm_position='pre')
-  inputs, targets = _tokens(0, (2, 5), lengths=[3, 5]), _tokens(1, (2, 4))
-  unrolled = models.EncoderDecoder(_cfg(**base))
-  params = _init(unrolled, inputs, targets)['params']
+  base = dict(positional='rope', norm_position='pre', num_decoder_layers=2)
+  tokens = _tokens(0, (2, 5))
+  unrolled = models.DecoderLM(_cfg(**base))
+  params = _init(unrolled, tokens)['params']
 
   def loss_and_grad(model, params):
     def loss(p):
-      logits = model.apply({'params': p}, inputs, targets)
-      return jnp.mean(jax.nn.log_softmax(logits)[..., 5] * jnp.arange(4.0))
+      logits = model.apply({'params': p}, tokens)
+      return jnp.mean(jax.nn.log_softmax(logits)[..., 5] * jnp.arange(5.0))
     return jax.jit(jax.value_and_grad(loss))(params)
 
   ref_loss, ref_grad = loss_and_grad(unrolled, params)
   for overrides, convert in [(dict(remat=True), lambda p: p),
                              (dict(scan_layers=True, remat=True), _stack_layers)]:
-    model = models.EncoderDecoder(_cfg(**base, **overrides))
+    model = models.DecoderLM(_cfg(**base, **overrides))
     model_params = convert(params)
-    assert (jax.tree.structure(model_params)
-            == jax.tree.structure(_init(model, inputs, targets)['params']))
+    shapes = jax.eval_shape(lambda m=model: m.init(jax.random.key(0), tokens))['params']
+    assert (jax.tree.map(jnp.shape, model_params)
+            == jax.tree.map(jnp.shape, nn.unbox(shapes)))
     value, grad = loss_and_grad(model, model_params)
     np.testing.assert_allclose(value, ref_loss, atol=ATOL)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4), grad,
@@ -192,7 +204,8 @@ def test_scan_and_remat_change_no_value_or_gradient():
 
 
 def test_attention_weights_are_sown_per_attention_and_layer():
-  model = models.EncoderDecoder(_cfg(capture_attention=True))
+  model = models.EncoderDecoder(_cfg(capture_attention=True, num_encoder_layers=2,
+                                     num_decoder_layers=2))
   inputs, targets = _tokens(0, (2, 5), lengths=[3, 5]), _tokens(1, (2, 4))
   variables = _init(model, inputs, targets)
   _, state = _apply(model)({'params': variables['params']}, inputs, targets,
