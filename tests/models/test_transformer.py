@@ -68,19 +68,24 @@ def test_changing_padding_changes_no_real_output():
   model = models.EncoderDecoder(cfg)
   inputs = _tokens(0, (2, 6), lengths=[4, 6])
   targets = _tokens(1, (2, 5), lengths=[3, 5])
-  params = _init(model, inputs, targets)['params']
-  apply = _apply(model)
-  logits = apply({'params': params}, inputs, targets)
-  longer = apply({'params': params}, jnp.pad(inputs, ((0, 0), (0, 3))),
-                 jnp.pad(targets, ((0, 0), (0, 2))))
+  segmentation = (inputs != 0).astype(jnp.int32)
+  junk = jnp.where(segmentation == 0, 7, inputs)
+
+  @jax.jit  # one program: compiling is what costs time here
+  def run(inputs, targets):
+    params = model.init(jax.random.key(0), inputs, targets)['params']
+    def apply(*args, **kwargs):
+      return model.apply({'params': params}, *args, **kwargs)
+    return (apply(inputs, targets),
+            apply(jnp.pad(inputs, ((0, 0), (0, 3))), jnp.pad(targets, ((0, 0), (0, 2)))),
+            # Packed batches: whatever sits in segment-0 (padding) slots is invisible.
+            apply(inputs, targets, inputs_segmentation=segmentation),
+            apply(junk, targets, inputs_segmentation=segmentation))
+
+  logits, longer, packed, packed_junk = run(inputs, targets)
   real = np.asarray(targets != 0)
   np.testing.assert_allclose(np.asarray(longer[:, :5])[real], np.asarray(logits)[real],
                              atol=ATOL)
-  # Packed batches: whatever sits in segment-0 (padding) slots is invisible.
-  segmentation = (inputs != 0).astype(jnp.int32)
-  junk = jnp.where(segmentation == 0, 7, inputs)
-  packed = apply({'params': params}, inputs, targets, inputs_segmentation=segmentation)
-  packed_junk = apply({'params': params}, junk, targets, inputs_segmentation=segmentation)
   np.testing.assert_allclose(packed_junk, packed, atol=ATOL)
   np.testing.assert_allclose(np.asarray(packed)[real], np.asarray(logits)[real], atol=ATOL)
 
@@ -89,12 +94,16 @@ def test_changing_padding_changes_no_real_output():
 def test_classifier_ignores_padding(pooling):
   model = models.EncoderClassifier(_cfg(pooling=pooling, num_classes=3))
   inputs = _tokens(0, (2, 6), lengths=[4, 6])
-  params = _init(model, inputs)['params']
-  apply = _apply(model)
-  out = apply({'params': params}, inputs)
+
+  @jax.jit
+  def run(inputs):
+    params = model.init(jax.random.key(0), inputs)['params']
+    return (model.apply({'params': params}, inputs),
+            model.apply({'params': params}, jnp.pad(inputs, ((0, 0), (0, 4)))))
+
+  out, padded = run(inputs)
   assert out.shape == (2, 3) and out.dtype == jnp.float32
-  np.testing.assert_allclose(apply({'params': params}, jnp.pad(inputs, ((0, 0), (0, 4)))), out,
-                             atol=ATOL)
+  np.testing.assert_allclose(padded, out, atol=ATOL)
 
 
 def _prefill_and_step(decode_fn, cache, decoder_tokens):
