@@ -1,0 +1,292 @@
+"""Attention modules: multi-head (with an autoregressive KV cache) and RNN-style attention.
+
+The maths lives in `attn_jax.ops`; these modules own the parameters, the cache and the
+bookkeeping of positions. Parameters carry logical axis names (`embed`, `heads`, `kv_heads`,
+`kv`, `relpos_buckets`) so training code can shard them with `nn.logical_to_mesh_sharding`;
+`init` therefore returns `nn.Partitioned` boxes (`nn.unbox` gives plain arrays, and
+`apply` accepts either).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from attn_jax import ops
+
+POSITIONAL = ('none', 'rope', 'alibi', 't5')
+default_kernel_init = nn.initializers.lecun_normal()
+
+
+def partitioned(init, names: tuple[str | None, ...]):
+  return nn.with_logical_partitioning(init, names)
+
+
+class MultiHeadAttention(nn.Module):
+  """Multi-head attention (Vaswani et al. 2017) with GQA/MQA, position options and a cache.
+
+  Parameter names and shapes match `flax.linen.MultiHeadDotProductAttention` (`query`,
+  `key`, `value` kernels `[features, heads, head_dim]`, `out` `[heads, head_dim, features]`)
+  except that `key`/`value` have `num_kv_heads` heads.
+
+  Attributes:
+    num_heads: query heads.
+    num_kv_heads: key/value heads (GQA; 1 = MQA); None = num_heads.
+    head_dim: per-head size; None = features // num_heads.
+    out_features: output size; None = the query's feature size.
+    is_causal: mask future keys (decoder self-attention). Needed for `decode=True`.
+    positional: 'none', 'rope' (rotate q, k), 'alibi' or 't5' (logit biases).
+    sliding_window: keys at most this many positions back (and ahead, unless causal).
+    dropout_rate: attention-weight dropout (rng collection 'dropout').
+    implementation: passed to `ops.dot_product_attention` (None lets it choose).
+    capture_attention: sow float32 weights `[batch, heads, q, kv]` into 'intermediates'
+      as `attention_weights` (also settable per call).
+  """
+  num_heads: int
+  num_kv_heads: int | None = None
+  head_dim: int | None = None
+  out_features: int | None = None
+  is_causal: bool = False
+  positional: str = 'none'
+  rope_base: float = 10_000.0
+  t5_num_buckets: int = 32
+  t5_max_distance: int = 128
+  sliding_window: int | None = None
+  dropout_rate: float = 0.0
+  use_bias: bool = True
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  kernel_init: Any = default_kernel_init
+  implementation: str | None = None
+  capture_attention: bool = False
+
+  def _check(self, features: int) -> tuple[int, int]:
+    kv_heads = self.num_heads if self.num_kv_heads is None else self.num_kv_heads
+    if self.positional not in POSITIONAL:
+      raise ValueError(f'positional={self.positional!r} is not one of {POSITIONAL}')
+    if kv_heads <= 0 or self.num_heads % kv_heads:
+      raise ValueError(
+          f'num_heads={self.num_heads} is not a multiple of num_kv_heads={kv_heads}')
+    if self.head_dim is None and features % self.num_heads:
+      raise ValueError(
+          f'input features {features} are not divisible by num_heads={self.num_heads}')
+    return kv_heads, self.head_dim or features // self.num_heads
+
+  def _bias_fn(self):
+    """`(bias_fn, bias_params)` for ALiBi / T5, else `(None, None)`."""
+    if self.positional == 'alibi':
+      return ops.alibi_bias, ops.alibi_slopes(self.num_heads)
+    if self.positional == 't5':
+      table = self.param(
+          'relpos_bias', partitioned(nn.initializers.normal(0.1), ('relpos_buckets', 'heads')),
+          (self.t5_num_buckets, self.num_heads), self.param_dtype)
+      fn = functools.partial(ops.relative_position_bias, bidirectional=not self.is_causal,
+                             max_distance=self.t5_max_distance)
+      return fn, table
+    return None, None
+
+  @nn.compact
+  def __call__(self, inputs_q: jax.Array, inputs_kv: jax.Array | None = None, *,
+               mask: jax.Array | None = None, segment_ids=None,
+               positions: jax.Array | None = None, deterministic: bool = True,
+               decode: bool = False, capture_attention: bool | None = None) -> jax.Array:
+    """Attends from `inputs_q` to `inputs_kv` (self-attention when None).
+
+    Args:
+      inputs_q: `[batch, q_len, features]`.
+      inputs_kv: `[batch, kv_len, kv_features]` for cross attention.
+      mask: bool broadcasting to `[batch, heads, q_len, kv_len]`, True = attend.
+      segment_ids: int `[batch, len]` (self-attention) or `(q_ids, kv_ids)`; attention
+        stays within equal ids. In decode mode `[batch, q_len]`, 0 marking padding
+        (e.g. the right padding of a ragged prompt), which the cache remembers.
+      positions: int `[batch, q_len]` or `[q_len]` absolute positions for RoPE (and,
+        in decode mode, ALiBi/T5); default `0..len-1`, or the cache index onwards.
+      deterministic: disables dropout.
+      decode: self-attention against the 'cache' collection. The first (init) call
+        sizes the cache from `inputs_q` `[batch, max_len, features]`; later calls append
+        `q_len >= 1` tokens (a whole prompt prefills in one call) and attend causally
+        to everything cached so far.
+
+    Returns:
+      `[batch, q_len, out_features]` in `dtype`.
+    """
+    features = inputs_q.shape[-1]
+    kv_heads, head_dim = self._check(features)
+    capture = self.capture_attention if capture_attention is None else capture_attention
+    if inputs_q.ndim != 3:
+      raise ValueError(f'inputs_q must be [batch, length, features], got {inputs_q.shape}')
+    is_self = inputs_kv is None
+    inputs_kv = inputs_q if is_self else inputs_kv
+    if decode and not (is_self and self.is_causal):
+      raise ValueError('decode=True needs causal self-attention (is_causal=True, no inputs_kv)')
+
+    dense = functools.partial(
+        nn.DenseGeneral, axis=-1, use_bias=self.use_bias, dtype=self.dtype,
+        param_dtype=self.param_dtype)
+    query = dense((self.num_heads, head_dim), name='query',
+                  kernel_init=partitioned(self.kernel_init, ('embed', 'heads', 'kv')),
+                  bias_init=partitioned(nn.initializers.zeros, ('heads', 'kv')))(inputs_q)
+    kv_init = partitioned(self.kernel_init, ('embed', 'kv_heads', 'kv'))
+    kv_bias = partitioned(nn.initializers.zeros, ('kv_heads', 'kv'))
+    key = dense((kv_heads, head_dim), name='key', kernel_init=kv_init,
+                bias_init=kv_bias)(inputs_kv)
+    value = dense((kv_heads, head_dim), name='value', kernel_init=kv_init,
+                  bias_init=kv_bias)(inputs_kv)
+    bias_fn, bias_params = self._bias_fn()
+
+    window = None
+    if self.sliding_window is not None:
+      window = (self.sliding_window, 0 if self.is_causal else self.sliding_window)
+    kwargs: dict[str, Any] = dict(is_causal=self.is_causal, local_window=window, mask=mask)
+    if decode:
+      key, value, query, cache_kwargs = self._decode_cache(
+          query, key, value, segment_ids, positions, bias_fn, bias_params)
+      cache_mask = cache_kwargs.pop('mask', None)
+      kwargs.update(cache_kwargs, mask=ops.combine_masks(mask, cache_mask))
+    else:
+      if self.positional == 'rope':
+        query = ops.rope(query, positions, self.rope_base)
+        key = ops.rope(key, positions if is_self else None, self.rope_base)
+      kwargs.update(segment_ids=segment_ids, bias_fn=bias_fn, bias_params=bias_params)
+
+    dropout_rng = None
+    if not deterministic and self.dropout_rate > 0.0:
+      dropout_rng = self.make_rng('dropout')
+    result = ops.dot_product_attention(
+        query, key, value, dropout_rate=0.0 if dropout_rng is None else self.dropout_rate,
+        dropout_rng=dropout_rng, return_weights=capture,
+        implementation='dense' if capture else self.implementation, **kwargs)
+    if capture:
+      result, weights = result
+      self.sow('intermediates', 'attention_weights', weights)
+    return nn.DenseGeneral(
+        self.out_features or features, axis=(-2, -1), use_bias=self.use_bias, dtype=self.dtype,
+        param_dtype=self.param_dtype, name='out',
+        kernel_init=partitioned(self.kernel_init, ('heads', 'kv', 'embed')),
+        bias_init=partitioned(nn.initializers.zeros, ('embed',)))(result)
+
+  def _decode_cache(self, query, key, value, segment_ids, positions, bias_fn, bias_params):
+    """Writes this call's keys/values into the cache and returns what to attend to.
+
+    The cache holds `cached_key`/`cached_value` `[batch, max_len, kv_heads, head_dim]`,
+    `cached_segment` `[batch, max_len]` (0 = padding or not yet written),
+    `cached_position` `[batch, max_len]` and the write index `cache_index`.
+    """
+    batch, q_len = query.shape[:2]
+    initialized = self.has_variable('cache', 'cached_key')
+    cached_key = self.variable('cache', 'cached_key', jnp.zeros, key.shape, key.dtype)
+    cached_value = self.variable('cache', 'cached_value', jnp.zeros, value.shape, value.dtype)
+    cached_segment = self.variable('cache', 'cached_segment', jnp.zeros, key.shape[:2],
+                                   jnp.int32)
+    cached_position = self.variable('cache', 'cached_position', jnp.zeros, key.shape[:2],
+                                    jnp.int32)
+    cache_index = self.variable('cache', 'cache_index', lambda: jnp.array(0, jnp.int32))
+    index = cache_index.value
+    if positions is None:
+      positions = index + jnp.arange(q_len)
+    positions = jnp.broadcast_to(jnp.asarray(positions, jnp.int32), (batch, q_len))
+    if segment_ids is None:
+      segment_ids = jnp.ones((batch, q_len), jnp.int32)
+    segment_ids = jnp.asarray(segment_ids, jnp.int32)
+    if segment_ids.shape != (batch, q_len):
+      raise ValueError(f'decode segment_ids must be [batch, q_len] = {(batch, q_len)}, '
+                       f'got {segment_ids.shape}')
+    if self.positional == 'rope':
+      query = ops.rope(query, positions, self.rope_base)
+      key = ops.rope(key, positions, self.rope_base)
+    if not initialized:
+      # The init call only creates the (max_len-sized) cache; attend within the input.
+      return key, value, query, dict(q_offset=0, segment_ids=segment_ids,
+                                     bias_fn=bias_fn, bias_params=bias_params)
+    max_len = cached_key.value.shape[1]
+    if q_len > max_len:
+      raise ValueError(f'{q_len} tokens do not fit a cache of {max_len}')
+
+    def update(cache, x):
+      return jax.lax.dynamic_update_slice_in_dim(cache, x, index, axis=1)
+
+    cached_key.value = update(cached_key.value, key.astype(cached_key.value.dtype))
+    cached_value.value = update(cached_value.value, value.astype(cached_value.value.dtype))
+    cached_segment.value = update(cached_segment.value, segment_ids)
+    cached_position.value = update(cached_position.value, positions)
+    cache_index.value = index + q_len
+    # Causal masking against the cache: slot j is visible to query i iff j <= index + i;
+    # unwritten slots lie in the future, padding slots carry segment 0.
+    valid = (cached_segment.value != 0)[:, None, None, :]
+    kwargs: dict[str, Any] = dict(q_offset=index, mask=valid)
+    if bias_fn is not None:
+      # Biases from the stored positions rather than cache slots: a ragged prompt leaves
+      # padding slots between the prompt and the generated tokens.
+      bias = jax.vmap(lambda q, k: bias_fn(bias_params, q, k))(positions, cached_position.value)
+      kwargs['bias'] = bias
+    return cached_key.value, cached_value.value, query, kwargs
+
+
+def _context(weights: jax.Array, values: jax.Array) -> jax.Array:
+  """`weights [batch, kv]`, `values [batch, kv, d]` -> `[batch, d]`."""
+  return jnp.einsum('bk,bkd->bd', weights, values.astype(jnp.float32))
+
+
+class AdditiveAttention(nn.Module):
+  """Bahdanau attention: `score(s, h_j) = v^T tanh(W_s s + W_h h_j)`.
+
+  Attributes:
+    attention_dim: size of the tanh layer.
+  """
+  attention_dim: int
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, query: jax.Array, keys: jax.Array, mask: jax.Array | None = None,
+               values: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """One query against a memory.
+
+    Args:
+      query: decoder state `[batch, d_q]`.
+      keys: encoder states `[batch, kv_len, d_k]`.
+      mask: bool `[batch, kv_len]`, True = real token.
+      values: `[batch, kv_len, d_v]`; defaults to `keys`.
+
+    Returns:
+      context float32 `[batch, d_v]` and weights float32 `[batch, kv_len]` (zeros for
+      padding; all zeros if a row has no real token).
+    """
+    init = nn.initializers.lecun_normal()
+    w_q = self.param('w_query', partitioned(init, ('embed', 'attn')),
+                     (query.shape[-1], self.attention_dim), self.param_dtype)
+    w_k = self.param('w_key', partitioned(init, ('embed', 'attn')),
+                     (keys.shape[-1], self.attention_dim), self.param_dtype)
+    v = self.param('v', partitioned(nn.initializers.normal(1.0 / self.attention_dim ** 0.5),
+                                    ('attn',)), (self.attention_dim,), self.param_dtype)
+    scores = ops.additive_scores(query[:, None, None, :], keys[:, :, None, :], w_q, w_k, v)
+    weights = ops.masked_softmax(scores[:, 0, 0], mask)  # [batch, kv]
+    return _context(weights, keys if values is None else values), weights
+
+
+class LuongAttention(nn.Module):
+  """Luong et al. 2015 multiplicative attention: 'dot' `s . h_j` or 'general' `s W h_j`."""
+  score: str = 'general'
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, query: jax.Array, keys: jax.Array, mask: jax.Array | None = None,
+               values: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """Same arguments and returns as `AdditiveAttention`; 'dot' needs `d_q == d_k`."""
+    q, k = query[:, None, None, :], keys[:, :, None, :]
+    if self.score == 'dot':
+      if query.shape[-1] != keys.shape[-1]:
+        raise ValueError(f"score='dot' needs equal sizes, got query {query.shape} and keys "
+                         f'{keys.shape}')
+      scores = ops.dot_scores(q, k)
+    elif self.score == 'general':
+      w = self.param('w', partitioned(nn.initializers.lecun_normal(), ('embed', 'embed_kv')),
+                     (query.shape[-1], keys.shape[-1]), self.param_dtype)
+      scores = ops.general_scores(q, k, w)
+    else:
+      raise ValueError(f"score must be 'dot' or 'general', got {self.score!r}")
+    weights = ops.masked_softmax(scores[:, 0, 0], mask)
+    return _context(weights, keys if values is None else values), weights

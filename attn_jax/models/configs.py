@@ -1,0 +1,217 @@
+"""Model configurations: frozen dataclasses, built from a named size plus overrides.
+
+    cfg = transformer_config('base', vocab_size=37_000)          # the 2017 paper's base model
+    cfg = transformer_config('tiny', positional='rope', num_kv_heads=1)
+    rnn = rnn_config('small', cell='gru', attention='additive')
+
+Every field is checked in `__post_init__`, so a bad configuration raises a `ValueError`
+naming the field before anything is traced or compiled. Unknown variants and unknown
+override names raise too (a typo must never be silently ignored).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax.numpy as jnp
+
+ACTIVATIONS = ('relu', 'gelu', 'swiglu')
+NORMS = ('layernorm', 'rmsnorm')
+NORM_POSITIONS = ('pre', 'post')
+# Added to the token embeddings: 'sinusoidal', 'learned'. Inside attention: 'rope',
+# 'alibi', 't5' (relative bias). 'none' for neither (e.g. a bag-of-words ablation).
+POSITIONALS = ('sinusoidal', 'learned', 'rope', 'alibi', 't5', 'none')
+POOLINGS = ('cls', 'mean')
+IMPLEMENTATIONS = (None, 'dense', 'blockwise', 'cudnn')
+DTYPES = ('float32', 'bfloat16', 'float16')
+
+
+def _check_choice(name: str, value: Any, choices: tuple) -> None:
+  if value not in choices:
+    raise ValueError(f'{name}={value!r} is not one of {choices}')
+
+
+def _check_positive(cfg: Any, *names: str) -> None:
+  for name in names:
+    if getattr(cfg, name) <= 0:
+      raise ValueError(f'{name} must be positive, got {getattr(cfg, name)}')
+
+
+def _check_rate(cfg: Any, *names: str) -> None:
+  for name in names:
+    if not 0.0 <= getattr(cfg, name) < 1.0:
+      raise ValueError(f'{name} must be in [0, 1), got {getattr(cfg, name)}')
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+  """Hyper-parameters of the Transformer models (`EncoderDecoder`, `DecoderLM`,
+  `EncoderClassifier`). Defaults are the 2017 paper's base model."""
+  vocab_size: int = 32_000
+  # Target vocabulary of EncoderDecoder; None = the same (shared) vocabulary.
+  output_vocab_size: int | None = None
+  num_classes: int = 2
+  d_model: int = 512
+  num_heads: int = 8
+  # Key/value heads for GQA (1 = MQA); None = num_heads (plain multi-head attention).
+  num_kv_heads: int | None = None
+  d_ff: int = 2048
+  num_encoder_layers: int = 6
+  num_decoder_layers: int = 6
+  activation: str = 'relu'
+  norm: str = 'layernorm'
+  norm_position: str = 'post'  # 'post' is the 2017 paper's; 'pre' trains deeper stacks.
+  norm_eps: float = 1e-6
+  positional: str = 'sinusoidal'
+  max_len: int = 512  # learned position table size; also the default decode cache size.
+  rope_base: float = 10_000.0
+  t5_num_buckets: int = 32
+  t5_max_distance: int = 128
+  # Self-attention sliding window (keys at most this far in the past; and in the
+  # future for the encoder); None = full attention.
+  sliding_window: int | None = None
+  dropout_rate: float = 0.1  # residual and embedding dropout
+  attention_dropout_rate: float = 0.0
+  # Source and target embeddings shared (EncoderDecoder, needs one vocabulary) and the
+  # output projection tied to the target embedding.
+  share_embeddings: bool = True
+  tie_output: bool = True
+  pooling: str = 'cls'  # EncoderClassifier: learned [CLS] vector or mean over non-pad tokens.
+  use_bias: bool = True  # biases in attention / FFN projections
+  scan_layers: bool = False  # stack layers with nn.scan (fast compiles) or a Python loop.
+  remat: bool = False  # rematerialize each layer in the backward pass (nn.remat).
+  implementation: str | None = None  # attention path, passed to ops.dot_product_attention.
+  dtype: str = 'float32'  # compute dtype; parameters are always float32.
+  capture_attention: bool = False  # sow attention weights into 'intermediates'.
+
+  def __post_init__(self):
+    _check_positive(self, 'vocab_size', 'num_classes', 'd_model', 'num_heads', 'd_ff',
+                    'max_len', 't5_num_buckets', 't5_max_distance')
+    if self.num_encoder_layers < 0 or self.num_decoder_layers < 0:
+      raise ValueError('num_encoder_layers and num_decoder_layers must be >= 0, got '
+                       f'{self.num_encoder_layers} and {self.num_decoder_layers}')
+    if self.output_vocab_size is not None and self.output_vocab_size <= 0:
+      raise ValueError(f'output_vocab_size must be positive, got {self.output_vocab_size}')
+    if self.d_model % self.num_heads:
+      raise ValueError(f'd_model={self.d_model} is not divisible by num_heads={self.num_heads}')
+    if self.num_kv_heads is not None and (
+        self.num_kv_heads <= 0 or self.num_heads % self.num_kv_heads):
+      raise ValueError(f'num_heads={self.num_heads} is not a multiple of '
+                       f'num_kv_heads={self.num_kv_heads}')
+    _check_choice('activation', self.activation, ACTIVATIONS)
+    _check_choice('norm', self.norm, NORMS)
+    _check_choice('norm_position', self.norm_position, NORM_POSITIONS)
+    _check_choice('positional', self.positional, POSITIONALS)
+    _check_choice('pooling', self.pooling, POOLINGS)
+    _check_choice('implementation', self.implementation, IMPLEMENTATIONS)
+    _check_choice('dtype', self.dtype, DTYPES)
+    _check_rate(self, 'dropout_rate', 'attention_dropout_rate')
+    if self.positional == 'rope' and self.head_dim % 2:
+      raise ValueError(f'positional=rope needs an even head_dim, got {self.head_dim}')
+    if self.positional == 'sinusoidal' and self.d_model % 2:
+      raise ValueError(f'positional=sinusoidal needs an even d_model, got {self.d_model}')
+    if self.sliding_window is not None and self.sliding_window < 0:
+      raise ValueError(f'sliding_window must be >= 0, got {self.sliding_window}')
+    if (self.share_embeddings and self.output_vocab_size is not None
+        and self.output_vocab_size != self.vocab_size):
+      raise ValueError(
+          f'share_embeddings needs one vocabulary, but vocab_size={self.vocab_size} and '
+          f'output_vocab_size={self.output_vocab_size}')
+
+  @property
+  def head_dim(self) -> int:
+    return self.d_model // self.num_heads
+
+  @property
+  def kv_heads(self) -> int:
+    return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
+
+  @property
+  def target_vocab_size(self) -> int:
+    return self.vocab_size if self.output_vocab_size is None else self.output_vocab_size
+
+  @property
+  def compute_dtype(self):
+    return jnp.dtype(self.dtype)
+
+
+TRANSFORMER_VARIANTS: dict[str, dict[str, Any]] = {
+    # Unit tests and CPU smoke runs.
+    'tiny': dict(d_model=32, num_heads=4, d_ff=64, num_encoder_layers=2, num_decoder_layers=2,
+                 max_len=128),
+    # Small-data experiments on one CPU/GPU (IWSLT-size translation, algorithmic tasks).
+    'small': dict(d_model=256, num_heads=4, d_ff=1024, num_encoder_layers=3,
+                  num_decoder_layers=3),
+    # Vaswani et al. 2017, Table 3 "base" and "big".
+    'base': dict(d_model=512, num_heads=8, d_ff=2048, num_encoder_layers=6,
+                 num_decoder_layers=6),
+    'big': dict(d_model=1024, num_heads=16, d_ff=4096, num_encoder_layers=6,
+                num_decoder_layers=6, dropout_rate=0.3),
+}
+
+
+def _build(cls, variants: dict[str, dict[str, Any]], variant: str, overrides: dict[str, Any]):
+  if variant not in variants:
+    raise ValueError(f'unknown variant {variant!r}; known: {sorted(variants)}')
+  fields = {f.name for f in dataclasses.fields(cls)}
+  unknown = sorted(set(overrides) - fields)
+  if unknown:
+    raise ValueError(f'unknown {cls.__name__} field(s) {unknown}; known: {sorted(fields)}')
+  return cls(**{**variants[variant], **overrides})
+
+
+def transformer_config(variant: str = 'base', **overrides: Any) -> TransformerConfig:
+  """The named size (`tiny`, `small`, `base`, `big`) with `overrides` applied."""
+  return _build(TransformerConfig, TRANSFORMER_VARIANTS, variant, overrides)
+
+
+@dataclasses.dataclass(frozen=True)
+class RNNConfig:
+  """Hyper-parameters of `RNNSeq2Seq` (Bahdanau et al. 2014; Luong et al. 2015)."""
+  vocab_size: int = 32_000
+  output_vocab_size: int | None = None  # None = the same vocabulary.
+  embed_dim: int = 256
+  hidden_dim: int = 512  # per direction in the encoder; the decoder's state size.
+  cell: str = 'lstm'  # 'lstm' | 'gru'
+  # 'additive' (Bahdanau: context from the previous decoder state, fed into the cell),
+  # 'dot' / 'general' (Luong: context from the current state), 'none' (ablation: the
+  # decoder sees only the final encoder state, through its initial state).
+  attention: str = 'additive'
+  attention_dim: int = 256  # additive scores' hidden size
+  input_feeding: bool = True  # Luong: feed the previous attentional vector to the cell.
+  dropout_rate: float = 0.1
+  dtype: str = 'float32'
+  capture_attention: bool = False
+
+  def __post_init__(self):
+    _check_positive(self, 'vocab_size', 'embed_dim', 'hidden_dim', 'attention_dim')
+    if self.output_vocab_size is not None and self.output_vocab_size <= 0:
+      raise ValueError(f'output_vocab_size must be positive, got {self.output_vocab_size}')
+    _check_choice('cell', self.cell, ('lstm', 'gru'))
+    _check_choice('attention', self.attention, ('additive', 'dot', 'general', 'none'))
+    _check_choice('dtype', self.dtype, DTYPES)
+    _check_rate(self, 'dropout_rate')
+
+  @property
+  def target_vocab_size(self) -> int:
+    return self.vocab_size if self.output_vocab_size is None else self.output_vocab_size
+
+  @property
+  def compute_dtype(self):
+    return jnp.dtype(self.dtype)
+
+
+RNN_VARIANTS: dict[str, dict[str, Any]] = {
+    'tiny': dict(embed_dim=16, hidden_dim=32, attention_dim=16),
+    'small': dict(embed_dim=256, hidden_dim=256, attention_dim=256),
+    # Bahdanau et al. 2014 (RNNsearch): 620-d embeddings, 1000 hidden units.
+    'base': dict(embed_dim=620, hidden_dim=1000, attention_dim=1000),
+    # Luong et al. 2015 scale: 1000-d everything.
+    'big': dict(embed_dim=1000, hidden_dim=1000, attention_dim=1000),
+}
+
+
+def rnn_config(variant: str = 'small', **overrides: Any) -> RNNConfig:
+  """The named RNN size (`tiny`, `small`, `base`, `big`) with `overrides` applied."""
+  return _build(RNNConfig, RNN_VARIANTS, variant, overrides)

@@ -1,0 +1,309 @@
+"""Transformer blocks and models (Vaswani et al. 2017): encoder-decoder, decoder-only LM,
+encoder classifier. All take int32 tokens (pad 0, BOS 1, EOS 2) and return float32 logits.
+
+Layers stack either in a Python loop (`layer_0`, `layer_1`, ...) or, with
+`config.scan_layers`, as one `nn.scan` over a module named `layers` whose parameters (and
+cache, and sown attention weights) carry a leading `[num_layers]` axis with logical name
+`layers`. `config.remat` wraps each layer in `nn.remat`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from attn_jax.models import decoding
+from attn_jax.models.attention import MultiHeadAttention, partitioned
+from attn_jax.models.configs import TransformerConfig
+from attn_jax.models.decoding import BOS_ID, PAD_ID
+from attn_jax.models.layers import Embedder, FeedForward, make_norm, shift_right
+
+
+def _attention(cfg: TransformerConfig, *, causal: bool, self_attention: bool, name: str,
+               capture: bool) -> MultiHeadAttention:
+  in_attention = cfg.positional in ('rope', 'alibi', 't5')
+  return MultiHeadAttention(
+      num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, is_causal=causal,
+      positional=cfg.positional if in_attention and self_attention else 'none',
+      rope_base=cfg.rope_base, t5_num_buckets=cfg.t5_num_buckets,
+      t5_max_distance=cfg.t5_max_distance,
+      sliding_window=cfg.sliding_window if self_attention else None,
+      dropout_rate=cfg.attention_dropout_rate, use_bias=cfg.use_bias, dtype=cfg.compute_dtype,
+      implementation=cfg.implementation, capture_attention=capture, name=name)
+
+
+class _Block(nn.Module):
+  """Shared residual wiring of encoder and decoder layers."""
+  config: TransformerConfig
+  deterministic: bool = True
+  decode: bool = False
+  capture: bool = False
+
+  def residual(self, x: jax.Array, fn, name: str) -> jax.Array:
+    """Pre-LN `x + drop(fn(norm(x)))` or the paper's post-LN `norm(x + drop(fn(x)))`."""
+    cfg = self.config
+    drop = nn.Dropout(cfg.dropout_rate)
+    if cfg.norm_position == 'pre':
+      return x + drop(fn(make_norm(cfg, f'norm_{name}')(x)), deterministic=self.deterministic)
+    return make_norm(cfg, f'norm_{name}')(x + drop(fn(x), deterministic=self.deterministic))
+
+  def ffn(self, x: jax.Array) -> jax.Array:
+    return self.residual(
+        x, lambda h: FeedForward(self.config, name='mlp')(h, deterministic=self.deterministic),
+        'mlp')
+
+
+class EncoderLayer(_Block):
+  """Bidirectional self-attention + FFN. `x` `[batch, length, d_model]` -> same shape."""
+
+  @nn.compact
+  def __call__(self, x, mask, segment_ids, positions):
+    attn = _attention(self.config, causal=False, self_attention=True, name='encoder_self',
+                      capture=self.capture)
+    x = self.residual(x, lambda h: attn(h, mask=mask, segment_ids=segment_ids,
+                                        positions=positions,
+                                        deterministic=self.deterministic), 'self')
+    return self.ffn(x), None
+
+
+class DecoderLayer(_Block):
+  """Causal self-attention, cross-attention to `encoded` (if given), FFN."""
+
+  @nn.compact
+  def __call__(self, y, encoded, cross_mask, segment_ids, cross_segment_ids, positions):
+    cfg = self.config
+    attn = _attention(cfg, causal=True, self_attention=True, name='decoder_self',
+                      capture=self.capture)
+    y = self.residual(y, lambda h: attn(h, segment_ids=segment_ids, positions=positions,
+                                        deterministic=self.deterministic,
+                                        decode=self.decode), 'self')
+    if encoded is not None:
+      cross = _attention(cfg, causal=False, self_attention=False, name='cross',
+                         capture=self.capture)
+      y = self.residual(y, lambda h: cross(h, encoded, mask=cross_mask,
+                                           segment_ids=cross_segment_ids,
+                                           deterministic=self.deterministic), 'cross')
+    return self.ffn(y), None
+
+
+def stack_layers(cfg: TransformerConfig, layer_cls, num_layers: int, x: jax.Array,
+                 *args: Any, **attrs: Any) -> jax.Array:
+  """Applies `num_layers` layers, unrolled or under `nn.scan`; call from a compact method."""
+  cls = layer_cls
+  if cfg.remat:
+    # Under scan, CSE across iterations cannot happen, so skip the barrier (faster).
+    cls = nn.remat(cls, prevent_cse=not cfg.scan_layers)
+  if cfg.scan_layers:
+    scanned = nn.scan(
+        cls, variable_axes={'params': 0, 'cache': 0, 'intermediates': 0},
+        split_rngs={'params': True, 'dropout': True}, in_axes=(nn.broadcast,) * len(args),
+        length=num_layers, metadata_params={nn.PARTITION_NAME: 'layers'})
+    x, _ = scanned(cfg, name='layers', **attrs)(x, *args)
+    return x
+  for i in range(num_layers):
+    x, _ = cls(cfg, name=f'layer_{i}', **attrs)(x, *args)
+  return x
+
+
+def _valid(tokens: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
+  """bool `[batch, length]`: real tokens (non-pad, or non-zero segment when packed)."""
+  return tokens != PAD_ID if segment_ids is None else segment_ids != 0
+
+
+class Encoder(nn.Module):
+  """Embedding + positions + `num_encoder_layers` encoder layers (+ final norm if pre-LN)."""
+  config: TransformerConfig
+  embedder: nn.Module
+  cls_token: bool = False  # prepend a learned [CLS] vector (EncoderClassifier)
+
+  @nn.compact
+  def __call__(self, tokens: jax.Array, segment_ids: jax.Array | None = None,
+               positions: jax.Array | None = None, *, train: bool = False,
+               capture: bool = False) -> jax.Array:
+    """`tokens` int `[batch, L]` -> `[batch, L (+1 with cls_token), d_model]`."""
+    cfg = self.config
+    x = self.embedder(tokens, positions)
+    valid = _valid(tokens, segment_ids)
+    if self.cls_token:
+      cls = self.param('cls', partitioned(nn.initializers.normal(0.02), ('embed',)),
+                       (cfg.d_model,), jnp.float32)
+      x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (x.shape[0], 1, x.shape[2])),
+                           x], axis=1)
+      valid = jnp.pad(valid, ((0, 0), (1, 0)), constant_values=True)
+      if segment_ids is not None:
+        segment_ids = jnp.concatenate([segment_ids[:, :1], segment_ids], axis=1)
+      if positions is not None:
+        positions = jnp.pad(positions + 1, ((0, 0), (1, 0)))
+    x = nn.Dropout(cfg.dropout_rate)(x, deterministic=not train)
+    mask = valid[:, None, None, :]  # [batch, 1, 1, L]: no query attends to padding.
+    x = stack_layers(cfg, EncoderLayer, cfg.num_encoder_layers, x, mask, segment_ids, positions,
+                     deterministic=not train, capture=capture)
+    if cfg.norm_position == 'pre':
+      x = make_norm(cfg, 'final_norm')(x)
+    return x
+
+
+class Decoder(nn.Module):
+  """Embedding + positions + decoder layers + output logits (tied or separate)."""
+  config: TransformerConfig
+  embedder: nn.Module
+  vocab_size: int
+
+  @nn.compact
+  def __call__(self, decoder_inputs: jax.Array, encoded: jax.Array | None = None, *,
+               cross_mask: jax.Array | None = None, segment_ids=None, cross_segment_ids=None,
+               positions: jax.Array | None = None, train: bool = False, decode: bool = False,
+               capture: bool = False) -> jax.Array:
+    """`decoder_inputs` int `[batch, T]` (already shifted) -> float32 `[batch, T, vocab]`."""
+    cfg = self.config
+    if decode and positions is None:
+      # Absolute positions continue from the tokens decoded so far.
+      initialized = self.has_variable('cache', 'position_index')
+      index = self.variable('cache', 'position_index', lambda: jnp.array(0, jnp.int32))
+      positions = index.value + jnp.arange(decoder_inputs.shape[1])
+      if initialized:
+        index.value = index.value + decoder_inputs.shape[1]
+    y = self.embedder(decoder_inputs, positions)
+    y = nn.Dropout(cfg.dropout_rate)(y, deterministic=not train)
+    cross_ids = None
+    if cross_segment_ids is not None:
+      # Packed sources with unpacked targets: every target token is in segment 1.
+      q_ids = jnp.ones_like(decoder_inputs) if segment_ids is None else segment_ids
+      cross_ids = (q_ids, cross_segment_ids)
+    y = stack_layers(cfg, DecoderLayer, cfg.num_decoder_layers, y, encoded, cross_mask,
+                     segment_ids, cross_ids, positions, deterministic=not train, decode=decode,
+                     capture=capture)
+    if cfg.norm_position == 'pre':
+      y = make_norm(cfg, 'final_norm')(y)
+    if cfg.tie_output:
+      return self.embedder.attend(y)
+    return nn.Dense(self.vocab_size, dtype=cfg.compute_dtype, name='logits',
+                    kernel_init=partitioned(nn.initializers.lecun_normal(), ('embed', 'vocab')),
+                    bias_init=partitioned(nn.initializers.zeros, ('vocab',)))(y).astype(
+                        jnp.float32)
+
+
+def _capture(config, capture_attention: bool | None) -> bool:
+  return config.capture_attention if capture_attention is None else capture_attention
+
+
+class EncoderDecoder(nn.Module):
+  """Sequence-to-sequence Transformer (translation, algorithmic tasks)."""
+  config: TransformerConfig
+
+  def setup(self):
+    cfg = self.config
+    if cfg.share_embeddings:
+      self.embed = Embedder(cfg, cfg.vocab_size)
+      source = target = self.embed
+    else:
+      self.source_embed = Embedder(cfg, cfg.vocab_size)
+      self.target_embed = Embedder(cfg, cfg.target_vocab_size)
+      source, target = self.source_embed, self.target_embed
+    self.encoder = Encoder(cfg, source)
+    self.decoder = Decoder(cfg, target, cfg.target_vocab_size)
+
+  def encode(self, inputs, *, inputs_segmentation=None, inputs_positions=None, train=False,
+             capture_attention=None):
+    """`inputs` int `[batch, Ls]` -> `[batch, Ls, d_model]`."""
+    return self.encoder(inputs, inputs_segmentation, inputs_positions, train=train,
+                        capture=_capture(self.config, capture_attention))
+
+  def decode(self, encoded, inputs, decoder_inputs, *, inputs_segmentation=None,
+             targets_segmentation=None, targets_positions=None, train=False, decode=False,
+             capture_attention=None):
+    """Decoder over already-shifted `decoder_inputs` `[batch, Lt]` -> `[batch, Lt, vocab]`.
+
+    `inputs` (`[batch, Ls]`) only supply the cross-attention padding mask. With
+    `decode=True`, `targets_segmentation` marks real (1) vs padding (0) decoder tokens.
+    """
+    cross_mask = _valid(inputs, inputs_segmentation)[:, None, None, :]
+    return self.decoder(
+        decoder_inputs, encoded, cross_mask=cross_mask, segment_ids=targets_segmentation,
+        cross_segment_ids=None if decode else inputs_segmentation,
+        positions=targets_positions, train=train, decode=decode,
+        capture=_capture(self.config, capture_attention))
+
+  def __call__(self, inputs, targets, *, inputs_segmentation=None, targets_segmentation=None,
+               inputs_positions=None, targets_positions=None, train=False,
+               capture_attention=None):
+    """Teacher-forced logits: float32 `[batch, Lt, vocab]`, `logits[:, i]` predicts
+    `targets[:, i]`."""
+    if inputs.ndim != 2 or targets.ndim != 2 or inputs.shape[0] != targets.shape[0]:
+      raise ValueError(f'inputs and targets must be [batch, length] with equal batch, got '
+                       f'{inputs.shape} and {targets.shape}')
+    encoded = self.encode(inputs, inputs_segmentation=inputs_segmentation,
+                          inputs_positions=inputs_positions, train=train,
+                          capture_attention=capture_attention)
+    decoder_inputs = shift_right(targets, targets_segmentation, targets_positions, BOS_ID)
+    return self.decode(encoded, inputs, decoder_inputs, inputs_segmentation=inputs_segmentation,
+                       targets_segmentation=targets_segmentation,
+                       targets_positions=targets_positions, train=train,
+                       capture_attention=capture_attention)
+
+  @nn.nowrap
+  def decoding_fns(self, params, *, inputs, prompt=None, max_decode_len):
+    return decoding.encoder_decoder_fns(self, params, inputs, max_decode_len)
+
+
+class DecoderLM(nn.Module):
+  """Decoder-only language model (no cross-attention)."""
+  config: TransformerConfig
+
+  def setup(self):
+    cfg = self.config
+    self.embed = Embedder(cfg, cfg.vocab_size)
+    self.decoder = Decoder(cfg, self.embed, cfg.vocab_size)
+
+  def __call__(self, inputs, *, segment_ids=None, positions=None, train=False, decode=False,
+               capture_attention=None):
+    """`inputs` int `[batch, L]` -> float32 `[batch, L, vocab]`.
+
+    Teacher forcing: the model shifts `inputs` right (BOS at each segment start), so
+    `logits[:, i]` predicts `inputs[:, i]`. With `decode=True` the tokens are fed as
+    they are (the caller starts with BOS) and appended to the cache; `segment_ids`
+    then marks real (1) vs padding (0) tokens.
+    """
+    if inputs.ndim != 2:
+      raise ValueError(f'inputs must be [batch, length], got {inputs.shape}')
+    decoder_inputs = inputs if decode else shift_right(inputs, segment_ids, positions, BOS_ID)
+    return self.decoder(decoder_inputs, segment_ids=segment_ids, positions=positions,
+                        train=train, decode=decode,
+                        capture=_capture(self.config, capture_attention))
+
+  @nn.nowrap
+  def decoding_fns(self, params, *, inputs=None, prompt=None, max_decode_len):
+    return decoding.decoder_lm_fns(self, params, prompt if prompt is not None else inputs,
+                                   max_decode_len)
+
+
+class EncoderClassifier(nn.Module):
+  """Encoder + pooling + linear head: `inputs` `[batch, L]` -> float32 `[batch, classes]`.
+
+  Pooling: 'cls' prepends a learned [CLS] vector and reads its output; 'mean' averages the
+  outputs of non-pad tokens (non-zero segment ids when given).
+  """
+  config: TransformerConfig
+
+  @nn.compact
+  def __call__(self, inputs, *, segment_ids=None, train=False, capture_attention=None):
+    cfg = self.config
+    if inputs.ndim != 2:
+      raise ValueError(f'inputs must be [batch, length], got {inputs.shape}')
+    embedder = Embedder(cfg, cfg.vocab_size, name='embed')
+    x = Encoder(cfg, embedder, cls_token=cfg.pooling == 'cls', name='encoder')(
+        inputs, segment_ids, train=train, capture=_capture(cfg, capture_attention))
+    if cfg.pooling == 'cls':
+      pooled = x[:, 0]
+    else:
+      valid = _valid(inputs, segment_ids).astype(jnp.float32)[..., None]
+      pooled = jnp.sum(x.astype(jnp.float32) * valid, axis=1) / jnp.maximum(
+          jnp.sum(valid, axis=1), 1.0)
+    pooled = nn.Dropout(cfg.dropout_rate)(pooled, deterministic=not train)
+    return nn.Dense(cfg.num_classes, name='head',
+                    kernel_init=partitioned(nn.initializers.lecun_normal(), ('embed', None)),
+                    bias_init=partitioned(nn.initializers.zeros, (None,)))(pooled).astype(
+                        jnp.float32)

@@ -1,0 +1,203 @@
+"""MultiHeadAttention (+ KV cache), AdditiveAttention, LuongAttention against references.
+
+Tolerances: float32 throughout; 1e-5 where both sides do the same float32 maths in a
+different order, 1e-4 for gradients.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from attn_jax.models import AdditiveAttention, LuongAttention, MultiHeadAttention
+
+B, L, F, H = 2, 7, 16, 4
+ATOL = 1e-5
+
+
+def _x(seed=0, shape=(B, L, F)):
+  return jax.random.normal(jax.random.key(seed), shape, jnp.float32)
+
+
+STATIC = ('decode', 'mutable', 'capture_attention', 'deterministic')
+
+
+def _init(module, *args, **kwargs):
+  # Jitted: eager Flax would compile every primitive on its own, which dominates runtime.
+  init = jax.jit(module.init, static_argnames=STATIC)
+  return nn.unbox(init(jax.random.key(1), *args, **kwargs))
+
+
+def _apply(module):
+  return jax.jit(module.apply, static_argnames=STATIC)
+
+
+def _empty_cache(module, x):
+  shapes = jax.eval_shape(lambda: module.init(jax.random.key(0), x, decode=True))['cache']
+  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+
+def test_matches_flax_multihead_attention_with_copied_params():
+  x, kv = _x(0), _x(1, (B, 5, F))
+  mask = jax.random.bernoulli(jax.random.key(2), 0.7, (B, 1, L, 5)).at[..., 0].set(True)
+  ref = nn.MultiHeadDotProductAttention(num_heads=H, qkv_features=F, out_features=F)
+  ref_vars = ref.init(jax.random.key(3), x, kv)
+  # num_kv_heads == num_heads is plain multi-head attention.
+  ours = MultiHeadAttention(num_heads=H, num_kv_heads=H)
+  assert (jax.tree.map(jnp.shape, _init(ours, x, kv)['params'])
+          == jax.tree.map(jnp.shape, ref_vars['params']))
+  out = _apply(ours)(ref_vars, x, kv, mask=mask)
+  np.testing.assert_allclose(out, _apply(ref)(ref_vars, x, kv, mask=mask), atol=ATOL)
+
+  def loss(module, params, q):
+    return jnp.sum(jnp.sin(module.apply({'params': params}, q, kv, mask=mask)))
+  g_ours = jax.jit(jax.grad(lambda p, q: loss(ours, p, q), argnums=(0, 1)))(ref_vars['params'], x)
+  g_ref = jax.jit(jax.grad(lambda p, q: loss(ref, p, q), argnums=(0, 1)))(ref_vars['params'], x)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4), g_ours, g_ref)
+
+
+def test_grouped_query_attention_equals_mha_with_repeated_kv_heads():
+  x = _x(0)
+  gqa = MultiHeadAttention(num_heads=H, num_kv_heads=2, is_causal=True)
+  params = _init(gqa, x)['params']
+  assert params['key']['kernel'].shape == (F, 2, F // H)
+  # Query head h reads k/v head h // groups: repeat each kv head `groups` times.
+  mha_params = dict(params)
+  for name in ('key', 'value'):
+    mha_params[name] = jax.tree.map(lambda w: jnp.repeat(w, 2, axis=-2), params[name])
+  mha = MultiHeadAttention(num_heads=H, is_causal=True)
+  np.testing.assert_allclose(_apply(gqa)({'params': params}, x),
+                             _apply(mha)({'params': mha_params}, x), atol=ATOL)
+
+
+@pytest.mark.parametrize('positional', ['none', 'rope', 'alibi', 't5'])
+def test_causal_self_attention_has_no_gradient_from_the_future(positional):
+  x = _x(0)
+  attn = MultiHeadAttention(num_heads=H, is_causal=True, positional=positional)
+  params = _init(attn, x)['params']
+  jac = jax.jit(jax.jacobian(lambda v: attn.apply({'params': params}, v)))(x)  # [B, L, F, B, L, F]
+  dependence = jnp.abs(jac).sum(axis=(2, 5))[0, :, 0]  # [L (out), L (in)]
+  future = np.triu(np.ones((L, L), bool), k=1)
+  assert np.all(np.asarray(dependence)[future] == 0.0)
+  assert np.all(np.asarray(dependence)[~future] > 0.0)
+
+
+CACHE_CASES = {
+    'mha': dict(),
+    'gqa': dict(num_kv_heads=2),
+    'mqa_rope': dict(num_kv_heads=1, positional='rope'),
+    'rope': dict(positional='rope'),
+    'alibi': dict(positional='alibi'),
+    't5': dict(positional='t5'),
+    'sliding_window': dict(sliding_window=2, num_kv_heads=2, positional='rope'),
+}
+
+
+@pytest.mark.parametrize('case', sorted(CACHE_CASES))
+def test_prefill_then_stepwise_decoding_equals_full_forward(case):
+  x = _x(0, (B, 8, F))
+  attn = MultiHeadAttention(num_heads=H, is_causal=True, **CACHE_CASES[case])
+  params = _init(attn, x)['params']
+  apply = _apply(attn)
+  full = apply({'params': params}, x)
+  cache = _empty_cache(attn, jnp.zeros((B, 10, F)))
+  assert cache['cached_key'].shape[:2] == (B, 10)
+  outs = []
+  for start, stop in [(0, 5), (5, 6), (6, 7), (7, 8)]:  # prefill 5 tokens, then one at a time
+    out, mutated = apply({'params': params, 'cache': cache}, x[:, start:stop], decode=True,
+                         mutable=('cache',))
+    cache = mutated['cache']
+    outs.append(out)
+  assert int(cache['cache_index']) == 8
+  np.testing.assert_allclose(jnp.concatenate(outs, axis=1), full, atol=ATOL)
+
+
+def test_decoding_a_ragged_prompt_matches_each_row_alone():
+  """Row 0's prompt has 2 padding slots; its next token must see positions, not slots."""
+  x = _x(0, (1, 5, F))
+  attn = MultiHeadAttention(num_heads=H, is_causal=True, positional='alibi')
+  params = _init(attn, x)['params']
+  apply = _apply(attn)
+  full = apply({'params': params}, x)  # the unpadded 5-token sequence
+  cache = _empty_cache(attn, jnp.zeros((1, 8, F)))
+  prompt = jnp.concatenate([x[:, :4], jnp.zeros((1, 2, F))], axis=1)  # 4 real + 2 pad
+  variables = {'params': params, 'cache': cache}
+  _, mutated = apply(variables, prompt, segment_ids=jnp.array([[1, 1, 1, 1, 0, 0]]),
+                     decode=True, mutable=('cache',))
+  out, _ = apply({'params': params, 'cache': mutated['cache']}, x[:, 4:5],
+                 positions=jnp.array([[4]]), decode=True, mutable=('cache',))
+  np.testing.assert_allclose(out, full[:, 4:5], atol=ATOL)
+
+
+def test_sliding_window_limits_the_receptive_field():
+  x = _x(0)
+  attn = MultiHeadAttention(num_heads=H, sliding_window=1)  # bidirectional, +-1 token
+  params = _init(attn, x)['params']
+  jac = jax.jit(jax.jacobian(lambda v: attn.apply({'params': params}, v)))(x)
+  dependence = np.asarray(jnp.abs(jac).sum(axis=(2, 5))[0, :, 0])
+  band = np.abs(np.arange(L)[:, None] - np.arange(L)[None, :]) <= 1
+  assert np.all(dependence[~band] == 0.0) and np.all(dependence[band] > 0.0)
+
+
+def test_attention_weights_are_sown_and_dropout_needs_train():
+  x = _x(0)
+  attn = MultiHeadAttention(num_heads=H, dropout_rate=0.5)
+  variables = _init(attn, x)
+  apply = _apply(attn)
+  out, state = apply(variables, x, capture_attention=True, mutable=('intermediates',))
+  (weights,) = state['intermediates']['attention_weights']
+  assert weights.shape == (B, H, L, L)
+  np.testing.assert_allclose(weights.sum(-1), 1.0, atol=ATOL)
+  np.testing.assert_allclose(out, apply(variables, x), atol=ATOL)  # deterministic
+  dropped = apply(variables, x, deterministic=False, rngs={'dropout': jax.random.key(5)})
+  assert not np.allclose(dropped, out)
+
+
+def test_bad_head_configuration_raises_naming_the_field():
+  x = _x(0)
+  with pytest.raises(ValueError, match='num_kv_heads'):
+    MultiHeadAttention(num_heads=4, num_kv_heads=3).init(jax.random.key(0), x)
+  with pytest.raises(ValueError, match='num_heads'):
+    MultiHeadAttention(num_heads=5).init(jax.random.key(0), x)
+  with pytest.raises(ValueError, match='positional'):
+    MultiHeadAttention(num_heads=4, positional='xpos').init(jax.random.key(0), x)
+
+
+def _naive_attention(scores, mask, values):
+  scores = np.where(mask, scores, -np.inf)
+  weights = np.exp(scores - scores.max(-1, keepdims=True))
+  weights = weights / weights.sum(-1, keepdims=True)
+  return np.einsum('bk,bkd->bd', weights, values), weights
+
+
+def test_additive_attention_matches_the_bahdanau_formula():
+  query, keys = _x(0, (B, 6)), _x(1, (B, 5, 8))
+  mask = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], bool)
+  attn = AdditiveAttention(attention_dim=3)
+  params = _init(attn, query, keys, mask)['params']
+  context, weights = _apply(attn)({'params': params}, query, keys, mask)
+  w_q, w_k, v = (np.asarray(params[n], np.float64) for n in ('w_query', 'w_key', 'v'))
+  q, k = np.asarray(query, np.float64), np.asarray(keys, np.float64)
+  scores = np.tanh((q @ w_q)[:, None, :] + k @ w_k) @ v  # [B, 5]
+  ref_context, ref_weights = _naive_attention(scores, mask, k)
+  np.testing.assert_allclose(weights, ref_weights, atol=ATOL)
+  np.testing.assert_allclose(context, ref_context, atol=ATOL)
+  assert np.all(np.asarray(weights)[~mask] == 0.0)
+
+
+@pytest.mark.parametrize('score', ['dot', 'general'])
+def test_luong_attention_matches_the_formula(score):
+  query, keys = _x(0, (B, 8)), _x(1, (B, 5, 8))
+  mask = np.array([[1, 1, 0, 0, 0], [1, 1, 1, 1, 0]], bool)
+  attn = LuongAttention(score=score)
+  params = _init(attn, query, keys, mask).get('params', {})
+  context, weights = _apply(attn)({'params': params}, query, keys, mask)
+  q, k = np.asarray(query, np.float64), np.asarray(keys, np.float64)
+  if score == 'general':
+    q = q @ np.asarray(params['w'], np.float64)
+  ref_context, ref_weights = _naive_attention(np.einsum('bd,bkd->bk', q, k), mask, k)
+  np.testing.assert_allclose(weights, ref_weights, atol=ATOL)
+  np.testing.assert_allclose(context, ref_context, atol=ATOL)

@@ -1,0 +1,55 @@
+"""Configs: named variants, validation before compilation, the paper's parameter count."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from attn_jax import models
+
+
+@pytest.mark.parametrize('overrides, field', [
+    (dict(d_model=100, num_heads=8), 'd_model'),
+    (dict(num_heads=8, num_kv_heads=3), 'num_kv_heads'),
+    (dict(activation='tanh'), 'activation'),
+    (dict(norm='batchnorm'), 'norm'),
+    (dict(positional='xpos'), 'positional'),
+    (dict(dropout_rate=1.5), 'dropout_rate'),
+    (dict(share_embeddings=True, output_vocab_size=7), 'share_embeddings'),
+    (dict(dmodel=512), 'dmodel'),  # a typo'd field must fail, not be ignored
+])
+def test_bad_transformer_config_raises_naming_the_field(overrides, field):
+  # Raised by the (pure Python) config itself, so before any model is traced or compiled.
+  with pytest.raises(ValueError, match=field):
+    models.transformer_config('base', **overrides)
+
+
+def test_unknown_variants_and_rnn_fields_raise():
+  with pytest.raises(ValueError, match='huge'):
+    models.transformer_config('huge')
+  with pytest.raises(ValueError, match='huge'):
+    models.rnn_config('huge')
+  with pytest.raises(ValueError, match='cell'):
+    models.rnn_config('tiny', cell='rnn')
+  with pytest.raises(ValueError, match='attention'):
+    models.rnn_config('tiny', attention='cosine')
+
+
+def test_variants_are_ordered_by_size():
+  sizes = [models.transformer_config(v).d_model for v in ('tiny', 'small', 'base', 'big')]
+  assert sizes == sorted(sizes)
+  base = models.transformer_config('base')
+  assert (base.d_model, base.num_heads, base.d_ff, base.num_encoder_layers) == (512, 8, 2048, 6)
+  assert base.norm_position == 'post' and base.kv_heads == 8 and base.head_dim == 64
+
+
+def test_base_encoder_decoder_has_the_papers_65m_parameters():
+  """Vaswani et al. 2017, Table 3: base model, shared 37k BPE vocabulary, ~65M params."""
+  cfg = models.transformer_config('base', vocab_size=37_000)
+  x = jnp.ones((1, 4), jnp.int32)
+  shapes = jax.eval_shape(lambda: models.EncoderDecoder(cfg).init(jax.random.key(0), x, x))
+  count = sum(int(np.prod(s.shape)) for s in jax.tree.leaves(nn.unbox(shapes['params'])))
+  assert abs(count - 65e6) / 65e6 < 0.05, count

@@ -1,0 +1,150 @@
+"""Decoding: greedy / sampling / beam search on a hand-built table model and on real models."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from attn_jax import models
+from attn_jax.models.decoding import BOS_ID, EOS_ID, DecodeFns, filter_logits
+
+A, B_, C = 3, 4, 5  # token ids of the table model (0 pad, 1 BOS, 2 EOS)
+STEPS: list[int] = []  # decoding steps taken by the table model (via a debug callback)
+
+
+def _table() -> np.ndarray:
+  """Next-token probabilities given the previous token. Greedy takes A (0.5), then C (0.4),
+  then EOS: p = 0.2. The best sequence is B EOS: 0.4 * 0.9 = 0.36."""
+  probs = np.full((6, 6), 0.0)
+  probs[BOS_ID, [A, B_, C]] = [0.5, 0.4, 0.1]
+  probs[A, [C, B_, EOS_ID]] = [0.4, 0.3, 0.3]
+  probs[B_, [EOS_ID, A]] = [0.9, 0.1]
+  probs[C, EOS_ID] = probs[EOS_ID, EOS_ID] = probs[0, EOS_ID] = 1.0
+  return np.log(np.maximum(probs, 1e-12)).astype(np.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class TableModel:
+  """A decoder whose logits are `params[previous token]`; same interface as the models."""
+
+  def decoding_fns(self, params, *, inputs, prompt=None, max_decode_len):
+    batch = inputs.shape[0]
+
+    def step(state, tokens):
+      jax.debug.callback(lambda: STEPS.append(1))
+      return params[tokens], dict(previous=tokens)
+
+    def start():
+      return step(dict(previous=jnp.zeros((batch,), jnp.int32)),
+                  jnp.full((batch,), BOS_ID, jnp.int32))
+    return DecodeFns(start, step)
+
+
+def _generate(method, batch=2, **kwargs):
+  STEPS.clear()
+  out = models.generate(TableModel(), jnp.asarray(_table()), inputs=jnp.zeros((batch, 1)),
+                        max_decode_len=6, method=method, **kwargs)
+  jax.effects_barrier()
+  return np.asarray(out)
+
+
+def test_greedy_follows_the_table_and_stops_once_every_row_has_finished():
+  out = _generate('greedy')
+  np.testing.assert_array_equal(out, [[A, C, EOS_ID, 0, 0, 0]] * 2)
+  assert len(STEPS) == 1 + 3  # start, then one step per generated token; not 6
+
+
+def test_beam_search_finds_the_sequence_greedy_misses():
+  out = _generate('beam', beam_size=2, length_penalty=0.0)
+  np.testing.assert_array_equal(out, [[B_, EOS_ID, 0, 0, 0, 0]] * 2)
+  assert len(STEPS) < 1 + 6  # stopped early: no alive beam could beat the finished ones
+  seqs, scores = models.beam_search(
+      TableModel().decoding_fns(jnp.asarray(_table()), inputs=jnp.zeros((1, 1)),
+                                max_decode_len=6), beam_size=2, max_decode_len=6,
+      length_penalty=0.0)
+  np.testing.assert_allclose(scores[0], np.log([0.36, 0.2]), rtol=1e-5)
+  np.testing.assert_array_equal(seqs[0, 1, :3], [A, C, EOS_ID])
+
+
+def test_beam_of_one_equals_greedy_on_the_table():
+  np.testing.assert_array_equal(_generate('beam', beam_size=1, length_penalty=0.0),
+                                _generate('greedy'))
+
+
+def test_sampling_filters_and_frequencies():
+  greedy = _generate('greedy')
+  rng = jax.random.key(0)
+  np.testing.assert_array_equal(_generate('sample', top_k=1, rng=rng), greedy)
+  np.testing.assert_array_equal(_generate('sample', top_p=0.3, rng=rng), greedy)
+  np.testing.assert_array_equal(_generate('sample', temperature=1e-3, rng=rng), greedy)
+  first = _generate('sample', batch=4000, rng=rng)[:, 0]
+  freq = [np.mean(first == t) for t in (A, B_, C)]
+  np.testing.assert_allclose(freq, [0.5, 0.4, 0.1], atol=0.03)
+  top2 = _generate('sample', batch=500, top_k=2, rng=rng)[:, 0]
+  assert set(np.unique(top2)) == {A, B_}
+
+
+def test_filter_logits_top_p_keeps_the_smallest_set_reaching_p():
+  logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
+  kept = np.isfinite(np.asarray(filter_logits(logits, top_p=0.7)))
+  np.testing.assert_array_equal(kept, [[True, True, False, False]])
+  kept = np.isfinite(np.asarray(filter_logits(logits, top_p=0.81, top_k=2)))
+  np.testing.assert_array_equal(kept, [[True, True, False, False]])
+
+
+def test_bad_decoding_arguments_raise():
+  with pytest.raises(ValueError, match='method'):
+    _generate('nucleus')
+  with pytest.raises(ValueError, match='rng'):
+    models.generate(TableModel(), jnp.asarray(_table()), inputs=jnp.zeros((1, 1)),
+                    max_decode_len=3, method='sample')
+
+
+VOCAB = 11
+
+
+def _tiny(**overrides):
+  return models.transformer_config('tiny', vocab_size=VOCAB, dropout_rate=0.0,
+                                   num_encoder_layers=1, **overrides)
+
+
+def _greedy_is_self_consistent(model, params, inputs, out):
+  """Teacher forcing the generated tokens must reproduce them as the argmax."""
+  logits = jax.jit(model.apply)({'params': params}, inputs, jnp.asarray(out))
+  real = out != 0
+  np.testing.assert_array_equal(np.argmax(logits, -1)[real], out[real])
+
+
+@pytest.mark.parametrize('kind', ['transformer_scan', 'rnn'])
+def test_cached_greedy_decoding_agrees_with_the_full_forward(kind):
+  inputs = jnp.array([[5, 6, 7, 2, 0], [4, 9, 8, 3, 2]], jnp.int32)
+  if kind == 'rnn':
+    model = models.RNNSeq2Seq(models.rnn_config('tiny', vocab_size=VOCAB, attention='general'))
+  else:
+    model = models.EncoderDecoder(_tiny(scan_layers=True, num_kv_heads=2, num_decoder_layers=1))
+  params = nn.unbox(jax.jit(model.init)(jax.random.key(0), inputs, inputs))['params']
+  out = np.asarray(models.generate(model, params, inputs=inputs, max_decode_len=6))
+  assert out.shape == (2, 6) and out.dtype == np.int32
+  _greedy_is_self_consistent(model, params, inputs, out)
+  beam = models.generate(model, params, inputs=inputs, max_decode_len=6, method='beam',
+                         beam_size=1, length_penalty=0.0)
+  np.testing.assert_array_equal(beam, out)
+
+
+def test_decoder_lm_ragged_prompts_generate_as_if_alone():
+  model = models.DecoderLM(_tiny(positional='alibi', num_decoder_layers=1))
+  prompts = jnp.array([[5, 6, 7, 0, 0], [4, 9, 8, 3, 10]], jnp.int32)
+  params = nn.unbox(jax.jit(model.init)(jax.random.key(0), prompts))['params']
+  both = models.generate(model, params, prompt=prompts, max_decode_len=4)
+  alone = models.generate(model, params, prompt=prompts[:1, :3], max_decode_len=4)
+  np.testing.assert_array_equal(both[0], alone[0])
+  # The continuation is what the full forward pass predicts after the prompt.
+  sequence = jnp.concatenate([prompts[:1, :3], alone], axis=1)
+  logits = jax.jit(model.apply)({'params': params}, sequence)
+  real = np.asarray(alone[0]) != 0
+  np.testing.assert_array_equal(np.argmax(logits[0, 3:], -1)[real], np.asarray(alone[0])[real])
