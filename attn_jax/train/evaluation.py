@@ -102,12 +102,14 @@ def until_eos(row: Iterable[int]) -> list[int]:
 
 
 def exact_match_by_length(predictions: Sequence[Sequence[int]], targets: Sequence[Sequence[int]],
-                          prefix: str, num_bins: int = 4) -> dict[str, float]:
+                          prefix: str, max_length: int, num_bins: int = 4) -> dict[str, float]:
   """Exact-sequence accuracy overall and per quarter of the target-length range.
 
   Args:
     predictions, targets: per example, token ids up to EOS (see `until_eos`).
     prefix: metric name prefix, e.g. 'test/'.
+    max_length: longest possible target (tokens incl. EOS); the bins split `[1, max_length]`
+      the same way at every eval, so curves are comparable.
 
   Returns:
     `{prefix + 'sequence_accuracy': float, prefix + 'sequence_accuracy_len_<lo>_<hi>': ...}`.
@@ -117,8 +119,7 @@ def exact_match_by_length(predictions: Sequence[Sequence[int]], targets: Sequenc
   out = {prefix + 'sequence_accuracy': float(np.mean(correct)) if len(correct) else 0.0}
   if not len(correct):
     return out
-  lo, hi = int(lengths.min()), int(lengths.max())
-  edges = np.unique(np.linspace(lo, hi + 1, num_bins + 1).astype(int))
+  edges = np.unique(np.linspace(1, max_length + 1, num_bins + 1).astype(int))
   for a, b in zip(edges[:-1], edges[1:], strict=True):
     sel = (lengths >= a) & (lengths < b)
     if sel.any():
@@ -180,7 +181,7 @@ def seq2seq_hook(config, task, bundle) -> EvalHook:
       _, preds, tgts = decode_split(task, state.params, bundle.eval[split], config.eval,
                                     max_len, config.eval.max_decode_batches)
       if config.eval.exact_match:
-        out.update(exact_match_by_length(preds, tgts, f'{split}/'))
+        out.update(exact_match_by_length(preds, tgts, f'{split}/', max_len))
       if config.eval.bleu:
         out[f'{split}/bleu'] = bleu([detok.decode(p) for p in preds],
                                     [detok.decode(t) for t in tgts])
