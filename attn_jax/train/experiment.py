@@ -157,6 +157,8 @@ def apply_smoke(config: ml_collections.ConfigDict) -> None:
   config.data.eval_batch_size = 8
   config.data.eval_max_examples = 8
   config.data.bucket_window = 2
+  config.data.num_length_buckets = 1  # one padded shape: one compile per step function
+  config.data.eval_splits = 'validation'
   config.eval.max_decode_batches = 1
   config.eval.beam_size = min(config.eval.beam_size, 2)
   config.eval.num_samples = 2
