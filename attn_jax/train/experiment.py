@@ -133,7 +133,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     if c.get('truncated') or c.get('filtered'):
       logging.warning('%s: %d of %d examples truncated, %d filtered (data.length_policy)',
                       name, c.get('truncated', 0), c.get('seen', 0), c.get('filtered', 0))
-  if parallel.is_primary() and not result.preempted:
+  finished_before = result.step == result.start_step and (workdir / DONE_FILE).exists()
+  # A re-run of a finished workdir restores and stops at once: keep its DONE record.
+  if parallel.is_primary() and not result.preempted and not finished_before:
     eval_keys = set(result.last_eval)
     done = {'step': result.step, 'final': result.last_eval,
             'best': _best(read_metrics(workdir), eval_keys),
