@@ -1,0 +1,166 @@
+"""A trained run, reloaded from its workdir, applied to new text.
+
+    run = load_run('/tmp/attn_jax/reverse', checkpoint='best')
+    outputs = predict(run, ['3 1 4 1 5'], method='greedy')
+    print(score(run, outputs, references))      # {'bleu': ...} or {'accuracy': ...}
+
+`load_run` reads what `experiment.train_and_evaluate` wrote (config.json, data_meta.json,
+tokenizers.json + tokenizer files, checkpoints/) and restores the parameters only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import pathlib
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from attn_jax.data import algorithmic
+from attn_jax.data import tokenizers as tok_lib
+from attn_jax.train import checkpoint as ckpt_lib
+from attn_jax.train import evaluation, experiment, loop, optim, tasks
+from attn_jax.train import state as state_lib
+
+CHECKPOINTS = ('latest', 'best')
+
+
+@dataclasses.dataclass
+class Run:
+  """A reloaded run: its config, data meta, tokenizers, task (model) and parameters."""
+
+  workdir: pathlib.Path
+  config: ml_collections.ConfigDict
+  meta: dict[str, Any]
+  tokenizers: dict[str, Any]
+  task: tasks.Task
+  params: Any
+  step: int
+
+
+def _read_json(path: pathlib.Path) -> Any:
+  if not path.exists():
+    raise ValueError(f'{path} does not exist: is {path.parent} a workdir written by '
+                     'experiments/train.py?')
+  try:
+    return json.loads(path.read_text(encoding='utf-8'))
+  except json.JSONDecodeError as e:
+    raise ValueError(f'{path} is not valid JSON: {e}') from None
+
+
+def load_run(workdir: str | pathlib.Path, checkpoint: str = 'latest') -> Run:
+  """Reloads the run in `workdir` at its latest or best (`config.train.best_metric`) step.
+
+  Raises:
+    ValueError: a missing/corrupt run file, no checkpoint, an unknown `checkpoint` choice or
+      'best' without a best metric.
+  """
+  if checkpoint not in CHECKPOINTS:
+    raise ValueError(f'checkpoint={checkpoint!r} is not one of {CHECKPOINTS}')
+  workdir = pathlib.Path(workdir)
+  config = ml_collections.ConfigDict(_read_json(workdir / experiment.CONFIG_FILE))
+  meta = _read_json(workdir / 'data_meta.json')
+  index = _read_json(workdir / experiment.TOKENIZERS_FILE)
+  toks = {role: tok_lib.load_tokenizer(str(workdir / name)) for role, name in index.items()}
+  task = tasks.make_task(config, meta)
+  tx, _ = optim.make_optimizer(loop._optim_config(config))
+  abstract = state_lib.abstract_state(task.init_params, tx, jax.random.PRNGKey(0))
+  t = config.train
+  ckpt = ckpt_lib.Checkpointer(workdir / 'checkpoints', best_metric=t.best_metric or None,
+                               best_mode=t.best_mode, async_save=False)
+  try:
+    step = None
+    if checkpoint == 'best':
+      step = ckpt.best_step()
+      if step is None:
+        raise ValueError(f'{workdir}: no best checkpoint (config.train.best_metric='
+                         f'{t.best_metric!r}); use checkpoint=latest')
+    restored = ckpt.restore(abstract, step)
+  finally:
+    ckpt.close()
+  if restored is None:
+    raise ValueError(f'{workdir / "checkpoints"} holds no checkpoint')
+  return Run(workdir=workdir, config=config, meta=meta, tokenizers=toks, task=task,
+             params=restored.state.params, step=restored.step)
+
+
+def encode(run: Run, texts: Sequence[str], role: str = 'inputs') -> np.ndarray:
+  """Texts -> int32 `[n, L]` ids ending in EOS, padded to a multiple of 8 (few compiles).
+
+  Texts longer than the run's `max_length` are truncated (keeping EOS) and counted in a
+  warning.
+  """
+  max_len = int(run.meta['max_length'])
+  rows, truncated = [], 0
+  for text in texts:
+    ids = list(run.tokenizers[role].encode(text))
+    if len(ids) + 1 > max_len:
+      ids, truncated = ids[:max_len - 1], truncated + 1
+    rows.append(ids + [tok_lib.EOS_ID])
+  if truncated:
+    logging.warning('%d of %d inputs truncated to max_length=%d tokens', truncated, len(texts),
+                    max_len)
+  width = max(8, -(-max(len(r) for r in rows) // 8) * 8)
+  out = np.zeros((len(rows), width), np.int32)
+  for i, r in enumerate(rows):
+    out[i, :len(r)] = r
+  return out
+
+
+def predict(run: Run, texts: Sequence[str], *, batch_size: int = 32,
+            max_decode_len: int = 0, seed: int = 0, **decode: Any) -> list[str]:
+  """Translations / algorithmic outputs (seq2seq), label names (classification) or
+  continuations (LM, `texts` are prompts) for `texts`.
+
+  `decode` overrides `config.eval` decoding fields: method (as `decode_method`), beam_size,
+  length_penalty, temperature, top_k, top_p. `max_decode_len` 0 = the run's target length.
+  """
+  e = ml_collections.ConfigDict(run.config.eval.to_dict())
+  for key, value in decode.items():
+    name = 'decode_method' if key == 'method' else key
+    if name not in e:
+      raise ValueError(f'unknown decoding option {key!r}; known: method, '
+                       f'{sorted(k for k in e if k != "decode_method")}')
+    if value is not None:
+      e[name] = value
+  evaluation.validate_config(ml_collections.ConfigDict({'eval': e}))
+  task, outputs = run.task, []
+  out_tok = run.tokenizers.get('targets', run.tokenizers['inputs'])
+  length = max_decode_len or int(run.meta.get('max_target_length') or run.meta['max_length'])
+  labels = run.meta.get('label_names') or []
+  for start in range(0, len(texts), batch_size):
+    chunk = list(texts[start:start + batch_size])
+    ids = encode(run, chunk)
+    rng = jax.random.fold_in(jax.random.key(seed), start)
+    if task.task == 'classification':
+      logits = np.asarray(task.apply(run.params, {'inputs': ids}))
+      pred = np.argmax(logits, axis=-1)
+      outputs += [labels[p] if p < len(labels) else str(p) for p in pred]
+    elif task.task == 'seq2seq':
+      out = evaluation.generate(task, run.params, e, inputs=ids, max_decode_len=length, rng=rng)
+      outputs += [out_tok.decode(r) for r in out]
+    else:
+      prompt = np.where(ids == tok_lib.EOS_ID, 0, ids)  # continue the text, do not end it
+      out = evaluation.generate(task, run.params, e, prompt=prompt, max_decode_len=length,
+                                rng=rng)
+      outputs += [out_tok.decode(r) for r in out]
+  return outputs
+
+
+def score(run: Run, predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
+  """BLEU for translation, accuracy (exact string match) for classification and algorithmic
+  tasks; nothing for LMs."""
+  if len(predictions) != len(references):
+    raise ValueError(f'{len(predictions)} predictions but {len(references)} references')
+  task = run.task.task
+  if task == 'lm':
+    return {}
+  if task == 'seq2seq' and run.config.data.name not in algorithmic.ALGORITHMIC_TASKS:
+    return {'bleu': evaluation.bleu(predictions, references)}
+  correct = [p.strip() == r.strip() for p, r in zip(predictions, references, strict=True)]
+  return {'accuracy': float(np.mean(correct)) if correct else 0.0}

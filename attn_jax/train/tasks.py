@@ -1,0 +1,183 @@
+"""Tasks: a model kind by name + the data task -> model, `init_params` and `loss_fn`.
+
+    task = make_task(config, meta)           # meta: DataBundle.meta (vocab sizes, classes...)
+    train_loop(config, workdir, init_params=task.init_params, loss_fn=task.loss_fn, ...)
+
+`config.model.kind` picks the module (a plain dict below, no registry); every other field of
+`config.model` is a field of that kind's config dataclass (`TransformerConfig` or
+`RNNConfig`), except the vocabulary sizes and number of classes, which come from the data.
+Batches follow the data contract (see `attn_jax.data`): seq2seq `inputs`/`targets` (+ packed
+segmentation/position), classification `inputs`/`label`, LM `inputs` (+ segmentation).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from attn_jax import models
+from attn_jax.train import losses
+
+# kind -> (module class, config builder, data task it serves).
+MODEL_KINDS: dict[str, tuple[Any, Callable[..., Any], str]] = {
+    'encoder_decoder': (models.EncoderDecoder, models.transformer_config, 'seq2seq'),
+    'rnn_seq2seq': (models.RNNSeq2Seq, models.rnn_config, 'seq2seq'),
+    'encoder_classifier': (models.EncoderClassifier, models.transformer_config,
+                           'classification'),
+    'decoder_lm': (models.DecoderLM, models.transformer_config, 'lm'),
+}
+# Filled from the data, never from config.model.
+DATA_FIELDS = ('vocab_size', 'output_vocab_size', 'num_classes')
+_INIT_LEN = 8  # Parameter shapes do not depend on the sequence length.
+
+
+def model_fields(kind: str, variant: str, **overrides: Any) -> dict[str, Any]:
+  """Every config-dataclass field of `kind` at size `variant` with `overrides`, minus the
+  data-derived ones: what a config file stores in `config.model` (so any field can be
+  overridden with `--config.model.<field>=`)."""
+  if kind not in MODEL_KINDS:
+    raise ValueError(f'config.model.kind={kind!r} is not one of {tuple(MODEL_KINDS)}')
+  _, build, _ = MODEL_KINDS[kind]
+  cfg = build(variant, **overrides)
+  return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in DATA_FIELDS}
+
+
+def model_section(kind: str, variant: str, **overrides: Any) -> ml_collections.ConfigDict:
+  """`config.model`: `kind` plus `model_fields`; None-valued fields become typed
+  placeholders so they can still be overridden from the command line."""
+  from ml_collections import config_dict
+
+  _, build, _ = MODEL_KINDS.get(kind, (None, None, None))
+  if build is None:
+    raise ValueError(f'config.model.kind={kind!r} is not one of {tuple(MODEL_KINDS)}')
+  types = {f.name: f.type for f in dataclasses.fields(build(variant).__class__)}
+  section = ml_collections.ConfigDict({'kind': kind})
+  for name, value in model_fields(kind, variant, **overrides).items():
+    if value is None:
+      value = config_dict.placeholder(int if 'int' in str(types[name]) else str)
+    section[name] = value
+  return section
+
+
+def build_model_config(model_config: Mapping[str, Any], meta: Mapping[str, Any]) -> Any:
+  """The model's config dataclass from `config.model` and the data's vocab sizes/classes.
+
+  Raises:
+    ValueError: unknown kind, unknown field, a kind that does not serve the data's task, or
+      any invalid field value (checked by the dataclass).
+  """
+  fields = dict(model_config)
+  kind = fields.pop('kind', None)
+  if kind not in MODEL_KINDS:
+    raise ValueError(f'config.model.kind={kind!r} is not one of {tuple(MODEL_KINDS)}')
+  _, build, task = MODEL_KINDS[kind]
+  if meta.get('task', task) != task:
+    raise ValueError(f'config.model.kind={kind!r} serves {task!r} data but the dataset is '
+                     f"{meta['task']!r}; use one of "
+                     f"{[k for k, v in MODEL_KINDS.items() if v[2] == meta['task']]}")
+  bad = sorted(set(fields) & set(DATA_FIELDS))
+  if bad:
+    raise ValueError(f'config.model.{bad[0]} comes from the data (tokenizer/labels); remove it')
+  data = {'vocab_size': int(meta.get('input_vocab_size') or meta.get('vocab_size') or 1)}
+  target_vocab = int(meta.get('target_vocab_size') or data['vocab_size'])
+  if task == 'seq2seq' and target_vocab != data['vocab_size']:
+    data['output_vocab_size'] = target_vocab
+  if task == 'classification':
+    data['num_classes'] = int(meta.get('num_classes') or 2)
+  if kind != 'rnn_seq2seq':
+    # Learned position tables (and decode caches) must cover the data's longest sequence.
+    longest = max(int(meta.get('max_length', 0)), int(meta.get('max_target_length', 0))) + 2
+    fields['max_len'] = max(int(fields.get('max_len', 0)), longest)
+  try:
+    return build('tiny', **{**fields, **data})  # every field is given, 'tiny' fills none
+  except TypeError as e:
+    raise ValueError(f'config.model: {e}') from None
+
+
+@dataclasses.dataclass
+class Task:
+  """A model bound to a batch layout: what `train_loop` and the eval hooks need.
+
+  Attributes:
+    kind: `config.model.kind`; task: 'seq2seq' | 'classification' | 'lm'.
+    model: the flax module; model_config: its dataclass.
+    init_params: `rng -> params` (logically boxed).
+    loss_fn: `(params, batch, rng, train) -> (objective_sum, {name: (sum, count)})`.
+    apply: `(params, batch, *, train, rng, capture) -> logits` (or `(logits, intermediates)`
+      with `capture=True`).
+  """
+
+  kind: str
+  task: str
+  model: Any
+  model_config: Any
+  init_params: Callable[[jax.Array], Any]
+  loss_fn: Callable[..., Any]
+  apply: Callable[..., Any]
+
+
+def _model_kwargs(kind: str, batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+  """Packed-batch fields (data contract names) -> the model's keyword arguments."""
+  names = {
+      'encoder_decoder': {'inputs_segmentation': 'inputs_segmentation',
+                          'targets_segmentation': 'targets_segmentation',
+                          'inputs_position': 'inputs_positions',
+                          'targets_position': 'targets_positions'},
+      'decoder_lm': {'inputs_segmentation': 'segment_ids', 'inputs_position': 'positions'},
+      'encoder_classifier': {'inputs_segmentation': 'segment_ids'},
+      'rnn_seq2seq': {},
+  }[kind]
+  return {arg: batch[key] for key, arg in names.items() if key in batch}
+
+
+def make_task(config: ml_collections.ConfigDict, meta: Mapping[str, Any]) -> Task:
+  """Builds the model named by `config.model` for the data described by `meta`."""
+  model_config = build_model_config(config.model.to_dict(), meta)
+  kind = config.model.kind
+  cls, _, task = MODEL_KINDS[kind]
+  model = cls(model_config)
+  label_smoothing = float(config.loss.label_smoothing)
+
+  def positional(batch):
+    if task == 'seq2seq':
+      return (batch['inputs'], batch['targets'])
+    return (batch['inputs'],)
+
+  def apply(params, batch, *, train=False, rng=None, capture=False):
+    rngs = {'dropout': rng} if (train and rng is not None) else {}
+    args, kwargs = positional(batch), _model_kwargs(kind, batch)
+    if capture:
+      logits, mutated = model.apply({'params': params}, *args, train=train, rngs=rngs,
+                                    capture_attention=True, mutable=['intermediates'], **kwargs)
+      return logits, mutated.get('intermediates', {})
+    return model.apply({'params': params}, *args, train=train, rngs=rngs, **kwargs)
+
+  def loss_fn(params, batch, rng, train):
+    logits = apply(params, batch, train=train, rng=rng)
+    if task == 'classification':
+      labels = batch['label']
+      # Eval batches are padded with all-pad rows; they must not count.
+      weights = jnp.any(batch['inputs'] != 0, axis=-1).astype(jnp.float32)
+      return losses.softmax_loss_and_metrics(logits, labels, weights,
+                                             label_smoothing=label_smoothing)
+    targets = batch['targets'] if task == 'seq2seq' else batch['inputs']
+    weights = losses.token_weights(targets)
+    objective, metrics = losses.softmax_loss_and_metrics(logits, targets, weights,
+                                                         label_smoothing=label_smoothing)
+    if task == 'seq2seq':
+      # Teacher-forced; the decoded exact-sequence accuracy comes from the eval hook.
+      metrics['tf_sequence_accuracy'] = losses.sequence_accuracy(logits, targets, weights)
+    return objective, metrics
+
+  def init_params(rng):
+    dummy = {'inputs': jnp.ones((1, _INIT_LEN), jnp.int32),
+             'targets': jnp.ones((1, _INIT_LEN), jnp.int32)}
+    return model.init({'params': rng}, *positional(dummy))['params']
+
+  return Task(kind=kind, task=task, model=model, model_config=model_config,
+              init_params=init_params, loss_fn=loss_fn, apply=apply)

@@ -1,0 +1,99 @@
+r"""Machine translation: the Transformer (base/big on WMT, small on your own corpus) and the
+RNN encoder-decoder with additive attention (Bahdanau et al. 2014).
+
+  # WMT'14 English->German, Transformer base (needs `pip install 'attn_jax[tf]'` and network):
+  PYTHONPATH=$PWD python experiments/train.py --config configs/translation.py:model=base \
+      --workdir /tmp/attn_jax/wmt14_base
+  # Your parallel corpus train.de/train.en (+ dev.*, test.*), a small Transformer:
+  python experiments/train.py --config configs/translation.py:model=small,data=local \
+      --workdir /tmp/attn_jax/my_mt --config.data.local.train=/data/train \
+      --config.data.local.validation=/data/dev --config.data.local.test=/data/test \
+      --config.data.local.source_suffix=de --config.data.local.target_suffix=en
+  # The RNN with additive attention on the same corpus: `:model=rnn,data=local`.
+
+Arguments: model in MODELS, data in DATA ('' = wmt14 for base/big, local otherwise), smoke
+(a tiny model on the repo's 120-line test corpus). Evaluation decodes with beam search
+(`config.eval.beam_size`, `length_penalty`) and reports sacrebleu BLEU of detokenized text;
+`config.eval.max_decode_batches` bounds its cost during training.
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+from attn_jax.train import experiment
+from attn_jax.train.config_args import parse_arg, validate_choices
+
+MODELS = ('base', 'big', 'small', 'rnn')
+DATA = ('', 'wmt14', 'wmt17', 'local')
+_SMOKE_CORPUS = pathlib.Path(__file__).resolve().parents[1] / 'tests/data/fixtures/tiny'
+
+
+def get_config(arg: str | None = None):
+  a = parse_arg(arg, model='base', data='')
+  validate_choices(a, 'model', MODELS, where='config arg')
+  validate_choices(a, 'data', DATA, where='config arg')
+  data = a.data or ('wmt14' if a.model in ('base', 'big') else 'local')
+  if a.smoke:
+    data = 'local'
+  dataset = 'local' if data == 'local' else f'{data}_translate/de-en'
+  if a.model == 'rnn':
+    kind, variant = 'rnn_seq2seq', ('tiny' if a.smoke else 'base')
+    overrides = dict(attention='additive', cell='gru', dropout_rate=0.0 if a.smoke else 0.2)
+  else:
+    kind, variant = 'encoder_decoder', ('tiny' if a.smoke else a.model)
+    overrides = {'dropout_rate': 0.0} if a.smoke else {}
+  c = experiment.base_config(dataset, kind, variant, **overrides)
+  c.arg = arg or ''
+
+  d = c.data
+  if dataset != 'local':
+    d.tfds.reverse_translation = True  # read en -> de, the paper's direction
+  d.local.task = 'seq2seq'
+  d.tokenizer.kind = 'sentencepiece'
+  d.tokenizer.vocab_size = 32_000 if data != 'local' else 8_000
+  d.max_length = 256
+  d.batching = 'bucket'
+  d.batch_size = 128 if data != 'local' else 64
+  d.eval_batch_size = 64
+
+  c.loss.label_smoothing = 0.1
+  c.optim.schedule = 'warmup_rsqrt'  # the paper's: lr * min(step / warmup, sqrt(warmup / step))
+  c.optim.learning_rate = 7e-4 if kind == 'encoder_decoder' else 1e-3
+  c.optim.warmup_steps = 4_000 if data != 'local' else 1_000
+  c.optim.b1, c.optim.b2, c.optim.eps = 0.9, 0.98, 1e-9
+  c.train.num_steps = {'base': 100_000, 'big': 300_000}.get(a.model, 20_000)
+  c.train.log_every = 200
+  c.train.eval_every = 2_000
+  c.train.checkpoint_every = 2_000
+  c.train.max_eval_batches = 50
+  c.train.best_metric = 'validation/bleu'
+  c.train.best_mode = 'max'
+  c.eval.decode_method = 'beam'
+  c.eval.beam_size = 4
+  c.eval.length_penalty = 0.6
+  c.eval.exact_match = False
+  c.eval.bleu = True
+  c.eval.decode_splits = 'validation'
+  c.eval.max_decode_batches = 20
+
+  if a.smoke:
+    experiment.apply_smoke(c)
+    d.local.train = str(_SMOKE_CORPUS)
+    d.local.source_suffix, d.local.target_suffix = 'de', 'en'
+    d.local.validation_fraction = d.local.test_fraction = 0.1
+    d.tokenizer.kind = 'char'
+    d.max_length = 48
+    c.train.best_metric = ''
+  c.lock()
+  return c
+
+
+def sweep():
+  """Label smoothing and warmup of the small Transformer, and the RNN, on a local corpus
+  (add `--config.data.local.*` paths to every run)."""
+  runs = [{'arg': 'model=small,data=local',
+           'overrides': {'loss.label_smoothing': ls, 'optim.warmup_steps': w},
+           'name': f'small_ls{ls:g}_warmup{w}'} for ls in (0.0, 0.1) for w in (1000, 4000)]
+  runs.append({'arg': 'model=rnn,data=local', 'name': 'rnn_additive'})
+  return runs

@@ -1,0 +1,41 @@
+r"""Trains and evaluates one experiment: a config file plus a work directory.
+
+  PYTHONPATH=$PWD python experiments/train.py --config configs/algorithmic.py:task=reverse \
+      --workdir /tmp/attn_jax/reverse --config.train.num_steps=3000
+
+`--config path.py:arg` selects the experiment (see each config's docstring for its `:key=value`
+arguments), `--config.<field>=value` overrides a number or string (unknown fields fail).
+Re-running with the same workdir resumes from its latest checkpoint. Multi-host: set
+`--config.parallel.coordinator_address=host:port`, `num_processes`, `process_id` (or the
+JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID environment variables) and
+`--config.parallel.mode=sharded` on every host, with a shared workdir.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from attn_jax.train import experiment, parallel
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file('config', None, 'Experiment config file (path.py:arg).',
+                                lock_config=True)
+flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and run files.')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  config = FLAGS.config
+  # Before any other JAX call: joins the multi-host runtime when one is configured.
+  parallel.initialize_distributed(config.parallel)
+  logging.info('config:\n%s', config)
+  experiment.train_and_evaluate(config, FLAGS.workdir)
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,114 @@
+"""Every config file parses, validates and sweeps; bad arguments and values fail by name."""
+
+from __future__ import annotations
+
+import importlib.util
+import pathlib
+
+import pytest
+from absl import flags
+from ml_collections import config_flags
+
+from attn_jax.train import experiment
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+CONFIGS = sorted(p.stem for p in (ROOT / 'configs').glob('*.py'))
+# A bad choice for each config's main argument.
+BAD_CHOICE = {'algorithmic': 'task', 'listops': 'size', 'translation': 'model',
+              'text_classification': 'data', 'language_model': 'positional'}
+
+
+def _load(name: str):
+  spec = importlib.util.spec_from_file_location(f'configs_{name}', ROOT / 'configs' / f'{name}.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_every_config_is_covered():
+  assert set(CONFIGS) == set(BAD_CHOICE), 'add the new config to BAD_CHOICE (and the smoke test)'
+
+
+@pytest.mark.parametrize('name', CONFIGS)
+def test_default_and_smoke_configs_validate(name):
+  module = _load(name)
+  assert 'experiments/train.py' in module.__doc__  # the launch command
+  for arg in (None, 'smoke'):
+    config = module.get_config(arg)
+    assert config.is_locked
+    experiment.validate_config(config)
+  assert module.get_config('smoke').train.num_steps <= 5
+
+
+@pytest.mark.parametrize('name', CONFIGS)
+def test_unknown_arg_key_and_bad_choice_name_themselves(name):
+  module = _load(name)
+  with pytest.raises(ValueError, match="unknown config arg 'colour'"):
+    module.get_config('colour=red')
+  key = BAD_CHOICE[name]
+  with pytest.raises(ValueError, match=rf"config arg\.{key}='nonsense' is not one of"):
+    module.get_config(f'{key}=nonsense')
+
+
+@pytest.mark.parametrize('name', CONFIGS)
+def test_sweep_runs_build_and_override_existing_fields(name):
+  module = _load(name)
+  runs = module.sweep()
+  assert runs and len({r.get('name', r['arg']) for r in runs}) == len(runs)
+  for run in runs:
+    assert set(run) <= {'arg', 'overrides', 'name'}
+    config = module.get_config(run['arg'])
+    for field, value in run.get('overrides', {}).items():
+      section, _, leaf = field.rpartition('.')
+      target = config
+      for part in section.split('.'):
+        target = target[part]
+      assert leaf in target, f'{name} sweep overrides unknown field {field}'
+      assert type(target[leaf]) is type(value), field
+
+
+def _parse(argv):
+  argv = ['train.py', *argv]
+  values = flags.FlagValues()
+  config_flags.DEFINE_config_file('config', None, 'config', flag_values=values,
+                                  lock_config=True, sys_argv=argv)
+  values(argv)
+  return values.config
+
+
+def test_config_flags_override_numbers_and_reject_unknown_fields():
+  path = str(ROOT / 'configs' / 'algorithmic.py')
+  config = _parse([f'--config={path}:task=sort,smoke', '--config.optim.learning_rate=0.01',
+                   '--config.model.d_model=64'])
+  assert config.data.name == 'sort' and config.optim.learning_rate == 0.01
+  assert config.model.d_model == 64
+  with pytest.raises((flags.Error, AttributeError, KeyError), match='learning_rat'):
+    _parse([f'--config={path}', '--config.optim.learning_rat=0.01'])
+
+
+@pytest.mark.parametrize('field,value,message', [
+    ('model.activation', 'relu6', "activation='relu6' is not one of"),
+    ('model.kind', 'decoder_lm', "serves 'lm' data but the dataset is 'seq2seq'"),
+    ('eval.decode_method', 'top', "config.eval.decode_method='top' is not one of"),
+    ('parallel.mode', 'tpu', "parallel.mode='tpu' is not one of"),
+    ('optim.schedule', 'cosine', "config.optim.schedule='cosine' is not one of"),
+    ('data.batching', 'pile', "data.batching='pile'"),
+    ('train.num_steps', 0, 'config.train.num_steps=0'),
+    ('data.batch_size', 12, 'batch_size=12 must divide over 8'),
+])
+def test_validate_config_names_the_bad_field(field, value, message):
+  config = _load('algorithmic').get_config('smoke')
+  config.unlock()
+  if field == 'data.batch_size':
+    config.parallel.mode = 'pmap'
+  section, leaf = field.split('.')
+  config[section][leaf] = value
+  with pytest.raises(ValueError, match=message):
+    experiment.validate_config(config)
+
+
+def test_rnn_model_rejects_packed_batches():
+  config = _load('algorithmic').get_config('model=rnn,smoke')
+  config.data.batching = 'pack'
+  with pytest.raises(ValueError, match="batching='pack' is not supported by model.kind"):
+    experiment.validate_config(config)

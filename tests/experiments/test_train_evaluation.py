@@ -1,0 +1,80 @@
+"""Unit tests of the experiment plumbing: model building from config + data meta, task
+losses against a naive formula, decoding metrics, attention-map extraction."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from attn_jax.train import evaluation, tasks
+
+
+def test_until_eos_and_exact_match_by_length():
+  assert evaluation.until_eos([5, 6, 2, 7, 0]) == [5, 6, 2]
+  assert evaluation.until_eos([0, 5, 6]) == [5, 6]  # no EOS: everything but pad
+  preds = [[4, 2], [5, 6, 2], [7, 7, 7, 7, 2], [4, 5, 6, 7, 8, 9, 10, 2]]
+  tgts = [[4, 2], [5, 7, 2], [7, 7, 7, 7, 2], [4, 5, 6, 7, 8, 9, 10, 2]]
+  out = evaluation.exact_match_by_length(preds, tgts, 'test/', max_length=8)
+  assert out['test/sequence_accuracy'] == pytest.approx(0.75)
+  # Bins split [1, 8] into [1,2], [3,4], [5,6], [7,8] whatever lengths occur.
+  assert out['test/sequence_accuracy_len_1_2'] == 1.0
+  assert out['test/sequence_accuracy_len_3_4'] == 0.0
+  assert out['test/sequence_accuracy_len_5_6'] == 1.0
+  assert out['test/sequence_accuracy_len_7_8'] == 1.0
+
+
+def test_bleu_bounds():
+  refs = ['the cat sat on the mat today', 'a dog ran in the park']
+  assert evaluation.bleu(refs, refs) == pytest.approx(100.0)
+  assert evaluation.bleu(['xx yy zz qq', 'uu vv ww rr'], refs) == pytest.approx(0.0)
+
+
+def test_attention_maps_unrolled_scanned_and_rnn():
+  w = np.random.default_rng(0).random((2, 4, 3, 5)).astype(np.float32)  # [b, heads, q, kv]
+  inter = {
+      'encoder': {'layer_1': {'encoder_self': {'attention_weights': (w,)}}},
+      'decoder': {'layers': {'cross': {'attention_weights': (np.stack([w, 2 * w]),)}}},
+      'step': {'rnn_attention': (w[:, 0],)},
+      'other': {'something': (w,)},
+  }
+  maps = {(k, layer): m for k, layer, m in evaluation.attention_maps(inter)}
+  assert set(maps) == {('encoder_self', 1), ('cross', 0), ('cross', 1), ('rnn_attention', 0)}
+  np.testing.assert_array_equal(maps['cross', 1], 2 * w)
+  assert maps['rnn_attention', 0].shape == (2, 1, 3, 5)
+
+
+def test_build_model_config_takes_sizes_from_data():
+  fields = tasks.model_fields('encoder_decoder', 'tiny', positional='learned')
+  cfg = tasks.build_model_config({'kind': 'encoder_decoder', **fields},
+                                 {'task': 'seq2seq', 'input_vocab_size': 30,
+                                  'target_vocab_size': 30, 'max_length': 300})
+  assert cfg.vocab_size == 30 and cfg.output_vocab_size is None and cfg.max_len >= 300
+  with pytest.raises(ValueError, match='vocab_size comes from the data'):
+    tasks.build_model_config({'kind': 'encoder_decoder', 'vocab_size': 3, **fields},
+                             {'task': 'seq2seq'})
+  with pytest.raises(ValueError, match="serves 'seq2seq' data but the dataset is 'lm'"):
+    tasks.build_model_config({'kind': 'encoder_decoder', **fields}, {'task': 'lm'})
+  with pytest.raises(ValueError, match=r"unknown TransformerConfig field\(s\) \['colour'\]"):
+    tasks.build_model_config({'kind': 'encoder_decoder', **fields, 'colour': 1},
+                             {'task': 'seq2seq'})
+
+
+def test_classification_loss_ignores_padding_rows():
+  fields = tasks.model_fields('encoder_classifier', 'tiny', d_model=16, num_heads=2, d_ff=16,
+                              num_encoder_layers=1, dropout_rate=0.0)
+  config = ml_collections.ConfigDict({'model': {'kind': 'encoder_classifier', **fields},
+                                      'loss': {'label_smoothing': 0.0}})
+  task = tasks.make_task(config, {'task': 'classification', 'vocab_size': 12,
+                                  'num_classes': 3, 'max_length': 8})
+  params = task.init_params(jax.random.key(0))
+  batch = {'inputs': jnp.array([[5, 6, 2, 0], [7, 2, 0, 0], [0, 0, 0, 0]], jnp.int32),
+           'label': jnp.array([1, 2, 0], jnp.int32)}
+  objective, metrics = task.loss_fn(params, batch, jax.random.key(1), False)
+  logits = task.apply(params, batch)
+  naive = optax.softmax_cross_entropy_with_integer_labels(logits[:2], batch['label'][:2]).sum()
+  np.testing.assert_allclose(objective, naive, rtol=1e-5)  # float32
+  assert float(metrics['loss'][1]) == 2.0  # the all-pad row does not count
