@@ -15,6 +15,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from attn_jax import ops
 
@@ -24,6 +25,51 @@ default_kernel_init = nn.initializers.lecun_normal()
 
 def partitioned(init, names: tuple[str | None, ...]):
   return nn.with_logical_partitioning(init, names)
+
+
+class Projection(nn.Module):
+  """`nn.DenseGeneral` whose kernel is created at its full rank.
+
+  `DenseGeneral` initializes a flattened 2-D kernel and reshapes it; under a mesh
+  flax applies the kernel's 3-axis logical sharding to that 2-D value and fails.
+  Here the same flattened initializer (same fan-in/out, hence the same values
+  for the same rng) runs inside a full-rank initializer, so the parameter tree,
+  shapes and values equal `DenseGeneral`'s and sharding works.
+
+  Attributes:
+    features: output feature shape, e.g. `(heads, head_dim)`.
+    contract: how many trailing input axes to contract (1 for q/k/v, 2 for out).
+    kernel_axes / bias_axes: logical axis names of the kernel
+      `[*in_shape, *features]` and the bias `[*features]`.
+  """
+  features: tuple[int, ...]
+  kernel_axes: tuple[str | None, ...]
+  bias_axes: tuple[str | None, ...]
+  contract: int = 1
+  kernel_init: Any = default_kernel_init
+  use_bias: bool = True
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    in_shape = x.shape[x.ndim - self.contract:]
+    fan_in = int(np.prod(in_shape))
+
+    def full_rank_init(rng, shape, dtype):
+      flat = self.kernel_init(rng, (fan_in, int(np.prod(self.features))), dtype)
+      return flat.reshape(shape)
+
+    kernel = self.param('kernel', partitioned(full_rank_init, self.kernel_axes),
+                        in_shape + tuple(self.features), self.param_dtype)
+    bias = None
+    if self.use_bias:
+      bias = self.param('bias', partitioned(nn.initializers.zeros, self.bias_axes),
+                        tuple(self.features), self.param_dtype)
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    axes = (tuple(range(x.ndim - self.contract, x.ndim)), tuple(range(self.contract)))
+    y = jax.lax.dot_general(x, kernel, (axes, ((), ())))
+    return y if bias is None else y + bias
 
 
 class MultiHeadAttention(nn.Module):
@@ -125,17 +171,14 @@ class MultiHeadAttention(nn.Module):
       raise ValueError('decode=True needs causal self-attention (is_causal=True, no inputs_kv)')
 
     dense = functools.partial(
-        nn.DenseGeneral, axis=-1, use_bias=self.use_bias, dtype=self.dtype,
+        Projection, kernel_init=self.kernel_init, use_bias=self.use_bias, dtype=self.dtype,
         param_dtype=self.param_dtype)
-    query = dense((self.num_heads, head_dim), name='query',
-                  kernel_init=partitioned(self.kernel_init, ('embed', 'heads', 'kv')),
-                  bias_init=partitioned(nn.initializers.zeros, ('heads', 'kv')))(inputs_q)
-    kv_init = partitioned(self.kernel_init, ('embed', 'kv_heads', 'kv'))
-    kv_bias = partitioned(nn.initializers.zeros, ('kv_heads', 'kv'))
-    key = dense((kv_heads, head_dim), name='key', kernel_init=kv_init,
-                bias_init=kv_bias)(inputs_kv)
-    value = dense((kv_heads, head_dim), name='value', kernel_init=kv_init,
-                  bias_init=kv_bias)(inputs_kv)
+    query = dense((self.num_heads, head_dim), ('embed', 'heads', 'kv'), ('heads', 'kv'),
+                  name='query')(inputs_q)
+    key = dense((kv_heads, head_dim), ('embed', 'kv_heads', 'kv'), ('kv_heads', 'kv'),
+                name='key')(inputs_kv)
+    value = dense((kv_heads, head_dim), ('embed', 'kv_heads', 'kv'), ('kv_heads', 'kv'),
+                  name='value')(inputs_kv)
     bias_fn, bias_params = self._bias_fn()
 
     window = None
@@ -163,11 +206,8 @@ class MultiHeadAttention(nn.Module):
     if capture:
       result, weights = result
       self.sow('intermediates', 'attention_weights', weights)
-    return nn.DenseGeneral(
-        self.out_features or features, axis=(-2, -1), use_bias=self.use_bias, dtype=self.dtype,
-        param_dtype=self.param_dtype, name='out',
-        kernel_init=partitioned(self.kernel_init, ('heads', 'kv', 'embed')),
-        bias_init=partitioned(nn.initializers.zeros, ('embed',)))(result)
+    return dense((self.out_features or features,), ('heads', 'kv', 'embed'), ('embed',),
+                 contract=2, name='out')(result)
 
   def _decode_cache(self, query, key, value, segment_ids, positions, bias_fn, bias_params):
     """Writes this call's keys/values into the cache and returns what to attend to.

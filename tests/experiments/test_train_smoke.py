@@ -107,9 +107,6 @@ def test_algorithmic_rnn_smoke_sharded(tmp_path, data_dir, fake_plots):
   assert fake_plots and all(t.startswith('rnn_attention') for t in fake_plots)
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason=(
-    'models bug (reported): MultiHeadAttention builds kernels with nn.DenseGeneral, whose '
-    'flattened init value gets the 3-axis logical sharding constraint under a mesh'))
 def test_algorithmic_transformer_smoke_sharded(tmp_path, data_dir):
   config = _config('algorithmic', 'smoke', data_dir, **{'parallel.mode': 'sharded',
                                                         'eval.attention_examples': 0})
