@@ -61,8 +61,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if missing:
     raise ValueError(f'config is missing section(s) {missing}; start from '
                      'attn_jax.train.experiment.base_config')
-  loop._check_config(config)  # train / parallel fields
-  optim.make_optimizer(loop._optim_config(config))  # optim fields (builds no arrays)
+  loop.validate_config(config)  # train / parallel fields
+  optim.make_optimizer(loop.optim_config(config))  # optim fields (builds no arrays)
   data_lib.validate_config(config.data, jax.process_count())
   task = data_lib.task_of(config.data)
   tasks.build_model_config(config.model.to_dict(),

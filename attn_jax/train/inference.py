@@ -68,7 +68,7 @@ def load_run(workdir: str | pathlib.Path, checkpoint: str = 'latest') -> Run:
   index = _read_json(workdir / experiment.TOKENIZERS_FILE)
   toks = {role: tok_lib.load_tokenizer(str(workdir / name)) for role, name in index.items()}
   task = tasks.make_task(config, meta)
-  tx, _ = optim.make_optimizer(loop._optim_config(config))
+  tx, _ = optim.make_optimizer(loop.optim_config(config))
   abstract = state_lib.abstract_state(task.init_params, tx, jax.random.PRNGKey(0))
   t = config.train
   ckpt = ckpt_lib.Checkpointer(workdir / 'checkpoints', best_metric=t.best_metric or None,

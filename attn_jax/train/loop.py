@@ -86,7 +86,7 @@ class LoopResult:
   last_eval: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
-def _check_config(config: ml_collections.ConfigDict) -> None:
+def validate_config(config: ml_collections.ConfigDict) -> None:
   for section in ('optim', 'train'):
     if section not in config:
       raise ValueError(f'config needs a {section!r} section (see attn_jax.train.{section})')
@@ -103,7 +103,7 @@ def _check_config(config: ml_collections.ConfigDict) -> None:
     validate_choices(config, 'parallel.mode', parallel.PARALLEL_MODES)
 
 
-def _optim_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+def optim_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   oc = ml_collections.ConfigDict(config.optim.to_dict())
   if oc.get('schedule') in ('warmup_cosine', 'warmup_linear') and not oc.get('total_steps'):
     oc.total_steps = max(1, config.train.num_steps // max(1, oc.get('grad_accum_steps', 1)))
@@ -218,11 +218,11 @@ def train_loop(
     LoopResult. Raises FloatingPointError naming the step when `nonfinite='raise'` and a
     step's loss or gradient was NaN/Inf.
   """
-  _check_config(config)
+  validate_config(config)
   t = config.train
   workdir = pathlib.Path(workdir)
   eval_iters = dict(eval_iters or {})
-  tx, schedule = optim.make_optimizer(_optim_config(config))
+  tx, schedule = optim.make_optimizer(optim_config(config))
   runner = _Runner(config, init_params, loss_fn, tx, schedule)
   logging.info('model has %d parameters', state_lib.param_count(runner.abstract.params))
 
