@@ -129,6 +129,10 @@ class Checkpointer:
       raise ValueError(f'checkpoint max_to_keep={max_to_keep!r} must be an int >= 1')
     if best_mode not in BEST_MODES:
       raise ValueError(f'checkpoint best_mode={best_mode!r} is not one of {BEST_MODES}')
+    # orbax needs an absolute path; a relative local workdir (`--workdir runs/x`) is
+    # resolved against the current directory. Remote paths (gs://...) pass through.
+    if '://' not in os.fspath(directory):
+      directory = os.path.abspath(directory)
     self.directory = epath.Path(directory)
     self.best_metric, self.best_mode = best_metric, best_mode
     policies = [ocp.checkpoint_managers.LatestN(n=max_to_keep)]

@@ -46,6 +46,19 @@ def test_roundtrip_state_and_iterator_state(tmp_path, data_state):
   ck.close()
 
 
+def test_relative_directory_is_resolved(tmp_path, monkeypatch):
+  """`--workdir runs/x` must work: orbax itself rejects relative paths."""
+  monkeypatch.chdir(tmp_path)
+  state, abstract = _state()
+  ck = ckpt_lib.Checkpointer('runs/x/checkpoints')
+  assert ck.directory.is_absolute()
+  assert ck.save(1, state)
+  ck.wait()
+  assert ck.restore(abstract).step == 1
+  assert (tmp_path / 'runs/x/checkpoints/1').is_dir()
+  ck.close()
+
+
 def test_keep_last_n_and_best(tmp_path):
   state, _ = _state()
   ck = ckpt_lib.Checkpointer(tmp_path, max_to_keep=2, best_metric='valid/loss', best_mode='min')
