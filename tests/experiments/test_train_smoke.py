@@ -9,13 +9,11 @@ import os
 import pathlib
 import subprocess
 import sys
-import types
 
 import numpy as np
 import pytest
 
-import attn_jax.train
-from attn_jax.train import experiment
+from attn_jax.train import experiment, plots
 from attn_jax.train.metrics import read_metrics
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -42,9 +40,10 @@ def data_dir(tmp_path_factory):
 
 @pytest.fixture
 def fake_plots(monkeypatch):
-  """Stand-in for attn_jax.train.plots (built by another engineer): records the calls and
+  """Records every `attn_jax.train.plots.plot_attention` call (then draws the real PNG) and
   checks the contract `weights [heads, q, kv]` against the token lists."""
   calls = []
+  real = plots.plot_attention
 
   def plot_attention(weights, *, query_tokens, key_tokens, title, path):
     weights = np.asarray(weights)
@@ -52,13 +51,11 @@ def fake_plots(monkeypatch):
         weights.shape, len(query_tokens), len(key_tokens))
     # Rows of real queries over real keys are (sub-)distributions.
     assert np.all(weights >= 0) and np.all(weights.sum(-1) <= 1 + 1e-4)
-    pathlib.Path(path).write_bytes(b'PNG stand-in')
+    real(weights, query_tokens=query_tokens, key_tokens=key_tokens, title=title, path=path)
+    assert pathlib.Path(path).stat().st_size > 1000
     calls.append(title)
 
-  module = types.ModuleType('attn_jax.train.plots')
-  module.plot_attention = plot_attention
-  monkeypatch.setitem(sys.modules, 'attn_jax.train.plots', module)
-  monkeypatch.setattr(attn_jax.train, 'plots', module, raising=False)
+  monkeypatch.setattr(plots, 'plot_attention', plot_attention)
   return calls
 
 
@@ -79,10 +76,13 @@ def reverse_run(tmp_path_factory, data_dir):
   workdir = tmp_path_factory.mktemp('reverse')
   mp = pytest.MonkeyPatch()
   calls = []
-  module = types.ModuleType('attn_jax.train.plots')
-  module.plot_attention = lambda w, **kw: (calls.append(kw['title']),
-                                           pathlib.Path(kw['path']).write_bytes(b'x'))
-  mp.setitem(sys.modules, 'attn_jax.train.plots', module)
+  real = plots.plot_attention
+
+  def recording_plot(weights, **kwargs):
+    calls.append(kwargs['title'])
+    real(weights, **kwargs)
+
+  mp.setattr(plots, 'plot_attention', recording_plot)
   try:
     experiment.train_and_evaluate(_config('algorithmic', 'smoke', data_dir), workdir)
   finally:
