@@ -44,8 +44,20 @@ def _check_rate(cfg: Any, *names: str) -> None:
       raise ValueError(f'{name} must be in [0, 1), got {getattr(cfg, name)}')
 
 
+class _VocabAndDtype:
+  """Properties both model configs derive from `vocab_size`/`output_vocab_size`/`dtype`."""
+
+  @property
+  def target_vocab_size(self) -> int:
+    return self.vocab_size if self.output_vocab_size is None else self.output_vocab_size
+
+  @property
+  def compute_dtype(self):
+    return jnp.dtype(self.dtype)
+
+
 @dataclasses.dataclass(frozen=True)
-class TransformerConfig:
+class TransformerConfig(_VocabAndDtype):
   """Hyper-parameters of the Transformer models (`EncoderDecoder`, `DecoderLM`,
   `EncoderClassifier`). Defaults are the 2017 paper's base model."""
   vocab_size: int = 32_000
@@ -127,14 +139,6 @@ class TransformerConfig:
   def kv_heads(self) -> int:
     return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
 
-  @property
-  def target_vocab_size(self) -> int:
-    return self.vocab_size if self.output_vocab_size is None else self.output_vocab_size
-
-  @property
-  def compute_dtype(self):
-    return jnp.dtype(self.dtype)
-
 
 TRANSFORMER_VARIANTS: dict[str, dict[str, Any]] = {
     # Unit tests and CPU smoke runs.
@@ -167,7 +171,7 @@ def transformer_config(variant: str = 'base', **overrides: Any) -> TransformerCo
 
 
 @dataclasses.dataclass(frozen=True)
-class RNNConfig:
+class RNNConfig(_VocabAndDtype):
   """Hyper-parameters of `RNNSeq2Seq` (Bahdanau et al. 2014; Luong et al. 2015)."""
   vocab_size: int = 32_000
   output_vocab_size: int | None = None  # None = the same vocabulary.
@@ -192,14 +196,6 @@ class RNNConfig:
     _check_choice('attention', self.attention, ('additive', 'dot', 'general', 'none'))
     _check_choice('dtype', self.dtype, DTYPES)
     _check_rate(self, 'dropout_rate')
-
-  @property
-  def target_vocab_size(self) -> int:
-    return self.vocab_size if self.output_vocab_size is None else self.output_vocab_size
-
-  @property
-  def compute_dtype(self):
-    return jnp.dtype(self.dtype)
 
 
 RNN_VARIANTS: dict[str, dict[str, Any]] = {
