@@ -93,40 +93,61 @@ def _slice_block(x: jax.Array, q_start, kv_start, block_q: int, block_kv: int) -
 
 
 def _block_logits_and_mask(st: _Static, q_blk, k_blk, q_start, kv_start, q_offset, q_seg, kv_seg,
-                           mask, bias, bias_params, position_mask: bool):
+                           mask, bias, bias_params, position_mask: bool, kv_major: bool = False):
   """Logits `[B, K, G, bq, bk]` (float32; q arrives pre-scaled) and their bool mask or None.
 
   `position_mask=False` skips the causal/window/padding terms, for blocks that
   `_fully_visible` proved need none: most blocks, and the mask is a full pass
-  over the block.
+  over the block. `kv_major=True` returns both transposed, `[B, K, G, bk, bq]`
+  (the backward's layout), computed that way rather than transposed after.
   """
   bq, bk = st.block_q, st.block_kv
-  logits = jnp.einsum('bkgqd,bksd->bkgqs', q_blk, k_blk, precision=st.precision,
-                      preferred_element_type=jnp.float32)
+  if kv_major:
+    logits = jnp.einsum('bkgsd,bkgqd->bkgsq', _per_group(k_blk, st), q_blk,
+                        precision=st.precision, preferred_element_type=jnp.float32)
+  else:
+    logits = jnp.einsum('bkgqd,bksd->bkgqs', q_blk, k_blk, precision=st.precision,
+                        preferred_element_type=jnp.float32)
+  orient = (lambda x: jnp.swapaxes(x, -1, -2)) if kv_major else (lambda x: x)
   q_pos = q_start + jnp.arange(bq) + q_offset  # absolute query positions
   kv_pos = kv_start + jnp.arange(bk)
   if bias is not None:
-    logits = logits + _slice_block(bias, q_start, kv_start, bq, bk).astype(jnp.float32)
+    logits = logits + orient(_slice_block(bias, q_start, kv_start, bq, bk).astype(jnp.float32))
   if st.bias_fn is not None:
-    logits = logits + _bias_fn_block(st, bias_params, q_pos, kv_pos)
+    logits = logits + orient(_bias_fn_block(st, bias_params, q_pos, kv_pos))
 
+  # Position masks are built directly in the requested layout from index vectors.
+  rows, cols = (kv_pos, q_pos) if kv_major else (q_pos, kv_pos)
+  kv_grid = rows[:, None] if kv_major else cols[None, :]
+  q_grid = cols[None, :] if kv_major else rows[:, None]
   block_mask = None
   if position_mask:
-    block_mask = kv_pos[None, :] < st.dims.kv_len  # keys past the end are padding
+    block_mask = kv_grid < st.dims.kv_len  # keys past the end are padding
     if st.is_causal:
-      block_mask &= kv_pos[None, :] <= q_pos[:, None]
+      block_mask &= kv_grid <= q_grid
     if st.window is not None:
       left, right = st.window
-      block_mask &= (kv_pos[None, :] >= q_pos[:, None] - left)
-      block_mask &= (kv_pos[None, :] <= q_pos[:, None] + right)
-    block_mask = block_mask[None, None, None]  # [1, 1, 1, bq, bk]
+      block_mask &= (kv_grid >= q_grid - left)
+      block_mask &= (kv_grid <= q_grid + right)
+    block_mask = block_mask[None, None, None]  # [1, 1, 1, rows, cols]
   if q_seg is not None:
     q_ids = jax.lax.dynamic_slice_in_dim(q_seg, q_start, bq, axis=1)
     kv_ids = jax.lax.dynamic_slice_in_dim(kv_seg, kv_start, bk, axis=1)
-    block_mask = _and(block_mask, (q_ids[:, :, None] == kv_ids[:, None, :])[:, None, None])
+    row_ids, col_ids = (kv_ids, q_ids) if kv_major else (q_ids, kv_ids)
+    block_mask = _and(block_mask, (row_ids[:, :, None] == col_ids[:, None, :])[:, None, None])
   if mask is not None:
-    block_mask = _and(block_mask, _slice_block(mask, q_start, kv_start, bq, bk))
+    block_mask = _and(block_mask, orient(_slice_block(mask, q_start, kv_start, bq, bk)))
   return logits, block_mask
+
+
+def _per_group(x: jax.Array, st: _Static) -> jax.Array:
+  """`[B, K, ...]` k/v block -> `[B, K, G, ...]`, so every einsum batches over (B, K, G).
+
+  Broadcasting a k/v block (small) lets XLA keep the big `[.., bk, bq]` operands
+  in place; letting the einsum broadcast instead puts G between the block axes
+  and costs a transpose of the whole logits block when G > 1.
+  """
+  return jnp.broadcast_to(x[:, :, None], (x.shape[0], x.shape[1], st.dims.groups, *x.shape[2:]))
 
 
 def _and(a, b):
@@ -244,24 +265,34 @@ def _forward(st: _Static, q, k, v, q_offset, q_seg, kv_seg, mask, bias, bias_par
 
 
 def _backward(st: _Static, res, d_out):
-  """Gradients for q, k, v, dense bias and bias_params (layouts as in `_forward`)."""
+  """Gradients for q, k, v, dense bias and bias_params (layouts as in `_forward`).
+
+  Key-major: every block is computed as `[bk, bq]` (keys as rows), so the two
+  products that contract over queries (dV = P^T dO, dK = dS^T Q) read their big
+  operand in place, and dQ is accumulated transposed (dQ^T = K^T dS^T) for the
+  same reason. With XLA's CPU dots a transposed `[bq, bk]` operand costs a copy
+  per block, which was ~30% of the backward.
+  """
   q, k, v, q_offset, q_seg, kv_seg, mask, bias, bias_params, rng, out, lse = res
   bq, bk = st.block_q, st.block_kv
   d_out = d_out.astype(jnp.float32)
   # D_i = sum_j P_ij dP_ij = dO_i . O_i (holds with dropout too).
   delta = jnp.sum(d_out * out, axis=-1)  # [B, K, G, Tp]
-  d_q_init = jnp.zeros(q.shape, jnp.float32)
+  k_t = jnp.swapaxes(k, -1, -2).astype(jnp.float32)  # [B, K, D, Sp]
+  d_q_t_init = jnp.zeros((*q.shape[:3], q.shape[4], q.shape[3]), jnp.float32)  # [B, K, G, D, Tp]
   d_bias_init = None if bias is None else jnp.zeros(bias.shape, jnp.float32)
   d_params_init = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), bias_params)
 
   def one_kv_block(carry, kv_block):
-    d_q, d_bias, d_params = carry
+    d_q_t, d_bias, d_params = carry
     kv_start = kv_block * bk
     k_blk = jax.lax.dynamic_slice_in_dim(k, kv_start, bk, axis=2)
-    v_blk = jax.lax.dynamic_slice_in_dim(v, kv_start, bk, axis=2)
+    v_blk = _per_group(jax.lax.dynamic_slice_in_dim(v, kv_start, bk, axis=2), st)
+    v_blk = v_blk.astype(jnp.float32)
+    k_t_blk = _per_group(jax.lax.dynamic_slice_in_dim(k_t, kv_start, bk, axis=3), st)
 
     def update(position_mask, q_block, inner):
-      d_k, d_v, d_q, d_bias, d_params = inner
+      d_k, d_v, d_q_t, d_bias, d_params = inner
       q_start = q_block * bq
       q_blk = jax.lax.dynamic_slice_in_dim(q, q_start, bq, axis=3)
       d_out_blk = jax.lax.dynamic_slice_in_dim(d_out, q_start, bq, axis=3)
@@ -269,48 +300,55 @@ def _backward(st: _Static, res, d_out):
       delta_blk = jax.lax.dynamic_slice_in_dim(delta, q_start, bq, axis=3)
       logits, block_mask = _block_logits_and_mask(
           st, q_blk, k_blk, q_start, kv_start, q_offset, q_seg, kv_seg, mask, bias, bias_params,
-          position_mask)
+          position_mask, kv_major=True)  # [B, K, G, bk, bq]
       # Fully masked rows carry lse = +inf, so their probabilities come out 0 here.
-      probs = jnp.exp(logits - lse_blk[..., None])
+      probs = jnp.exp(logits - lse_blk[..., None, :])
       if block_mask is not None:
         probs = jnp.where(block_mask, probs, 0.0)
-      d_probs = jnp.einsum('bkgqd,bksd->bkgqs', d_out_blk, v_blk.astype(jnp.float32),
-                           precision=st.precision)
+      d_probs = jnp.einsum('bkgsd,bkgqd->bkgsq', v_blk, d_out_blk, precision=st.precision)
       probs_used = probs
       if st.dropout_rate > 0.0:
-        keep = _dropout_keep(st, rng, q_block, kv_block, probs.shape)
+        keep = jnp.swapaxes(_dropout_keep(st, rng, q_block, kv_block, (*probs.shape[:3], bq, bk)),
+                            -1, -2)
         probs_used = jnp.where(keep, probs / (1.0 - st.dropout_rate), 0.0)
         d_probs = jnp.where(keep, d_probs / (1.0 - st.dropout_rate), 0.0)
-      d_v = d_v + jnp.einsum('bkgqs,bkgqd->bksd', probs_used, d_out_blk, precision=st.precision)
-      d_logits = probs * (d_probs - delta_blk[..., None])  # [B, K, G, bq, bk]
-      d_k = d_k + jnp.einsum('bkgqs,bkgqd->bksd', d_logits, q_blk.astype(jnp.float32),
-                             precision=st.precision)
-      d_q_blk = jnp.einsum('bkgqs,bksd->bkgqd', d_logits, k_blk.astype(jnp.float32),
-                           precision=st.precision)
-      d_q = jax.lax.dynamic_update_slice_in_dim(
-          d_q, jax.lax.dynamic_slice_in_dim(d_q, q_start, bq, axis=3) + d_q_blk, q_start, axis=3)
+      d_v = d_v + jnp.einsum('bkgsq,bkgqd->bkgsd', probs_used, d_out_blk, precision=st.precision)
+      d_logits = probs * (d_probs - delta_blk[..., None, :])  # [B, K, G, bk, bq]
+      q_blk32 = q_blk.astype(jnp.float32)
+      d_k = d_k + jnp.einsum('bkgsq,bkgqd->bkgsd', d_logits, q_blk32, precision=st.precision)
+      d_q_t_blk = jnp.einsum('bkgds,bkgsq->bkgdq', k_t_blk, d_logits, precision=st.precision)
+      d_q_t = jax.lax.dynamic_update_slice_in_dim(
+          d_q_t, jax.lax.dynamic_slice_in_dim(d_q_t, q_start, bq, axis=4) + d_q_t_blk, q_start,
+          axis=4)
+      if d_bias is not None or st.bias_fn is not None:
+        d_logits_qk = jnp.swapaxes(d_logits, -1, -2)  # [B, K, G, bq, bk], as biases are laid out
       if d_bias is not None:
-        d_bias = _accumulate_block(d_bias, d_logits, q_start, kv_start, bq, bk)
+        d_bias = _accumulate_block(d_bias, d_logits_qk, q_start, kv_start, bq, bk)
       if st.bias_fn is not None:
         q_pos = q_start + jnp.arange(bq) + q_offset
         kv_pos = kv_start + jnp.arange(bk)
         block_bias, bias_vjp = jax.vjp(lambda p: _bias_fn_block(st, p, q_pos, kv_pos),
                                        bias_params)
-        (d_p,) = bias_vjp(_sum_to_shape(d_logits, block_bias.shape))
+        (d_p,) = bias_vjp(_sum_to_shape(d_logits_qk, block_bias.shape))
         d_params = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), d_params, d_p)
-      return d_k, d_v, d_q, d_bias, d_params
+      return d_k, d_v, d_q_t, d_bias, d_params
 
     def step(q_block, inner):
       return _masked_or_not(st, update, q_block * bq, kv_start, q_offset, q_block, inner)
 
     lo, hi = _q_block_range(st, kv_start, q_offset)
-    init = (jnp.zeros(k_blk.shape, jnp.float32), jnp.zeros(v_blk.shape, jnp.float32), d_q,
-            d_bias, d_params)
-    d_k, d_v, d_q, d_bias, d_params = jax.lax.fori_loop(lo, hi, step, init)
-    return (d_q, d_bias, d_params), (d_k, d_v)
+    # dK/dV per query group (summed over groups once the block is done), so the
+    # per-block products stay batched over (B, K, G) with no transposes.
+    acc_shape = (*q.shape[:3], bk, k.shape[-1])
+    init = (jnp.zeros(acc_shape, jnp.float32), jnp.zeros((*acc_shape[:-1], v.shape[-1]),
+                                                         jnp.float32),
+            d_q_t, d_bias, d_params)
+    d_k, d_v, d_q_t, d_bias, d_params = jax.lax.fori_loop(lo, hi, step, init)
+    return (d_q_t, d_bias, d_params), (d_k.sum(axis=2), d_v.sum(axis=2))
 
-  (d_q, d_bias, d_params), (d_k, d_v) = jax.lax.scan(
-      one_kv_block, (d_q_init, d_bias_init, d_params_init), jnp.arange(st.num_kv_blocks))
+  (d_q_t, d_bias, d_params), (d_k, d_v) = jax.lax.scan(
+      one_kv_block, (d_q_t_init, d_bias_init, d_params_init), jnp.arange(st.num_kv_blocks))
+  d_q = jnp.swapaxes(d_q_t, -1, -2)
   # [nk, B, K, bk, D] -> [B, K, nk * bk, D]
   d_k = jnp.moveaxis(d_k, 0, 2).reshape(*k.shape[:2], -1, k.shape[-1])
   d_v = jnp.moveaxis(d_v, 0, 2).reshape(*v.shape[:2], -1, v.shape[-1])
