@@ -94,32 +94,44 @@ def _slice_block(x: jax.Array, q_start, kv_start, block_q: int, block_kv: int) -
 
 def _block_logits_and_mask(st: _Static, q_blk, k_blk, q_start, kv_start, q_offset, q_seg, kv_seg,
                            mask, bias, bias_params, position_mask: bool, kv_major: bool = False):
-  """Logits `[B, K, G, bq, bk]` (float32; q arrives pre-scaled) and their bool mask or None.
+  """Logits `[H, bq, bk]` (float32; q arrives pre-scaled) and their bool mask (or None).
 
-  `position_mask=False` skips the causal/window/padding terms, for blocks that
-  `_fully_visible` proved need none: most blocks, and the mask is a full pass
-  over the block. `kv_major=True` returns both transposed, `[B, K, G, bk, bq]`
-  (the backward's layout), computed that way rather than transposed after.
+  All per-block work runs on 3-D `[H, rows, cols]` arrays, `H = B*K*G` (query
+  heads): that way XLA's CPU backend fuses the dot with the reductions and
+  elementwise ops that follow it, where 5-D blocks with size-1 axes cost an
+  extra copy of every block and split the fusion.
+
+  Args:
+    q_blk: `[H, bq, D]`.
+    k_blk: `[H, D, bk]` (pre-transposed) or, when `kv_major`, `[H, bk, D]`: either
+      way XLA's CPU dot reads it without a per-block transpose.
+    position_mask: False skips the causal/window/padding terms, for blocks that
+      `_fully_visible` proved need none (most blocks; the mask is a full pass).
+    kv_major: return both transposed, `[H, bk, bq]` (the backward's layout),
+      computed that way rather than transposed after.
+
+  Returns:
+    logits and a mask broadcastable to them (`[H|1, rows, cols]`), or None.
   """
   bq, bk = st.block_q, st.block_kv
   if kv_major:
-    logits = jnp.einsum('bkgsd,bkgqd->bkgsq', _per_group(k_blk, st), q_blk,
-                        precision=st.precision, preferred_element_type=jnp.float32)
+    logits = jnp.einsum('hsd,hqd->hsq', k_blk, q_blk, precision=st.precision,
+                        preferred_element_type=jnp.float32)
   else:
-    logits = jnp.einsum('bkgqd,bksd->bkgqs', q_blk, k_blk, precision=st.precision,
+    logits = jnp.einsum('hqd,hds->hqs', q_blk, k_blk, precision=st.precision,
                         preferred_element_type=jnp.float32)
   orient = (lambda x: jnp.swapaxes(x, -1, -2)) if kv_major else (lambda x: x)
   q_pos = q_start + jnp.arange(bq) + q_offset  # absolute query positions
   kv_pos = kv_start + jnp.arange(bk)
   if bias is not None:
-    logits = logits + orient(_slice_block(bias, q_start, kv_start, bq, bk).astype(jnp.float32))
+    logits = logits + orient(_rows(_slice_block(bias, q_start, kv_start, bq, bk), st)
+                             .astype(jnp.float32))
   if st.bias_fn is not None:
-    logits = logits + orient(_bias_fn_block(st, bias_params, q_pos, kv_pos))
+    logits = logits + orient(_rows(_bias_fn_block(st, bias_params, q_pos, kv_pos), st))
 
   # Position masks are built directly in the requested layout from index vectors.
-  rows, cols = (kv_pos, q_pos) if kv_major else (q_pos, kv_pos)
-  kv_grid = rows[:, None] if kv_major else cols[None, :]
-  q_grid = cols[None, :] if kv_major else rows[:, None]
+  kv_grid = kv_pos[:, None] if kv_major else kv_pos[None, :]
+  q_grid = q_pos[None, :] if kv_major else q_pos[:, None]
   block_mask = None
   if position_mask:
     block_mask = kv_grid < st.dims.kv_len  # keys past the end are padding
@@ -129,25 +141,42 @@ def _block_logits_and_mask(st: _Static, q_blk, k_blk, q_start, kv_start, q_offse
       left, right = st.window
       block_mask &= (kv_grid >= q_grid - left)
       block_mask &= (kv_grid <= q_grid + right)
-    block_mask = block_mask[None, None, None]  # [1, 1, 1, rows, cols]
+    block_mask = block_mask[None]  # [1, rows, cols]
   if q_seg is not None:
     q_ids = jax.lax.dynamic_slice_in_dim(q_seg, q_start, bq, axis=1)
     kv_ids = jax.lax.dynamic_slice_in_dim(kv_seg, kv_start, bk, axis=1)
-    row_ids, col_ids = (kv_ids, q_ids) if kv_major else (q_ids, kv_ids)
-    block_mask = _and(block_mask, (row_ids[:, :, None] == col_ids[:, None, :])[:, None, None])
+    same = q_ids[:, :, None] == kv_ids[:, None, :]  # [B, bq, bk]
+    block_mask = _and(block_mask, orient(_rows(same[:, None, None], st)))
   if mask is not None:
-    block_mask = _and(block_mask, orient(_slice_block(mask, q_start, kv_start, bq, bk)))
+    block_mask = _and(block_mask, orient(_rows(_slice_block(mask, q_start, kv_start, bq, bk),
+                                               st)))
   return logits, block_mask
 
 
-def _per_group(x: jax.Array, st: _Static) -> jax.Array:
-  """`[B, K, ...]` k/v block -> `[B, K, G, ...]`, so every einsum batches over (B, K, G).
+def _rows(x: jax.Array, st: _Static) -> jax.Array:
+  """`[B|1, K|1, G|1, r, c]` -> `[H|1, r, c]` with `H = B*K*G` (broadcasting as needed)."""
+  if x.shape[:3] == (1, 1, 1):
+    return x.reshape(1, *x.shape[3:])
+  full = (st.dims.batch, st.dims.kv_heads, st.dims.groups)
+  return jnp.broadcast_to(x, full + x.shape[3:]).reshape(-1, *x.shape[3:])
 
-  Broadcasting a k/v block (small) lets XLA keep the big `[.., bk, bq]` operands
-  in place; letting the einsum broadcast instead puts G between the block axes
-  and costs a transpose of the whole logits block when G > 1.
+
+def _unrows(x: jax.Array, st: _Static) -> jax.Array:
+  """`[H, ...]` -> `[B, K, G, ...]`."""
+  return x.reshape(st.dims.batch, st.dims.kv_heads, st.dims.groups, *x.shape[1:])
+
+
+def _kv_rows(x: jax.Array, st: _Static) -> jax.Array:
+  """A `[B, K, r, c]` k/v block -> `[H, r, c]`, repeated over the G query heads it serves.
+
+  Repeating a k/v block (small) lets every product batch over the query heads
+  with the big `[bq, bk]` operands in place; letting the einsum broadcast
+  instead puts G between the block axes and costs a transpose of the whole
+  logits block when G > 1.
   """
-  return jnp.broadcast_to(x[:, :, None], (x.shape[0], x.shape[1], st.dims.groups, *x.shape[2:]))
+  b, k = x.shape[:2]
+  x = jnp.broadcast_to(x[:, :, None], (b, k, st.dims.groups, *x.shape[2:]))
+  return x.reshape(-1, *x.shape[3:])
 
 
 def _and(a, b):
@@ -215,20 +244,21 @@ def _dropout_keep(st: _Static, rng, q_block, kv_block, shape):
 def _forward(st: _Static, q, k, v, q_offset, q_seg, kv_seg, mask, bias, bias_params, rng):
   """Returns out `[B, K, G, Tp, Dv]` (float32) and row log-sum-exp `[B, K, G, Tp]`."""
   dims, bq, bk = st.dims, st.block_q, st.block_kv
-  row_shape = (dims.batch, dims.kv_heads, dims.groups, bq)
+  heads = dims.batch * dims.kv_heads * dims.groups
+  k_t = jnp.swapaxes(k, -1, -2)  # [B, K, D, Sp], transposed once rather than per block
 
   def one_q_block(q_block):
     q_start = q_block * bq
-    q_blk = jax.lax.dynamic_slice_in_dim(q, q_start, bq, axis=3)
+    q_blk = jax.lax.dynamic_slice_in_dim(q, q_start, bq, axis=3).reshape(heads, bq, -1)
 
     def update(position_mask, kv_block, carry):
-      row_max, row_sum, acc = carry
+      row_max, row_sum, acc = carry  # [H, bq], [H, bq], [H, bq, Dv]
       kv_start = kv_block * bk
-      k_blk = jax.lax.dynamic_slice_in_dim(k, kv_start, bk, axis=2)
-      v_blk = jax.lax.dynamic_slice_in_dim(v, kv_start, bk, axis=2)
+      k_t_blk = _kv_rows(jax.lax.dynamic_slice_in_dim(k_t, kv_start, bk, axis=3), st)
+      v_blk = _kv_rows(jax.lax.dynamic_slice_in_dim(v, kv_start, bk, axis=2), st)
       logits, block_mask = _block_logits_and_mask(
-          st, q_blk, k_blk, q_start, kv_start, q_offset, q_seg, kv_seg, mask, bias, bias_params,
-          position_mask)
+          st, q_blk, k_t_blk, q_start, kv_start, q_offset, q_seg, kv_seg, mask, bias,
+          bias_params, position_mask)
       if block_mask is not None:
         logits = jnp.where(block_mask, logits, -jnp.inf)
       new_max = jnp.maximum(row_max, jnp.max(logits, axis=-1))
@@ -238,29 +268,30 @@ def _forward(st: _Static, q, k, v, q_offset, q_seg, kv_seg, mask, bias, bias_par
       correction = jnp.exp(row_max - shift)
       row_sum = row_sum * correction + jnp.sum(probs, axis=-1)
       if st.dropout_rate > 0.0:
-        keep = _dropout_keep(st, rng, q_block, kv_block, probs.shape)
+        keep = _dropout_keep(st, rng, q_block, kv_block, (heads, bq, bk))
         probs = jnp.where(keep, probs / (1.0 - st.dropout_rate), 0.0)
       acc = acc * correction[..., None] + jnp.einsum(
-          'bkgqs,bksd->bkgqd', probs.astype(v.dtype), v_blk, precision=st.precision,
+          'hqs,hsd->hqd', probs.astype(v.dtype), v_blk, precision=st.precision,
           preferred_element_type=jnp.float32)
       return new_max, row_sum, acc
 
     def step(kv_block, carry):
       return _masked_or_not(st, update, q_start, kv_block * bk, q_offset, kv_block, carry)
 
-    init = (jnp.full(row_shape, -jnp.inf, jnp.float32), jnp.zeros(row_shape, jnp.float32),
-            jnp.zeros(row_shape + (dims.v_dim,), jnp.float32))
+    init = (jnp.full((heads, bq), -jnp.inf, jnp.float32), jnp.zeros((heads, bq), jnp.float32),
+            jnp.zeros((heads, bq, dims.v_dim), jnp.float32))
     lo, hi = _kv_block_range(st, q_start, q_offset)
     row_max, row_sum, acc = jax.lax.fori_loop(lo, hi, step, init)
     empty = row_sum == 0.0  # fully masked row: output 0, and +inf lse makes its bwd probs 0
     out = acc / jnp.where(empty, 1.0, row_sum)[..., None]
     lse = jnp.where(empty, jnp.inf, row_max + jnp.log(jnp.where(empty, 1.0, row_sum)))
-    return out, lse
+    return _unrows(out, st), _unrows(lse, st)
 
   out, lse = jax.lax.map(one_q_block, jnp.arange(st.num_q_blocks))
   # [nq, B, K, G, bq, ...] -> [B, K, G, nq * bq, ...]
-  out = jnp.moveaxis(out, 0, 3).reshape(*row_shape[:3], -1, dims.v_dim)
-  lse = jnp.moveaxis(lse, 0, 3).reshape(*row_shape[:3], -1)
+  row_shape = (dims.batch, dims.kv_heads, dims.groups)
+  out = jnp.moveaxis(out, 0, 3).reshape(*row_shape, -1, dims.v_dim)
+  lse = jnp.moveaxis(lse, 0, 3).reshape(*row_shape, -1)
   return out, lse
 
 
@@ -274,54 +305,59 @@ def _backward(st: _Static, res, d_out):
   per block, which was ~30% of the backward.
   """
   q, k, v, q_offset, q_seg, kv_seg, mask, bias, bias_params, rng, out, lse = res
-  bq, bk = st.block_q, st.block_kv
+  dims, bq, bk = st.dims, st.block_q, st.block_kv
+  heads = dims.batch * dims.kv_heads * dims.groups
+  t_pad = q.shape[3]
   d_out = d_out.astype(jnp.float32)
   # D_i = sum_j P_ij dP_ij = dO_i . O_i (holds with dropout too).
-  delta = jnp.sum(d_out * out, axis=-1)  # [B, K, G, Tp]
+  delta = jnp.sum(d_out * out, axis=-1).reshape(heads, t_pad)
+  lse = lse.reshape(heads, t_pad)
+  q = q.reshape(heads, t_pad, dims.head_dim)
+  d_out = d_out.reshape(heads, t_pad, dims.v_dim)
   k_t = jnp.swapaxes(k, -1, -2).astype(jnp.float32)  # [B, K, D, Sp]
-  d_q_t_init = jnp.zeros((*q.shape[:3], q.shape[4], q.shape[3]), jnp.float32)  # [B, K, G, D, Tp]
+  d_q_t_init = jnp.zeros((heads, dims.head_dim, t_pad), jnp.float32)  # dQ transposed
   d_bias_init = None if bias is None else jnp.zeros(bias.shape, jnp.float32)
   d_params_init = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), bias_params)
 
   def one_kv_block(carry, kv_block):
     d_q_t, d_bias, d_params = carry
     kv_start = kv_block * bk
-    k_blk = jax.lax.dynamic_slice_in_dim(k, kv_start, bk, axis=2)
-    v_blk = _per_group(jax.lax.dynamic_slice_in_dim(v, kv_start, bk, axis=2), st)
+    k_blk = _kv_rows(jax.lax.dynamic_slice_in_dim(k, kv_start, bk, axis=2), st)
+    v_blk = _kv_rows(jax.lax.dynamic_slice_in_dim(v, kv_start, bk, axis=2), st)
     v_blk = v_blk.astype(jnp.float32)
-    k_t_blk = _per_group(jax.lax.dynamic_slice_in_dim(k_t, kv_start, bk, axis=3), st)
+    k_t_blk = _kv_rows(jax.lax.dynamic_slice_in_dim(k_t, kv_start, bk, axis=3), st)
 
     def update(position_mask, q_block, inner):
       d_k, d_v, d_q_t, d_bias, d_params = inner
       q_start = q_block * bq
-      q_blk = jax.lax.dynamic_slice_in_dim(q, q_start, bq, axis=3)
-      d_out_blk = jax.lax.dynamic_slice_in_dim(d_out, q_start, bq, axis=3)
-      lse_blk = jax.lax.dynamic_slice_in_dim(lse, q_start, bq, axis=3)
-      delta_blk = jax.lax.dynamic_slice_in_dim(delta, q_start, bq, axis=3)
+      q_blk = jax.lax.dynamic_slice_in_dim(q, q_start, bq, axis=1)
+      d_out_blk = jax.lax.dynamic_slice_in_dim(d_out, q_start, bq, axis=1)
+      lse_blk = jax.lax.dynamic_slice_in_dim(lse, q_start, bq, axis=1)
+      delta_blk = jax.lax.dynamic_slice_in_dim(delta, q_start, bq, axis=1)
       logits, block_mask = _block_logits_and_mask(
           st, q_blk, k_blk, q_start, kv_start, q_offset, q_seg, kv_seg, mask, bias, bias_params,
-          position_mask, kv_major=True)  # [B, K, G, bk, bq]
+          position_mask, kv_major=True)  # [H, bk, bq]
       # Fully masked rows carry lse = +inf, so their probabilities come out 0 here.
-      probs = jnp.exp(logits - lse_blk[..., None, :])
+      probs = jnp.exp(logits - lse_blk[:, None, :])
       if block_mask is not None:
         probs = jnp.where(block_mask, probs, 0.0)
-      d_probs = jnp.einsum('bkgsd,bkgqd->bkgsq', v_blk, d_out_blk, precision=st.precision)
+      d_probs = jnp.einsum('hsd,hqd->hsq', v_blk, d_out_blk, precision=st.precision)
       probs_used = probs
       if st.dropout_rate > 0.0:
-        keep = jnp.swapaxes(_dropout_keep(st, rng, q_block, kv_block, (*probs.shape[:3], bq, bk)),
-                            -1, -2)
+        keep = jnp.swapaxes(_dropout_keep(st, rng, q_block, kv_block, (heads, bq, bk)), -1, -2)
         probs_used = jnp.where(keep, probs / (1.0 - st.dropout_rate), 0.0)
         d_probs = jnp.where(keep, d_probs / (1.0 - st.dropout_rate), 0.0)
-      d_v = d_v + jnp.einsum('bkgsq,bkgqd->bkgsd', probs_used, d_out_blk, precision=st.precision)
-      d_logits = probs * (d_probs - delta_blk[..., None, :])  # [B, K, G, bk, bq]
+      d_v = d_v + jnp.einsum('hsq,hqd->hsd', probs_used, d_out_blk, precision=st.precision)
+      d_logits = probs * (d_probs - delta_blk[:, None, :])  # [H, bk, bq]
       q_blk32 = q_blk.astype(jnp.float32)
-      d_k = d_k + jnp.einsum('bkgsq,bkgqd->bkgsd', d_logits, q_blk32, precision=st.precision)
-      d_q_t_blk = jnp.einsum('bkgds,bkgsq->bkgdq', k_t_blk, d_logits, precision=st.precision)
+      d_k = d_k + jnp.einsum('hsq,hqd->hsd', d_logits, q_blk32, precision=st.precision)
+      d_q_t_blk = jnp.einsum('hds,hsq->hdq', k_t_blk, d_logits, precision=st.precision)
       d_q_t = jax.lax.dynamic_update_slice_in_dim(
-          d_q_t, jax.lax.dynamic_slice_in_dim(d_q_t, q_start, bq, axis=4) + d_q_t_blk, q_start,
-          axis=4)
+          d_q_t, jax.lax.dynamic_slice_in_dim(d_q_t, q_start, bq, axis=2) + d_q_t_blk, q_start,
+          axis=2)
       if d_bias is not None or st.bias_fn is not None:
-        d_logits_qk = jnp.swapaxes(d_logits, -1, -2)  # [B, K, G, bq, bk], as biases are laid out
+        # [B, K, G, bq, bk], as biases are laid out.
+        d_logits_qk = _unrows(jnp.swapaxes(d_logits, -1, -2), st)
       if d_bias is not None:
         d_bias = _accumulate_block(d_bias, d_logits_qk, q_start, kv_start, bq, bk)
       if st.bias_fn is not None:
@@ -337,18 +373,16 @@ def _backward(st: _Static, res, d_out):
       return _masked_or_not(st, update, q_block * bq, kv_start, q_offset, q_block, inner)
 
     lo, hi = _q_block_range(st, kv_start, q_offset)
-    # dK/dV per query group (summed over groups once the block is done), so the
-    # per-block products stay batched over (B, K, G) with no transposes.
-    acc_shape = (*q.shape[:3], bk, k.shape[-1])
-    init = (jnp.zeros(acc_shape, jnp.float32), jnp.zeros((*acc_shape[:-1], v.shape[-1]),
-                                                         jnp.float32),
-            d_q_t, d_bias, d_params)
+    # dK/dV per query head (summed over each k/v head's G query heads once the
+    # block is done), so the per-block products need no transposes.
+    init = (jnp.zeros((heads, bk, dims.head_dim), jnp.float32),
+            jnp.zeros((heads, bk, dims.v_dim), jnp.float32), d_q_t, d_bias, d_params)
     d_k, d_v, d_q_t, d_bias, d_params = jax.lax.fori_loop(lo, hi, step, init)
-    return (d_q_t, d_bias, d_params), (d_k.sum(axis=2), d_v.sum(axis=2))
+    return (d_q_t, d_bias, d_params), (_unrows(d_k, st).sum(axis=2), _unrows(d_v, st).sum(axis=2))
 
   (d_q_t, d_bias, d_params), (d_k, d_v) = jax.lax.scan(
       one_kv_block, (d_q_t_init, d_bias_init, d_params_init), jnp.arange(st.num_kv_blocks))
-  d_q = jnp.swapaxes(d_q_t, -1, -2)
+  d_q = _unrows(jnp.swapaxes(d_q_t, -1, -2), st)  # [B, K, G, Tp, D]
   # [nk, B, K, bk, D] -> [B, K, nk * bk, D]
   d_k = jnp.moveaxis(d_k, 0, 2).reshape(*k.shape[:2], -1, k.shape[-1])
   d_v = jnp.moveaxis(d_v, 0, 2).reshape(*v.shape[:2], -1, v.shape[-1])

@@ -320,3 +320,103 @@ def make_eval_hooks(config, task, bundle, workdir) -> list[EvalHook]:
     else:
       hooks.append(attention_hook(config, task, bundle, workdir))
   return hooks
+
+
+# --- Accuracy by sequence length (the length study) -------------------------------------------
+
+
+def symbol_length(ids: Sequence[int]) -> int:
+  """Tokens before the first EOS (the sequence's length in symbols)."""
+  ids = [int(t) for t in ids]
+  return ids.index(tok_lib.EOS_ID) if tok_lib.EOS_ID in ids else len(ids)
+
+
+def token_accuracy(prediction: Sequence[int], target: Sequence[int]) -> float:
+  """Fraction of the target's tokens (incl. EOS) matched at the same position of the decoded
+  prediction; a prediction that is too short or too long scores the positions it misses."""
+  if not len(target):
+    raise ValueError('token_accuracy: empty target')
+  hits = sum(int(p) == int(t) for p, t in zip(prediction, target, strict=False))
+  return hits / len(target)
+
+
+def accuracy_by_length(sources: Sequence[Sequence[int]], predictions: Sequence[Sequence[int]],
+                       targets: Sequence[Sequence[int]]) -> list[dict[str, Any]]:
+  """Exact-sequence and token accuracy per source length, one row per length that occurs.
+
+  Args:
+    sources, predictions, targets: per example, token ids up to EOS (see `until_eos`); the
+      decoded `predictions` are free-running (greedy), not teacher-forced.
+
+  Returns:
+    `[{'length': n, 'count': examples of n source symbols, 'sequence_accuracy': exact-match
+    rate, 'token_accuracy': mean of `token_accuracy`}]`, sorted by length.
+  """
+  if not len(sources) == len(predictions) == len(targets):
+    raise ValueError(f'{len(sources)} sources, {len(predictions)} predictions and '
+                     f'{len(targets)} targets: expected one of each per example')
+  by_length: dict[int, list[tuple[bool, float]]] = {}
+  for s, p, t in zip(sources, predictions, targets, strict=True):
+    score = (list(map(int, p)) == list(map(int, t)), token_accuracy(p, t))
+    by_length.setdefault(symbol_length(s), []).append(score)
+  rows = []
+  for n in sorted(by_length):
+    exact, tokens = zip(*by_length[n], strict=True)
+    rows.append({'length': n, 'count': len(exact), 'sequence_accuracy': float(np.mean(exact)),
+                 'token_accuracy': float(np.mean(tokens))})
+  return rows
+
+
+def summarize_length_range(rows: Sequence[Mapping[str, Any]], lo: int, hi: int
+                           ) -> dict[str, float | int]:
+  """Example-weighted accuracies over the rows with `lo <= length <= hi` (0 counts: zeros)."""
+  sel = [r for r in rows if lo <= r['length'] <= hi]
+  count = sum(r['count'] for r in sel)
+  out: dict[str, float | int] = {'count': count}
+  for key in ('sequence_accuracy', 'token_accuracy'):
+    out[key] = sum(r[key] * r['count'] for r in sel) / count if count else 0.0
+  return out
+
+
+def evaluate_by_length(task, params, batches: Iterable[Mapping[str, np.ndarray]], eval_config,
+                       max_decode_len: int) -> list[dict[str, Any]]:
+  """Decodes every real row of `batches` with `config.eval`'s method; `accuracy_by_length`."""
+  srcs, preds, tgts = decode_split(task, params, batches, eval_config, max_decode_len)
+  return accuracy_by_length(srcs, preds, tgts)
+
+
+# --- Attention of one example, labelled (for figures) -----------------------------------------
+
+
+def attention_panels(task, params, inputs: Sequence[int], targets: Sequence[int], tokenizers
+                     ) -> list[dict[str, Any]]:
+  """Teacher-forced attention weights of one example, cut to its real tokens and labelled.
+
+  Args:
+    inputs, targets: token ids of the example, each ending in EOS (see `until_eos`).
+    tokenizers: {'inputs': ..., 'targets': ...} for the axis labels.
+
+  Returns:
+    One dict per captured map, in model order: `{'kind', 'layer', 'weights': float32
+    [heads, q_len, kv_len], 'query_tokens', 'key_tokens'}` (RNN additive attention: one head,
+    target tokens over source tokens).
+  """
+  src, tgt = list(map(int, inputs)), list(map(int, targets))
+  width = max(len(src), len(tgt))
+  batch = {'inputs': np.zeros((1, width), np.int32), 'targets': np.zeros((1, width), np.int32)}
+  batch['inputs'][0, :len(src)] = src
+  batch['targets'][0, :len(tgt)] = tgt
+  _, inter = task.apply(params, batch, capture=True)
+  src_tok = token_strings(tokenizers['inputs'], src)
+  tgt_tok = token_strings(tokenizers['targets'], tgt)
+  panels = []
+  for kind, layer, w in attention_maps(inter):
+    if kind == 'encoder_self':
+      q_tok, k_tok = src_tok, src_tok
+    elif kind == 'decoder_self':  # query i predicts target i from BOS + targets[:i].
+      q_tok, k_tok = tgt_tok, ['<s>'] + tgt_tok[:-1]
+    else:  # cross, rnn_attention
+      q_tok, k_tok = tgt_tok, src_tok
+    panels.append({'kind': kind, 'layer': layer, 'weights': w[0][:, :len(q_tok), :len(k_tok)],
+                   'query_tokens': q_tok, 'key_tokens': k_tok})
+  return panels

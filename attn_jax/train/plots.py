@@ -238,3 +238,136 @@ def plot_curves(runs: Mapping[str, str | os.PathLike], keys: Sequence[str],
                 dpi: int = 100) -> pathlib.Path:
   """Writes `curves_figure(...)` as a PNG at `path` (parents created); returns the path."""
   return _save(curves_figure(runs, keys, x=x, logy=logy), path, dpi)
+
+
+# --- Attention grids: one row per map, one column per head -------------------------------------
+
+AXIS_NAMES = {  # kind -> (query axis, key axis) labels
+    'encoder_self': ('source token (query)', 'source token (key)'),
+    'decoder_self': ('target token predicted (query)', 'decoder input (key)'),
+    'cross': ('target token predicted (query)', 'source token (key)'),
+    'rnn_attention': ('target token predicted', 'source token (annotation)'),
+}
+
+
+def attention_grid_figure(rows: Sequence[Mapping[str, Any]], *, title: str | None = None
+                          ) -> Figure:
+  """Heatmaps of several attention maps of one model: a row per map, a column per head, on
+  one colour scale (0..1, the weights are probabilities) with one colorbar.
+
+  Args:
+    rows: dicts with 'weights' float `[heads, q_len, kv_len]`, 'query_tokens', 'key_tokens'
+      (labels of the rows / columns), 'name' (the row's title), and optional 'kind' (one of
+      AXIS_NAMES, for the axis labels), e.g. from `evaluation.attention_panels`.
+    title: figure title.
+
+  Raises:
+    ValueError: for no rows, or a row whose weights are not `[heads, q, kv]` or do not match
+      its token lists.
+  """
+  if not rows:
+    raise ValueError('rows is empty: give at least one attention map')
+  maps = []
+  for i, row in enumerate(rows):
+    w = np.asarray(row['weights'], np.float32)
+    if w.ndim != 3 or 0 in w.shape or not np.isfinite(w).all():
+      raise ValueError(f'rows[{i}] ({row.get("name")}): weights must be finite '
+                       f'[heads, q_len, kv_len], got shape {w.shape}')
+    q = _check_tokens(row['query_tokens'], w.shape[1], f'rows[{i}].query_tokens', w.shape)
+    k = _check_tokens(row['key_tokens'], w.shape[2], f'rows[{i}].key_tokens', w.shape)
+    maps.append((w, q, k))
+  cols = max(w.shape[0] for w, _, _ in maps)
+  kv_max = max(w.shape[2] for w, _, _ in maps)
+  panel_w = max(2.6, 0.16 * min(kv_max, MAX_TOKEN_LABELS) + 1.2)
+  heights = [max(2.2, 0.16 * min(w.shape[1], MAX_TOKEN_LABELS) + 1.1) for w, _, _ in maps]
+  fig = Figure(figsize=(cols * panel_w + 1.0, sum(heights)), layout='constrained')
+  FigureCanvasAgg(fig)
+  axes = fig.subplots(len(maps), cols, squeeze=False, gridspec_kw={'height_ratios': heights})
+  image = None
+  for r, ((w, q, k), row) in enumerate(zip(maps, rows, strict=True)):
+    q_name, k_name = AXIS_NAMES.get(row.get('kind'), ('query position', 'key position'))
+    for h in range(cols):
+      ax = axes[r, h]
+      if h >= w.shape[0]:
+        ax.set_visible(False)
+        continue
+      image = ax.imshow(w[h], cmap='viridis', vmin=0.0, vmax=1.0, aspect='auto',
+                        interpolation='nearest')
+      ax.set_title(f'{row.get("name", "")}, head {h}' if w.shape[0] > 1 else row.get('name', ''),
+                   fontsize=9)
+      if w.shape[2] <= MAX_TOKEN_LABELS:
+        ax.set_xticks(range(w.shape[2]), k, rotation=90, fontsize=6)
+      if w.shape[1] <= MAX_TOKEN_LABELS:
+        ax.set_yticks(range(w.shape[1]), q, fontsize=6)
+      ax.set_xlabel(k_name, fontsize=8)
+      if h == 0:
+        ax.set_ylabel(q_name, fontsize=8)
+  fig.colorbar(image, ax=[a for a in axes.flat if a.get_visible()], label='attention weight',
+               shrink=0.6)
+  if title:
+    fig.suptitle(title)
+  return fig
+
+
+def plot_attention_grid(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike, *,
+                        title: str | None = None, dpi: int = 80) -> pathlib.Path:
+  """Writes `attention_grid_figure(rows, title=...)` as a PNG at `path`; returns the path."""
+  return _save(attention_grid_figure(rows, title=title), path, dpi)
+
+
+# --- Accuracy against sequence length ----------------------------------------------------------
+
+LENGTH_METRICS = {'sequence_accuracy': 'exact-sequence accuracy',
+                  'token_accuracy': 'token accuracy'}
+
+
+def length_accuracy_figure(results: Mapping[str, Sequence[Mapping[str, Any]]], train_max: int,
+                           *, title: str | None = None) -> Figure:
+  """Accuracy against source length, one line per model, the training lengths shaded:
+  one panel per metric of LENGTH_METRICS (the shape of Bahdanau et al. 2014, Figure 2).
+
+  Args:
+    results: `{model label: rows}`, rows as `evaluation.accuracy_by_length` returns them
+      (`length`, `count`, `sequence_accuracy`, `token_accuracy`).
+    train_max: the longest training length L (lengths 1..L are shaded).
+
+  Raises:
+    ValueError: for no results, a model with no rows, or rows missing a metric.
+  """
+  if not results:
+    raise ValueError('results is empty: give {model label: per-length rows}')
+  for label, rows in results.items():
+    if not rows:
+      raise ValueError(f'model {label!r} has no per-length rows')
+    missing = sorted({'length', *LENGTH_METRICS} - set(rows[0]))
+    if missing:
+      raise ValueError(f'model {label!r} rows lack {missing}')
+  longest = max(r['length'] for rows in results.values() for r in rows)
+  fig, axes = _new_figure(1, len(LENGTH_METRICS), 5.2, 3.8)
+  markers = 'os^Dvx*'
+  for ax, (key, name) in zip(axes.flat, LENGTH_METRICS.items(), strict=True):
+    ax.axvspan(0.5, train_max + 0.5, color='0.85', alpha=0.6,
+               label=f'training lengths 1-{train_max}')
+    for i, (label, rows) in enumerate(results.items()):
+      xs = [r['length'] for r in rows]
+      ax.plot(xs, [r[key] for r in rows], marker=markers[i % len(markers)], markersize=3.5,
+              label=label)
+    ax.set_xlim(0.5, longest + 0.5)
+    ax.set_ylim(-0.03, 1.03)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel('source length (symbols)')
+    ax.set_ylabel(name)
+    ax.grid(alpha=0.3)
+  # One legend under both panels: inside, it would hide the curves where they fall to 0.
+  handles, names = axes.flat[0].get_legend_handles_labels()
+  fig.legend(handles, names, loc='outside lower center', ncol=min(len(names), 4), fontsize=8)
+  if title:
+    fig.suptitle(title)
+  return fig
+
+
+def plot_length_accuracy(results: Mapping[str, Sequence[Mapping[str, Any]]], train_max: int,
+                         path: str | os.PathLike, *, title: str | None = None, dpi: int = 100
+                         ) -> pathlib.Path:
+  """Writes `length_accuracy_figure(...)` as a PNG at `path`; returns the path."""
+  return _save(length_accuracy_figure(results, train_max, title=title), path, dpi)
