@@ -397,7 +397,8 @@ def attention_panels(task, params, inputs: Sequence[int], targets: Sequence[int]
     tokenizers: {'inputs': ..., 'targets': ...} for the axis labels.
 
   Returns:
-    One dict per captured map, in model order: `{'kind', 'layer', 'weights': float32
+    One dict per captured map, encoder self, decoder self, then cross (each by layer):
+    `{'kind', 'layer', 'weights': float32
     [heads, q_len, kv_len], 'query_tokens', 'key_tokens'}` (RNN additive attention: one head,
     target tokens over source tokens).
   """
@@ -410,7 +411,9 @@ def attention_panels(task, params, inputs: Sequence[int], targets: Sequence[int]
   src_tok = token_strings(tokenizers['inputs'], src)
   tgt_tok = token_strings(tokenizers['targets'], tgt)
   panels = []
-  for kind, layer, w in attention_maps(inter):
+  order = {k: i for i, k in enumerate(ATTENTION_KINDS)}
+  maps = sorted(attention_maps(inter), key=lambda m: (order[m[0]], m[1]))
+  for kind, layer, w in maps:
     if kind == 'encoder_self':
       q_tok, k_tok = src_tok, src_tok
     elif kind == 'decoder_self':  # query i predicts target i from BOS + targets[:i].

@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import pathlib
+import textwrap
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -250,8 +251,8 @@ AXIS_NAMES = {  # kind -> (query axis, key axis) labels
 }
 
 
-def attention_grid_figure(rows: Sequence[Mapping[str, Any]], *, title: str | None = None
-                          ) -> Figure:
+def attention_grid_figure(rows: Sequence[Mapping[str, Any]], *, title: str | None = None,
+                          max_cols: int | None = None) -> Figure:
   """Heatmaps of several attention maps of one model: a row per map, a column per head, on
   one colour scale (0..1, the weights are probabilities) with one colorbar.
 
@@ -260,6 +261,8 @@ def attention_grid_figure(rows: Sequence[Mapping[str, Any]], *, title: str | Non
       (labels of the rows / columns), 'name' (the row's title), and optional 'kind' (one of
       AXIS_NAMES, for the axis labels), e.g. from `evaluation.attention_panels`.
     title: figure title.
+    max_cols: at most this many heads side by side; a map with more heads wraps onto further
+      rows (None = all heads of a map on one row).
 
   Raises:
     ValueError: for no rows, or a row whose weights are not `[heads, q, kv]` or do not match
@@ -267,6 +270,8 @@ def attention_grid_figure(rows: Sequence[Mapping[str, Any]], *, title: str | Non
   """
   if not rows:
     raise ValueError('rows is empty: give at least one attention map')
+  if max_cols is not None and max_cols < 1:
+    raise ValueError(f'max_cols={max_cols} must be >= 1')
   maps = []
   for i, row in enumerate(rows):
     w = np.asarray(row['weights'], np.float32)
@@ -277,42 +282,50 @@ def attention_grid_figure(rows: Sequence[Mapping[str, Any]], *, title: str | Non
     k = _check_tokens(row['key_tokens'], w.shape[2], f'rows[{i}].key_tokens', w.shape)
     maps.append((w, q, k))
   cols = max(w.shape[0] for w, _, _ in maps)
+  cols = min(cols, max_cols) if max_cols else cols
+  # Grid rows: (map index, its first head); a map with more than `cols` heads wraps.
+  lines = [(i, h0) for i, (w, _, _) in enumerate(maps) for h0 in range(0, w.shape[0], cols)]
   kv_max = max(w.shape[2] for w, _, _ in maps)
   panel_w = max(2.6, 0.16 * min(kv_max, MAX_TOKEN_LABELS) + 1.2)
-  heights = [max(2.2, 0.16 * min(w.shape[1], MAX_TOKEN_LABELS) + 1.1) for w, _, _ in maps]
+  heights = [max(2.2, 0.16 * min(maps[i][0].shape[1], MAX_TOKEN_LABELS) + 1.1)
+             for i, _ in lines]
   fig = Figure(figsize=(cols * panel_w + 1.0, sum(heights)), layout='constrained')
   FigureCanvasAgg(fig)
-  axes = fig.subplots(len(maps), cols, squeeze=False, gridspec_kw={'height_ratios': heights})
+  axes = fig.subplots(len(lines), cols, squeeze=False, gridspec_kw={'height_ratios': heights})
   image = None
-  for r, ((w, q, k), row) in enumerate(zip(maps, rows, strict=True)):
+  for r, (i, h0) in enumerate(lines):
+    (w, q, k), row = maps[i], rows[i]
     q_name, k_name = AXIS_NAMES.get(row.get('kind'), ('query position', 'key position'))
-    for h in range(cols):
-      ax = axes[r, h]
+    for c in range(cols):
+      ax, h = axes[r, c], h0 + c
       if h >= w.shape[0]:
         ax.set_visible(False)
         continue
       image = ax.imshow(w[h], cmap='viridis', vmin=0.0, vmax=1.0, aspect='auto',
                         interpolation='nearest')
-      ax.set_title(f'{row.get("name", "")}, head {h}' if w.shape[0] > 1 else row.get('name', ''),
-                   fontsize=9)
+      name = row.get('name', '')
+      ax.set_title(f'{name}, head {h}' if w.shape[0] > 1 else name, fontsize=9)
       if w.shape[2] <= MAX_TOKEN_LABELS:
-        ax.set_xticks(range(w.shape[2]), k, rotation=90, fontsize=6)
+        ax.set_xticks(range(w.shape[2]), k, rotation=90, fontsize=7)
       if w.shape[1] <= MAX_TOKEN_LABELS:
-        ax.set_yticks(range(w.shape[1]), q, fontsize=6)
+        ax.set_yticks(range(w.shape[1]), q, fontsize=7)
       ax.set_xlabel(k_name, fontsize=8)
-      if h == 0:
+      if c == 0:
         ax.set_ylabel(q_name, fontsize=8)
   fig.colorbar(image, ax=[a for a in axes.flat if a.get_visible()], label='attention weight',
                shrink=0.6)
   if title:
-    fig.suptitle(title)
+    # Wrapped to the figure's width (~11 characters per inch at 9 pt) so it is never cut.
+    width = int(fig.get_figwidth() * 11)
+    fig.suptitle(textwrap.fill(title, max(width, 30)), fontsize=9)
   return fig
 
 
 def plot_attention_grid(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike, *,
-                        title: str | None = None, dpi: int = 80) -> pathlib.Path:
-  """Writes `attention_grid_figure(rows, title=...)` as a PNG at `path`; returns the path."""
-  return _save(attention_grid_figure(rows, title=title), path, dpi)
+                        title: str | None = None, max_cols: int | None = None, dpi: int = 80
+                        ) -> pathlib.Path:
+  """Writes `attention_grid_figure(rows, ...)` as a PNG at `path`; returns the path."""
+  return _save(attention_grid_figure(rows, title=title, max_cols=max_cols), path, dpi)
 
 
 # --- Accuracy against sequence length ----------------------------------------------------------
