@@ -23,12 +23,17 @@ from attn_jax.ops import masks as masks_lib
 Implementation = Literal['dense', 'blockwise', 'cudnn'] | None
 BiasFn = Callable[[Any, jax.Array, jax.Array], jax.Array]
 
-# Above this many logits per (batch, head) -- q_len * kv_len -- the dispatcher
-# prefers the blockwise path on CPU. Measured with experiments/bench_attention.py
-# (README, "Attention kernels on CPU"): at 2048 tokens blockwise forward+backward
-# equals dense non-causal and is 2.2x faster causal; from there on its memory
-# stays O(length) while dense grows as length^2 (2.8 GiB at 4096, 10.9 at 8192).
-BLOCKWISE_MIN_LOGITS = 2048 * 2048
+# From this many logits per (batch, head) -- q_len * kv_len -- the dispatcher
+# takes the blockwise path on CPU. Measured with experiments/bench_attention.py
+# (README, "Attention kernels on CPU"; 8 heads, head_dim 64, fp32): blockwise is
+# already faster than dense at 256 tokens (fwd+bwd 4.5 vs 7.1 ms, causal 5.0 vs
+# 7.3 ms), 2x at 1024 and 2.7x at 2048, with O(length) memory. Below it a single
+# block is the whole problem and dense is as fast.
+BLOCKWISE_MIN_LOGITS = 256 * 256
+# Elsewhere (GPU/TPU without cuDNN's fused kernel) XLA's dense attention is fast
+# and the blockwise loop is not measured here: switch only once the logits get
+# big (2048^2 floats per head = 16 MiB).
+BLOCKWISE_MIN_LOGITS_ACCELERATOR = 2048 * 2048
 
 
 @dataclasses.dataclass(frozen=True)
@@ -208,7 +213,9 @@ def choose_implementation(query, key, *, return_weights: bool, dropout_rate: flo
               and isinstance(q_offset, int) and q_offset == 0)
   if cudnn_ok:
     return 'cudnn'
-  if query.shape[1] * key.shape[1] >= BLOCKWISE_MIN_LOGITS:
+  threshold = BLOCKWISE_MIN_LOGITS if jax.default_backend() == 'cpu' else (
+      BLOCKWISE_MIN_LOGITS_ACCELERATOR)
+  if query.shape[1] * key.shape[1] >= threshold:
     return 'blockwise'
   return 'dense'
 
@@ -261,7 +268,8 @@ def dot_product_attention(
       (memory-efficient online softmax, `blockwise.py`), 'cudnn' (GPU fused
       kernel through `jax.nn.dot_product_attention`), or None: cuDNN on GPU for
       bf16/fp16 inputs it supports, else blockwise once `q_len * kv_len` reaches
-      `BLOCKWISE_MIN_LOGITS`, else dense.
+      `BLOCKWISE_MIN_LOGITS` (CPU; `BLOCKWISE_MIN_LOGITS_ACCELERATOR` elsewhere),
+      else dense.
     block_size: blockwise `(q_block, kv_block)` or one int for both.
 
   Returns:

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 
 from attn_jax.ops import attention as attn_lib
 
-DEFAULT_BLOCK = 256
+DEFAULT_BLOCK = 512
 
 
 @dataclasses.dataclass(frozen=True)
@@ -434,7 +434,7 @@ def blockwise_attention(query, key, value, *, bias=None, mask=None, is_causal=Fa
   """Memory-efficient `dot_product_attention`; same arguments and result.
 
   Args:
-    block_size: `(q_block, kv_block)` or one int for both (default 256, capped
+    block_size: `(q_block, kv_block)` or one int for both (default 512, capped
       at the sequence lengths). Lengths need not divide by it.
 
   Returns:

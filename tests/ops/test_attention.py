@@ -213,6 +213,11 @@ def test_implementation_choice():
   assert ops.choose_implementation(small, small, **kw) == 'dense'
   assert ops.choose_implementation(big, big, **kw) == 'blockwise'
   assert ops.choose_implementation(big, big, **{**kw, 'return_weights': True}) == 'dense'
+  # The CPU threshold is q_len * kv_len: a 256-token query block over 256 keys switches.
+  at, below = (jax.ShapeDtypeStruct((1, n, 2, 8), jnp.float32) for n in (256, 255))
+  assert jax.default_backend() == 'cpu'
+  assert ops.choose_implementation(at, at, **kw) == 'blockwise'
+  assert ops.choose_implementation(below, at, **kw) == 'dense'
 
 
 @settings(max_examples=15, deadline=None, derandomize=True)
