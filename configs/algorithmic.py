@@ -1,6 +1,7 @@
 r"""Algorithmic seq2seq tasks (copy / reverse / sort / addition): Transformer vs RNN+attention.
 
-The quickstart (reverse with a small Transformer, a few minutes on a laptop CPU):
+The quickstart (reverse with a small Transformer; on a 2-core CPU about 2.5 minutes from a fresh
+workdir, ~18 steps/s, test exact-sequence accuracy 1.000):
 
   PYTHONPATH=$PWD python experiments/train.py --config configs/algorithmic.py \
       --workdir /tmp/attn_jax/reverse_transformer

@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import pathlib
+import time
 from typing import Any
 
 import jax
@@ -116,13 +117,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   checkpoints); returns the loop's result. See the module docstring for the files."""
   validate_config(config)
   workdir = pathlib.Path(workdir)
+  t0 = time.time()
   bundle = data_lib.make_datasets(
       config.data, data_dir=config.data_dir or None, seed=config.train.seed,
       process_index=jax.process_index(), process_count=jax.process_count())
   task = tasks.make_task(config, bundle.meta)
-  logging.info('task %s, model %s, data %s (%s)', task.task, task.kind, config.data.name,
-               {k: bundle.meta[k] for k in ('input_vocab_size', 'target_vocab_size',
-                                            'num_classes', 'num_examples')})
+  logging.info('task %s, model %s, data %s (%s), data ready in %.1fs', task.task, task.kind,
+               config.data.name, {k: bundle.meta[k] for k in ('input_vocab_size',
+                                                               'target_vocab_size',
+                                                               'num_classes', 'num_examples')},
+               time.time() - t0)
   if parallel.is_primary():
     write_run_files(config, bundle, workdir)
   hooks = evaluation.make_eval_hooks(config, task, bundle, workdir)

@@ -259,7 +259,7 @@ def train_loop(
     result.last_eval = scalars
     return scalars
 
-  step, acc, pending, t0, t0_step = start, {}, None, time.time(), start
+  step, acc, pending, t0, t0_step, paused = start, {}, None, time.time(), start, 0.0
   try:
     with ckpt_lib.PreemptionHandler() as preempt:
       while step < t.num_steps:
@@ -281,16 +281,21 @@ def train_loop(
         last = step == t.num_steps
         if step % t.log_every == 0 or last:
           summary = losses.summarize(parallel.to_host(acc))
-          summary['steps_per_second'] = (step - t0_step) / max(time.time() - t0, 1e-9)
+          # Training speed only: the time spent in eval and checkpoint saves is left out.
+          summary['steps_per_second'] = (step - t0_step) / max(time.time() - t0 - paused,
+                                                               1e-9)
           summary['nonfinite'] = float(parallel.to_host(acc['nonfinite'][0]))  # A count.
           writer.write(step, summary)
-          acc, t0, t0_step = {}, time.time(), step
+          acc, t0, t0_step, paused = {}, time.time(), step, 0.0
         eval_scalars = None
+        pause_start = time.time()
         if (t.eval_every and step % t.eval_every == 0) or last:
           eval_scalars = run_eval(step)
+          logging.info('eval at step %d took %.1fs', step, time.time() - pause_start)
         if (t.checkpoint_every and step % t.checkpoint_every == 0) or last:
           ckpt.save(step, runner.host_state(state), data_state=data_state(),
                     metrics=eval_scalars)
+        paused += time.time() - pause_start
         if step % check_every == 0 and preempt.reached(step):
           logging.warning('preempted: saving checkpoint at step %d and stopping', step)
           ckpt.save(step, runner.host_state(state), data_state=data_state(), force=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 import jax.numpy as jnp
 import numpy as np
@@ -131,6 +132,17 @@ def test_nonfinite_skip_continues_and_exhaustion_stops(tmp_path):
   assert _by_step(tmp_path, 'train/nonfinite') == {1: 0.0, 2: 1.0, 3: 0.0}
   assert (tmp_path / 'checkpoints' / '3').is_dir()  # Exhaustion still saves the progress.
   assert np.all(np.isfinite(result.state.params['w']))
+
+
+def test_steps_per_second_leaves_out_eval_time(tmp_path):
+  # Each eval sleeps 1 s; counted in the window after it, 2 steps would read <= 2 steps/s.
+  init_params, loss_fn = _scalar_task()
+  config = _config(num_steps=4, log_every=2, eval_every=2, checkpoint_every=0, best_metric='',
+                   tensorboard=False)
+  batches = iter([{'scale': np.float32(1.0)}] * 4)
+  loop.train_loop(config, tmp_path, init_params=init_params, loss_fn=loss_fn,
+                  train_iter=batches, eval_hooks=[lambda state, step: time.sleep(1.0) or {}])
+  assert _by_step(tmp_path, 'train/steps_per_second')[4] > 4.0
 
 
 @pytest.mark.parametrize('section,field,value,match', [
