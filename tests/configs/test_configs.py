@@ -15,7 +15,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 CONFIGS = sorted(p.stem for p in (ROOT / 'configs').glob('*.py'))
 # A bad choice for each config's main argument.
 BAD_CHOICE = {'algorithmic': 'task', 'listops': 'size', 'translation': 'model',
-              'text_classification': 'data', 'language_model': 'positional'}
+              'text_classification': 'data', 'language_model': 'positional',
+              'length_study': 'task'}
 
 
 def _load(name: str):
