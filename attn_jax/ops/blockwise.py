@@ -5,8 +5,8 @@ running max `m`, normalizer `l` and output accumulator per query row (Rabe &
 Staats 2021; Dao et al. 2022). It stores only the output and the row
 log-sum-exp. The backward pass (a `jax.custom_vjp`) walks key/value blocks and,
 inside each, query blocks, recomputing every block's probabilities from the
-saved log-sum-exp, accumulating dK/dV per key block and dQ into one
-`[q_len, head_dim]` buffer. Neither pass holds a `[q_len, kv_len]` array.
+saved log-sum-exp, accumulating dK/dV per key block and dQ (transposed) into
+one `[head_dim, q_len]` buffer. Neither pass holds a `[q_len, kv_len]` array.
 
 Masks are built per block from positions (causal, window, segment ids, padding
 of uneven lengths); blocks a causal or windowed mask hides entirely are not
@@ -16,7 +16,13 @@ position biases (ALiBi, T5) are evaluated per block and their parameters get
 gradients through a per-block VJP.
 
 Internal layout: q `[B, K, G, T, D]` (K kv heads, G query heads per kv head),
-k/v `[B, K, S, D]`, so GQA never copies k/v.
+k/v `[B, K, S, D]`, so GQA never copies whole k/v. Inside a block everything is
+3-D, `[H, rows, cols]` with `H = B*K*G`, and laid out so that every product is a
+plain row-major matmul: K is transposed once up front, the backward computes
+blocks key-major (`[bk, bq]`) and dQ transposed. On XLA's CPU backend that is
+what makes the loop fast (see `_block_logits_and_mask` and `_backward`): a
+transposed operand or a 5-D block with size-1 axes costs a copy of the block,
+and 3-D blocks let the dot fuse with the reductions after it.
 """
 
 from __future__ import annotations
