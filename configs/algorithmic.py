@@ -61,10 +61,14 @@ def get_config(arg: str | None = None):
   c.optim.schedule = 'warmup_cosine'
   c.optim.warmup_steps = 100
   c.optim.b2 = 0.98
-  c.train.num_steps = 2_000
+  # Measured on a 2-core CPU (Transformer): copy/reverse/sort reach 1.000 test exact match in
+  # 2k steps (~2.5 min); addition (carries, most significant digit first) is at 0.079 after
+  # 2k steps and 0.816 after 6k (~6 min), still rising.
+  c.train.num_steps = 6_000 if a.task == 'addition' else 2_000
   c.train.log_every = 100
-  c.train.eval_every = 1_000  # greedy decoding of both eval splits is not free on a CPU
-  c.train.checkpoint_every = 1_000
+  # Greedy decoding of both eval splits is not free on a CPU: 2 (addition: 3) evals per run.
+  c.train.eval_every = 2_000 if a.task == 'addition' else 1_000
+  c.train.checkpoint_every = c.train.eval_every
   c.train.best_metric = 'validation/sequence_accuracy'
   c.train.best_mode = 'max'
   c.eval.decode_method = 'greedy'

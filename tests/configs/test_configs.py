@@ -113,3 +113,15 @@ def test_rnn_model_rejects_packed_batches():
   config.data.batching = 'pack'
   with pytest.raises(ValueError, match="batching='pack' is not supported by model.kind"):
     experiment.validate_config(config)
+
+
+def test_algorithmic_addition_trains_longer_with_the_same_eval_count_per_step():
+  # Addition needs 6k steps on a CPU (0.079 exact match after 2k); the other tasks keep 2k.
+  module = _load('algorithmic')
+  reverse, addition = module.get_config(None), module.get_config('task=addition')
+  assert (reverse.train.num_steps, reverse.train.eval_every) == (2_000, 1_000)
+  assert (addition.train.num_steps, addition.train.eval_every) == (6_000, 2_000)
+  for c in (reverse, addition):
+    assert c.train.checkpoint_every == c.train.eval_every  # best-checkpoint ranks eval steps
+    assert c.train.num_steps % c.train.eval_every == 0
+  assert module.get_config('task=addition,model=rnn').train.num_steps == 6_000
