@@ -152,10 +152,12 @@ class MultiHeadAttention(nn.Module):
       positions: int `[batch, q_len]` or `[q_len]` absolute positions for RoPE (and,
         in decode mode, ALiBi/T5); default `0..len-1`, or the cache index onwards.
       deterministic: disables dropout.
-      decode: self-attention against the 'cache' collection. The first (init) call
+      decode: use the 'cache' collection. Causal self-attention: the first (init) call
         sizes the cache from `inputs_q` `[batch, max_len, features]`; later calls append
         `q_len >= 1` tokens (a whole prompt prefills in one call) and attend causally
-        to everything cached so far.
+        to everything cached so far. Cross-attention (`is_causal=False`): a call with
+        `inputs_kv` projects and stores its keys/values; a call with `inputs_kv=None`
+        attends to the stored ones, so a decoder projects the encoder output once.
 
     Returns:
       `[batch, q_len, out_features]` in `dtype`.
@@ -165,27 +167,34 @@ class MultiHeadAttention(nn.Module):
     capture = self.capture_attention if capture_attention is None else capture_attention
     if inputs_q.ndim != 3:
       raise ValueError(f'inputs_q must be [batch, length, features], got {inputs_q.shape}')
-    is_self = inputs_kv is None
+    cross_decode = decode and not self.is_causal
+    is_self = inputs_kv is None and not cross_decode
+    if decode and self.is_causal and not is_self:
+      raise ValueError('causal decode=True is self-attention: pass no inputs_kv')
+    if cross_decode and self.positional != 'none':
+      raise ValueError(f'cross-attention decoding takes no positional={self.positional!r}')
     inputs_kv = inputs_q if is_self else inputs_kv
-    if decode and not (is_self and self.is_causal):
-      raise ValueError('decode=True needs causal self-attention (is_causal=True, no inputs_kv)')
 
     dense = functools.partial(
         Projection, kernel_init=self.kernel_init, use_bias=self.use_bias, dtype=self.dtype,
         param_dtype=self.param_dtype)
     query = dense((self.num_heads, head_dim), ('embed', 'heads', 'kv'), ('heads', 'kv'),
                   name='query')(inputs_q)
-    key = dense((kv_heads, head_dim), ('embed', 'kv_heads', 'kv'), ('kv_heads', 'kv'),
-                name='key')(inputs_kv)
-    value = dense((kv_heads, head_dim), ('embed', 'kv_heads', 'kv'), ('kv_heads', 'kv'),
-                  name='value')(inputs_kv)
+    key_proj = dense((kv_heads, head_dim), ('embed', 'kv_heads', 'kv'), ('kv_heads', 'kv'),
+                     name='key')
+    value_proj = dense((kv_heads, head_dim), ('embed', 'kv_heads', 'kv'), ('kv_heads', 'kv'),
+                       name='value')
+    if cross_decode:
+      key, value = self._cross_cache(inputs_kv, key_proj, value_proj)
+    else:
+      key, value = key_proj(inputs_kv), value_proj(inputs_kv)
     bias_fn, bias_params = self._bias_fn()
 
     window = None
     if self.sliding_window is not None:
       window = (self.sliding_window, 0 if self.is_causal else self.sliding_window)
     kwargs: dict[str, Any] = dict(is_causal=self.is_causal, local_window=window, mask=mask)
-    if decode:
+    if decode and not cross_decode:
       key, value, query, cache_kwargs = self._decode_cache(
           query, key, value, segment_ids, positions, bias_fn, bias_params)
       cache_mask = cache_kwargs.pop('mask', None)
@@ -208,6 +217,25 @@ class MultiHeadAttention(nn.Module):
       self.sow('intermediates', 'attention_weights', weights)
     return dense((self.out_features or features,), ('heads', 'kv', 'embed'), ('embed',),
                  contract=2, name='out')(result)
+
+  def _cross_cache(self, inputs_kv, key_proj, value_proj):
+    """Cross-attention keys/values: projected from `inputs_kv` and stored, or read back.
+
+    The cache holds `cached_key`/`cached_value` `[batch, kv_len, kv_heads, head_dim]`. The
+    encoder output is the same at every decoding step, so projecting it once (at prefill)
+    saves two `[batch, kv_len, features]` matmuls per layer and step.
+    """
+    if inputs_kv is not None:
+      key, value = key_proj(inputs_kv), value_proj(inputs_kv)
+      cached_key = self.variable('cache', 'cached_key', jnp.zeros, key.shape, key.dtype)
+      cached_value = self.variable('cache', 'cached_value', jnp.zeros, value.shape,
+                                   value.dtype)
+      cached_key.value, cached_value.value = key, value
+      return key, value
+    if not self.has_variable('cache', 'cached_key'):
+      raise ValueError('cross-attention decoding without inputs_kv needs keys/values cached '
+                       'by an earlier call with inputs_kv')
+    return self.get_variable('cache', 'cached_key'), self.get_variable('cache', 'cached_value')
 
   def _decode_cache(self, query, key, value, segment_ids, positions, bias_fn, bias_params):
     """Writes this call's keys/values into the cache and returns what to attend to.

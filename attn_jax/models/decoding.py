@@ -66,7 +66,11 @@ def _check_length(model, length: int) -> None:
 
 
 def encoder_decoder_fns(model, params, inputs: jax.Array, max_decode_len: int) -> DecodeFns:
-  """`EncoderDecoder`: encode `inputs` `[batch, Ls]` once, then decode with the cache."""
+  """`EncoderDecoder`: encode `inputs` `[batch, Ls]` once, then decode with the cache.
+
+  The first call caches the cross-attention keys/values of the encoder output besides the
+  BOS step's self-attention keys/values; the steps reuse them.
+  """
   if inputs is None or inputs.ndim != 2:
     raise ValueError('EncoderDecoder decoding needs inputs [batch, length]')
   batch = inputs.shape[0]
@@ -74,9 +78,10 @@ def encoder_decoder_fns(model, params, inputs: jax.Array, max_decode_len: int) -
   _check_length(model, cache_len)
   variables = {'params': params}
 
-  def step(state, tokens):
+  def call(state, tokens, encoded=None):
+    # `encoded` only at the first call: it caches the cross-attention keys/values.
     logits, mutated = model.apply(
-        {**variables, 'cache': state['cache']}, state['encoded'], state['inputs'],
+        {**variables, 'cache': state['cache']}, encoded, state['inputs'],
         tokens[:, None], targets_segmentation=jnp.ones((tokens.shape[0], 1), jnp.int32),
         targets_positions=state['position'][:, None], decode=True, method='decode',
         mutable=['cache'])
@@ -87,9 +92,11 @@ def encoder_decoder_fns(model, params, inputs: jax.Array, max_decode_len: int) -
     encoded = model.apply(variables, inputs, method='encode')
     cache = _empty_cache(model, encoded, inputs, jnp.ones((batch, cache_len), jnp.int32),
                          decode=True, method='decode')
-    state = dict(cache=cache, encoded=encoded, inputs=inputs,
-                 position=jnp.zeros((batch,), jnp.int32))
-    return step(state, jnp.full((batch,), BOS_ID, jnp.int32))
+    state = dict(cache=cache, inputs=inputs, position=jnp.zeros((batch,), jnp.int32))
+    return call(state, jnp.full((batch,), BOS_ID, jnp.int32), encoded)
+
+  def step(state, tokens):
+    return call(state, tokens)
 
   return DecodeFns(start, step)
 

@@ -70,22 +70,33 @@ class EncoderLayer(_Block):
 
 
 class DecoderLayer(_Block):
-  """Causal self-attention, cross-attention to `encoded` (if given), FFN."""
+  """Causal self-attention, cross-attention to `encoded` (if `cross`), FFN.
+
+  With `decode`, the cross-attention keys/values of `encoded` are cached by the call that
+  passes `encoded` (the prefill); later steps pass `encoded=None` and reuse them.
+  """
+  cross: bool = False
 
   @nn.compact
   def __call__(self, y, encoded, cross_mask, segment_ids, cross_segment_ids, positions):
     cfg = self.config
+    if encoded is not None and not self.cross:
+      raise ValueError('encoded given to a decoder layer without cross-attention (cross=False)')
+    if self.cross and encoded is None and not self.decode:
+      raise ValueError('a decoder layer with cross-attention needs encoded (or decode=True '
+                       'after a prefill with encoded)')
     attn = _attention(cfg, causal=True, self_attention=True, name='decoder_self',
                       capture=self.capture)
     y = self.residual(y, lambda h: attn(h, segment_ids=segment_ids, positions=positions,
                                         deterministic=self.deterministic,
                                         decode=self.decode), 'self')
-    if encoded is not None:
+    if self.cross:
       cross = _attention(cfg, causal=False, self_attention=False, name='cross',
                          capture=self.capture)
       y = self.residual(y, lambda h: cross(h, encoded, mask=cross_mask,
                                            segment_ids=cross_segment_ids,
-                                           deterministic=self.deterministic), 'cross')
+                                           deterministic=self.deterministic,
+                                           decode=self.decode), 'cross')
     return self.ffn(y), None
 
 
@@ -147,17 +158,23 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-  """Embedding + positions + decoder layers + output logits (tied or separate)."""
+  """Embedding + positions + decoder layers (cross-attending to `encoded` if `cross`) +
+  output logits (tied or separate)."""
   config: TransformerConfig
   embedder: nn.Module
   vocab_size: int
+  cross: bool = False
 
   @nn.compact
   def __call__(self, decoder_inputs: jax.Array, encoded: jax.Array | None = None, *,
                cross_mask: jax.Array | None = None, segment_ids=None, cross_segment_ids=None,
                positions: jax.Array | None = None, train: bool = False, decode: bool = False,
                capture: bool = False) -> jax.Array:
-    """`decoder_inputs` int `[batch, T]` (already shifted) -> float32 `[batch, T, vocab]`."""
+    """`decoder_inputs` int `[batch, T]` (already shifted) -> float32 `[batch, T, vocab]`.
+
+    `encoded` `[batch, Ls, d_model]`; with `decode`, only the prefill call passes it (its
+    cross-attention keys/values are cached) and later calls pass None.
+    """
     cfg = self.config
     if decode and positions is None:
       # Absolute positions continue from the tokens decoded so far.
@@ -175,7 +192,7 @@ class Decoder(nn.Module):
       cross_ids = (q_ids, cross_segment_ids)
     y = stack_layers(cfg, DecoderLayer, cfg.num_decoder_layers, y, encoded, cross_mask,
                      segment_ids, cross_ids, positions, deterministic=not train, decode=decode,
-                     capture=capture)
+                     capture=capture, cross=self.cross)
     if cfg.norm_position == 'pre':
       y = make_norm(cfg, 'final_norm')(y)
     if cfg.tie_output:
@@ -204,7 +221,7 @@ class EncoderDecoder(nn.Module):
       self.target_embed = Embedder(cfg, cfg.target_vocab_size)
       source, target = self.source_embed, self.target_embed
     self.encoder = Encoder(cfg, source)
-    self.decoder = Decoder(cfg, target, cfg.target_vocab_size)
+    self.decoder = Decoder(cfg, target, cfg.target_vocab_size, cross=True)
 
   def encode(self, inputs, *, inputs_segmentation=None, inputs_positions=None, train=False,
              capture_attention=None):
@@ -218,7 +235,9 @@ class EncoderDecoder(nn.Module):
     """Decoder over already-shifted `decoder_inputs` `[batch, Lt]` -> `[batch, Lt, vocab]`.
 
     `inputs` (`[batch, Ls]`) only supply the cross-attention padding mask. With
-    `decode=True`, `targets_segmentation` marks real (1) vs padding (0) decoder tokens.
+    `decode=True`, `targets_segmentation` marks real (1) vs padding (0) decoder tokens, and
+    `encoded` is needed only by the first (prefill) call, which caches its cross-attention
+    keys/values; later steps pass `encoded=None`.
     """
     cross_mask = _valid(inputs, inputs_segmentation)[:, None, None, :]
     return self.decoder(

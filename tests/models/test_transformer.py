@@ -3,6 +3,8 @@ remat, sown attention, logical axes. float32; tolerances 1e-5 (values) / 1e-4 (g
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -164,15 +166,19 @@ def test_encoder_decoder_cached_decoding_equals_full_forward():
 
     def decode_fn(cache, chunk, start):
       positions = jnp.broadcast_to(start + jnp.arange(chunk.shape[1]), chunk.shape)
-      return model.apply({'params': params, 'cache': cache}, encoded, inputs, chunk,
-                         targets_positions=positions, targets_segmentation=jnp.ones_like(chunk),
-                         decode=True, method='decode', mutable=['cache'])
+      # Only the prefill sees the encoder output; the steps read its cached keys/values.
+      return model.apply({'params': params, 'cache': cache}, encoded if start == 0 else None,
+                         inputs, chunk, targets_positions=positions,
+                         targets_segmentation=jnp.ones_like(chunk), decode=True,
+                         method='decode', mutable=['cache'])
     cache = _empty_cache(model, encoded, inputs, jnp.ones((2, 8), jnp.int32), decode=True,
                          method='decode')
-    return full, _prefill_and_step(decode_fn, cache, models.shift_right(targets))
+    return full, _prefill_and_step(decode_fn, cache, models.shift_right(targets)), cache
 
-  full, cached = full_and_cached(inputs, targets)
+  full, cached, cache = full_and_cached(inputs, targets)
   np.testing.assert_allclose(cached, full, atol=ATOL)
+  cross = cache['decoder']['layer_0']['cross']
+  assert cross['cached_key'].shape == (2, 6, 1, model.config.head_dim)  # [b, Ls, kv_heads, d]
 
 
 def _stack_layers(params):
@@ -190,23 +196,26 @@ def test_scan_and_remat_change_no_value_or_gradient():
   base = dict(positional='rope', norm_position='pre', num_decoder_layers=2)
   tokens = _tokens(0, (2, 5))
   unrolled = models.DecoderLM(_cfg(**base))
-  params = _init(unrolled, tokens)['params']
+  # (model, unrolled parameters -> its parameters); the first is the reference.
+  cases = [(unrolled, lambda p: p),
+           (models.DecoderLM(_cfg(**base, remat=True)), lambda p: p),
+           (models.DecoderLM(_cfg(**base, scan_layers=True, remat=True)), _stack_layers)]
 
-  def loss_and_grad(model, params):
-    def loss(p):
-      logits = model.apply({'params': p}, tokens)
-      return jnp.mean(jax.nn.log_softmax(logits)[..., 5] * jnp.arange(5.0))
-    return jax.jit(jax.value_and_grad(loss))(params)
+  def loss(model, p):
+    logits = model.apply({'params': p}, tokens)
+    return jnp.mean(jax.nn.log_softmax(logits)[..., 5] * jnp.arange(5.0))
 
-  ref_loss, ref_grad = loss_and_grad(unrolled, params)
-  for overrides, convert in [(dict(remat=True), lambda p: p),
-                             (dict(scan_layers=True, remat=True), _stack_layers)]:
-    model = models.DecoderLM(_cfg(**base, **overrides))
-    model_params = convert(params)
+  @jax.jit  # init and all three gradients in one program: compiling is what costs time
+  def all_grads(tokens):
+    params = nn.unbox(unrolled.init(jax.random.key(0), tokens))['params']
+    return params, [jax.value_and_grad(functools.partial(loss, m))(convert(params))
+                    for m, convert in cases]
+
+  params, ((ref_loss, ref_grad), *others) = all_grads(tokens)
+  for (model, convert), (value, grad) in zip(cases[1:], others, strict=True):
     shapes = jax.eval_shape(lambda m=model: m.init(jax.random.key(0), tokens))['params']
-    assert (jax.tree.map(jnp.shape, model_params)
+    assert (jax.tree.map(jnp.shape, convert(params))
             == jax.tree.map(jnp.shape, nn.unbox(shapes)))
-    value, grad = loss_and_grad(model, model_params)
     np.testing.assert_allclose(value, ref_loss, atol=ATOL)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4), grad,
                  convert(ref_grad))
@@ -216,10 +225,14 @@ def test_attention_weights_are_sown_per_attention_and_layer():
   model = models.EncoderDecoder(_cfg(capture_attention=True, num_encoder_layers=2,
                                      num_decoder_layers=2))
   inputs, targets = _tokens(0, (2, 5), lengths=[3, 5]), _tokens(1, (2, 4))
-  variables = _init(model, inputs, targets)
-  _, state = _apply(model)({'params': variables['params']}, inputs, targets,
-                           mutable=('intermediates',))
-  inter = state['intermediates']
+
+
+  @jax.jit  # init and apply in one program: compiling is what costs time here
+  def sown(inputs, targets):
+    params = model.init(jax.random.key(0), inputs, targets)['params']
+    return model.apply({'params': params}, inputs, targets, mutable=('intermediates',))[1]
+
+  inter = sown(inputs, targets)['intermediates']
   heads = model.config.num_heads
   assert inter['encoder']['layer_1']['encoder_self']['attention_weights'][0].shape == (
       2, heads, 5, 5)
