@@ -1,16 +1,25 @@
-"""Greedy decoding speed: KV cache (`models.generate`) vs recomputing the whole prefix.
+"""Greedy decoding speed: what the caches save.
 
     PYTHONPATH=. python experiments/bench_decode.py --output_dir=/tmp/bench_decode
 
-Both are one jitted `lax.while_loop` generating exactly `n` tokens from a one-token
-prompt (EOS is disabled through the output bias so neither stops early). The baseline
-runs the full teacher-forced forward pass over the `[batch, n]` buffer at every step and
-reads position `i`. Prints median tokens/s over `--repeats` runs (after a warm-up that
-compiles) and the speed-up, and writes `bench_decode.json` (+ a PNG) to `--output_dir`.
+1. `DecoderLM`, KV cache (`models.generate`) vs recomputing the whole prefix: both are one
+   jitted `lax.while_loop` generating exactly `n` tokens (`--lengths`) from a one-token
+   prompt (EOS is disabled through the output bias so neither stops early). The baseline
+   runs the full teacher-forced forward pass over the `[batch, n]` buffer at every step and
+   reads position `i`.
+2. `EncoderDecoder` over a `--source_len` source, `--cross_tokens` tokens: cross-attention
+   keys/values of the encoder output projected once at the prefill and cached (what
+   `models.generate` does) vs projected again at every step (the same loop, with the
+   encoder output passed to every step).
+
+Prints median tokens/s over `--repeats` runs (after a warm-up that compiles) and the
+speed-ups, checks that both ways generate the same tokens, and writes
+`decode_speed.json` and `decode_speed.png` to `--output_dir`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import statistics
@@ -22,7 +31,8 @@ import jax.numpy as jnp
 from absl import app, flags
 
 from attn_jax import models
-from attn_jax.models.decoding import EOS_ID
+from attn_jax.models import decoding
+from attn_jax.models.decoding import BOS_ID, EOS_ID
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('output_dir', '/tmp/bench_decode', 'Where to write JSON and PNG.')
@@ -32,6 +42,9 @@ flags.DEFINE_integer('num_layers', 2, 'Decoder layers.')
 flags.DEFINE_integer('d_model', 128, 'Model width.')
 flags.DEFINE_integer('batch', 1, 'Batch size.')
 flags.DEFINE_integer('repeats', 3, 'Timed runs per setting (median reported).')
+flags.DEFINE_integer('source_len', 512, 'EncoderDecoder source length.')
+flags.DEFINE_integer('cross_tokens', 128, 'EncoderDecoder generated tokens.')
+flags.DEFINE_integer('beam_size', 4, 'EncoderDecoder beam search width.')
 
 
 def build(max_len: int):
@@ -86,31 +99,138 @@ def measure(n: int) -> dict:
               speedup=cached / recompute, same_tokens=same)
 
 
-def main(argv):
-  del argv
-  results = [measure(int(x)) for x in FLAGS.lengths]
-  print(f'greedy decoding, DecoderLM d={FLAGS.d_model} x {FLAGS.num_layers} layers, batch '
-        f'{FLAGS.batch}, backend={jax.default_backend()}')
-  print(f"{'tokens':>7} {'cache tok/s':>12} {'recompute tok/s':>16} {'speed-up':>9} {'same':>5}")
-  for r in results:
-    print(f"{r['tokens']:>7} {r['cache_tok_s']:>12.0f} {r['recompute_tok_s']:>16.0f} "
-          f"{r['speedup']:>8.1f}x {str(r['same_tokens']):>5}")
-  os.makedirs(FLAGS.output_dir, exist_ok=True)
-  with open(os.path.join(FLAGS.output_dir, 'bench_decode.json'), 'w') as f:
-    json.dump(dict(config=dict(d_model=FLAGS.d_model, num_layers=FLAGS.num_layers,
-                               batch=FLAGS.batch, backend=jax.default_backend()),
-                   results=results), f, indent=2)
+def build_encoder_decoder():
+  cfg = models.transformer_config(
+      FLAGS.variant, vocab_size=512, dropout_rate=0.0, num_encoder_layers=FLAGS.num_layers,
+      num_decoder_layers=FLAGS.num_layers, d_model=FLAGS.d_model, d_ff=4 * FLAGS.d_model,
+      max_len=max(FLAGS.source_len, FLAGS.cross_tokens) + 2, tie_output=False,
+      positional='rope')
+  model = models.EncoderDecoder(cfg)
+  x = jnp.ones((1, 8), jnp.int32)
+  params = nn.unbox(model.init(jax.random.key(0), x, x)['params'])
+  params['decoder']['logits']['bias'] = params['decoder']['logits']['bias'].at[EOS_ID].set(-1e9)
+  return model, params
+
+
+@dataclasses.dataclass(frozen=True)
+class CrossRecomputed:
+  """`EncoderDecoder` decoding that hands the encoder output to every step, so each step
+  projects the cross-attention keys/values again (the cost the cache removes)."""
+  model: models.EncoderDecoder
+
+  def decoding_fns(self, params, *, inputs, prompt=None, max_decode_len):
+    del prompt
+    batch, model = inputs.shape[0], self.model
+
+    def step(state, tokens):
+      logits, mutated = model.apply(
+          {'params': params, 'cache': state['cache']}, state['encoded'], state['inputs'],
+          tokens[:, None], targets_segmentation=jnp.ones((tokens.shape[0], 1), jnp.int32),
+          targets_positions=state['position'][:, None], decode=True, method='decode',
+          mutable=['cache'])
+      return logits[:, 0], dict(state, cache=mutated['cache'], position=state['position'] + 1)
+
+    def start():
+      encoded = model.apply({'params': params}, inputs, method='encode')
+      cache = decoding._empty_cache(model, encoded, inputs,
+                                    jnp.ones((batch, max_decode_len + 1), jnp.int32),
+                                    decode=True, method='decode')
+      state = dict(cache=cache, encoded=encoded, inputs=inputs,
+                   position=jnp.zeros((batch,), jnp.int32))
+      return step(state, jnp.full((batch,), BOS_ID, jnp.int32))
+
+    return decoding.DecodeFns(start, step)
+
+
+def measure_cross() -> list[dict]:
+  """Tokens/s of EncoderDecoder decoding, cross keys/values cached vs recomputed, for
+  greedy search (whose state XLA can see is loop-invariant) and beam search (which
+  reorders the state at every step)."""
+  model, params = build_encoder_decoder()
+  n = FLAGS.cross_tokens
+  source = jax.random.randint(jax.random.key(1), (FLAGS.batch, FLAGS.source_len), 3, 512)
+  rows = []
+  for method, kwargs in [('greedy', {}), ('beam', dict(beam_size=FLAGS.beam_size))]:
+    def run(m, method=method, kwargs=kwargs):
+      return lambda: models.generate(m, params, inputs=source, max_decode_len=n,
+                                     method=method, **kwargs)
+    cached_fn, recompute_fn = run(model), run(CrossRecomputed(model))
+    cached, recompute = tokens_per_second(cached_fn, n), tokens_per_second(recompute_fn, n)
+    same = bool(jnp.all(cached_fn() == recompute_fn()))
+    name = method if method == 'greedy' else f'beam {FLAGS.beam_size}'
+    rows.append(dict(method=name, source_len=FLAGS.source_len, tokens=n,
+                     cached_cross_tok_s=cached, recomputed_cross_tok_s=recompute,
+                     speedup=cached / recompute, same_tokens=same))
+  return rows
+
+
+def plot(results: list[dict], cross: dict, path: str) -> None:
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
-  fig, ax = plt.subplots(figsize=(5, 3.5))
-  lengths = [r['tokens'] for r in results]
-  ax.plot(lengths, [r['cache_tok_s'] for r in results], 'o-', label='KV cache')
-  ax.plot(lengths, [r['recompute_tok_s'] for r in results], 's-', label='recompute prefix')
-  ax.set(xscale='log', yscale='log', xlabel='generated tokens', ylabel='tokens / s')
-  ax.legend()
+  fig, (ax, bx) = plt.subplots(1, 2, figsize=(10, 4))
+  xs = range(len(results))
+  width = 0.38
+  for offset, key, label in [(-width / 2, 'cache_tok_s', 'KV cache'),
+                             (width / 2, 'recompute_tok_s', 'no cache (recompute prefix)')]:
+    bars = ax.bar([x + offset for x in xs], [r[key] for r in results], width, label=label)
+    ax.bar_label(bars, fmt='%.0f', fontsize=8)
+  for x, r in enumerate(results):
+    ax.annotate(f"{r['speedup']:.0f}x", (x, max(r['cache_tok_s'], r['recompute_tok_s'])),
+                xytext=(0, 14), textcoords='offset points', ha='center', weight='bold')
+  ax.set_xticks(list(xs), [str(r['tokens']) for r in results])
+  ax.set(yscale='log', xlabel='generated tokens', ylabel='greedy decoding (tokens / s, log)',
+         title=f'DecoderLM d={FLAGS.d_model} x {FLAGS.num_layers} layers, batch {FLAGS.batch}')
+  low = min(min(r['cache_tok_s'], r['recompute_tok_s']) for r in results)
+  ax.set_ylim(low / 3, ax.get_ylim()[1] * 4)  # log bars need an explicit floor
+  ax.legend(loc='upper right', fontsize=8)
+  for offset, key, label in [(-width / 2, 'cached_cross_tok_s', 'cached once (prefill)'),
+                             (width / 2, 'recomputed_cross_tok_s', 'projected every step')]:
+    bars = bx.bar([x + offset for x in range(len(cross))], [c[key] for c in cross], width,
+                  label=label)
+    bx.bar_label(bars, fmt='%.0f', fontsize=8)
+  for x, c in enumerate(cross):
+    bx.annotate(f"{c['speedup']:.2f}x", (x, max(c['cached_cross_tok_s'],
+                                                c['recomputed_cross_tok_s'])),
+                xytext=(0, 14), textcoords='offset points', ha='center', weight='bold')
+  bx.set_xticks(list(range(len(cross))), [c['method'] for c in cross])
+  bx.set_ylim(0, bx.get_ylim()[1] * 1.35)
+  bx.set(xlabel='search', ylabel='tokens / s',
+         title=f"EncoderDecoder cross-attention keys/values\nsource {cross[0]['source_len']}, "
+               f"{cross[0]['tokens']} tokens")
+  bx.legend(loc='upper right', fontsize=8)
+  bx.title.set_fontsize(9)
+  ax.title.set_fontsize(9)
+  fig.suptitle(f'decoding speed ({jax.default_backend()})', fontsize=10)
   fig.tight_layout()
-  fig.savefig(os.path.join(FLAGS.output_dir, 'bench_decode.png'), dpi=120)
+  fig.savefig(path, dpi=110)
+
+
+def main(argv):
+  del argv
+  results = [measure(int(x)) for x in FLAGS.lengths]
+  cross = measure_cross()
+  print(f'greedy decoding, d={FLAGS.d_model} x {FLAGS.num_layers} layers, batch '
+        f'{FLAGS.batch}, backend={jax.default_backend()}')
+  print(f"DecoderLM {'tokens':>7} {'cache tok/s':>12} {'recompute tok/s':>16} "
+        f"{'speed-up':>9} {'same':>5}")
+  for r in results:
+    print(f"{'':9} {r['tokens']:>7} {r['cache_tok_s']:>12.0f} {r['recompute_tok_s']:>16.0f} "
+          f"{r['speedup']:>8.1f}x {str(r['same_tokens']):>5}")
+  print(f"EncoderDecoder, source {cross[0]['source_len']}, {cross[0]['tokens']} tokens: "
+        'cross-attention keys/values')
+  print(f"{'search':>9} {'cached tok/s':>13} {'per-step tok/s':>15} {'speed-up':>9} {'same':>5}")
+  for c in cross:
+    print(f"{c['method']:>9} {c['cached_cross_tok_s']:>13.0f} "
+          f"{c['recomputed_cross_tok_s']:>15.0f} {c['speedup']:>8.2f}x "
+          f"{str(c['same_tokens']):>5}")
+  os.makedirs(FLAGS.output_dir, exist_ok=True)
+  with open(os.path.join(FLAGS.output_dir, 'decode_speed.json'), 'w') as f:
+    json.dump(dict(config=dict(d_model=FLAGS.d_model, num_layers=FLAGS.num_layers,
+                               batch=FLAGS.batch, repeats=FLAGS.repeats,
+                               backend=jax.default_backend()),
+                   decoder_lm=results, encoder_decoder_cross=cross), f, indent=2)
+  plot(results, cross, os.path.join(FLAGS.output_dir, 'decode_speed.png'))
 
 
 if __name__ == '__main__':
