@@ -63,13 +63,7 @@ def get_config(arg: str | None = None):
   alg.num_train, alg.num_validation = 20_000, 500
   alg.num_test = EXAMPLES_PER_LENGTH * 2 * n
   c.data.max_length = 2 * n + 1  # symbols + EOS: no test example is truncated
-  c.data.batch_size = 64
-  c.data.eval_batch_size = 250
-
-  c.optim.learning_rate = 2e-3 if a.model == 'transformer' else 3e-3
-  c.optim.schedule = 'warmup_cosine'
-  c.optim.warmup_steps = 100
-  c.optim.b2 = 0.98
+  experiment.algorithmic_seq2seq_training(c, transformer=a.model == 'transformer')
   c.train.seed = 0  # init and shuffling; data content is data.data_seed (0)
   c.train.num_steps = 3_000
   c.train.log_every = 100

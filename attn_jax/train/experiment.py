@@ -31,7 +31,7 @@ import ml_collections
 
 from attn_jax import data as data_lib
 from attn_jax.train import evaluation, loop, optim, parallel, tasks
-from attn_jax.train.metrics import read_metrics
+from attn_jax.train.metrics import metric_mode, read_metrics
 
 DONE_FILE = 'DONE'
 CONFIG_FILE = 'config.json'
@@ -54,6 +54,21 @@ def base_config(dataset: str, model_kind: str, variant: str,
   c.loss = ml_collections.ConfigDict({'label_smoothing': 0.0})
   c.eval = evaluation.default_config()
   return c
+
+
+def algorithmic_seq2seq_training(config: ml_collections.ConfigDict,
+                                 transformer: bool) -> None:
+  """Batch sizes and AdamW schedule shared by the algorithmic seq2seq configs
+  (`configs/algorithmic.py`, `configs/length_study.py`), which are loaded by path and so
+  cannot import each other. `transformer` False = the RNN encoder-decoder, which trains
+  best at a higher rate. Sets `config` in place.
+  """
+  config.data.batch_size = 64
+  config.data.eval_batch_size = 250
+  config.optim.learning_rate = 2e-3 if transformer else 3e-3
+  config.optim.schedule = 'warmup_cosine'
+  config.optim.warmup_steps = 100
+  config.optim.b2 = 0.98
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
@@ -89,15 +104,15 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
 
 
 def _best(records: list[dict[str, Any]], keys: set[str]) -> dict[str, Any]:
-  """Best value of each eval metric over the run: min for losses/perplexities, else max."""
+  """Best value and its step for each eval metric over the run, in the direction
+  `metrics.metric_mode` gives; metrics with no known direction (counts) have no best."""
   best: dict[str, Any] = {}
   for rec in records:
     for k in keys & set(rec):
-      v = rec[k]
-      if v is None:
+      v, mode = rec[k], metric_mode(k)
+      if v is None or mode is None:
         continue
-      lower = 'loss' in k or 'perplexity' in k
-      if k not in best or (v < best[k]['value'] if lower else v > best[k]['value']):
+      if k not in best or (v < best[k]['value'] if mode == 'min' else v > best[k]['value']):
         best[k] = {'value': v, 'step': rec['step']}
   return best
 

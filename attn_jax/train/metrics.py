@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import pathlib
+import re
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -20,6 +21,30 @@ import jax
 
 METRICS_FILE = 'metrics.jsonl'
 TB_DIR = 'tensorboard'
+
+
+# Best-value rule: a metric whose last name component contains one of these words is better
+# when lower (checked first), or when higher; anything else has no "best" (left blank).
+LOWER_IS_BETTER = ('loss', 'perplexity', 'ppl', 'error', 'err', 'wer', 'cer', 'nll', 'bpc',
+                   'bpb', 'entropy', 'nonfinite')
+HIGHER_IS_BETTER = ('accuracy', 'acc', 'bleu', 'chrf', 'f1', 'precision', 'recall', 'auc',
+                    'rouge', 'match', 'score')
+
+
+def metric_mode(name: str) -> str | None:
+  """'min', 'max' or None (unknown): which direction is best for eval metric `name`.
+
+  The last '/'-component is split into words at non-letters; a word from LOWER_IS_BETTER
+  (loss, perplexity, error, ...) means min, checked first, else a word from HIGHER_IS_BETTER
+  (accuracy, acc, bleu, f1, ...) means max. E.g. 'valid/loss' -> min, 'valid/seq_accuracy'
+  -> max, 'test/bleu' -> max, 'valid/num_tokens' -> None.
+  """
+  words = set(re.split(r'[^a-z]+', name.rsplit('/', 1)[-1].lower()))
+  if words & set(LOWER_IS_BETTER):
+    return 'min'
+  if words & set(HIGHER_IS_BETTER):
+    return 'max'
+  return None
 
 
 def read_metrics(workdir: str | os.PathLike) -> list[dict[str, Any]]:

@@ -54,7 +54,7 @@ from typing import Any
 
 import ml_collections
 
-from attn_jax.train.metrics import read_metrics
+from attn_jax.train.metrics import metric_mode, read_metrics
 
 DONE_FILE = 'DONE'
 FAILED_FILE = 'FAILED'
@@ -72,14 +72,6 @@ _NAME_RE = re.compile(r'^[A-Za-z0-9][A-Za-z0-9._=+-]*$')
 _UNSAFE_RE = re.compile(r'[^A-Za-z0-9._=+-]+')
 _FIELD_RE = re.compile(r'^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$')
 _REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
-
-# Best-value rule: a metric whose last name component contains one of these words is better
-# when lower (checked first), or when higher; anything else has no "best" (left blank).
-LOWER_IS_BETTER = ('loss', 'perplexity', 'ppl', 'error', 'err', 'wer', 'cer', 'nll', 'bpc',
-                   'bpb', 'entropy', 'nonfinite')
-HIGHER_IS_BETTER = ('accuracy', 'acc', 'bleu', 'chrf', 'f1', 'precision', 'recall', 'auc',
-                    'rouge', 'match', 'score')
-
 
 class SweepInterrupted(Exception):
   """The sweep got SIGTERM: the current run was passed the signal (to checkpoint) and has
@@ -477,22 +469,6 @@ def run_sweep(runs: Sequence[Run], *, config_path: str, base_workdir: str | os.P
 
 # ---------------------------------------------------------------------------------------------
 # Summary table.
-
-
-def metric_mode(name: str) -> str | None:
-  """'min', 'max' or None (unknown): which direction is best for eval metric `name`.
-
-  The last '/'-component is split into words at non-letters; a word from LOWER_IS_BETTER
-  (loss, perplexity, error, ...) means min, checked first, else a word from HIGHER_IS_BETTER
-  (accuracy, acc, bleu, f1, ...) means max. E.g. 'valid/loss' -> min, 'valid/seq_accuracy'
-  -> max, 'test/bleu' -> max, 'valid/num_tokens' -> None.
-  """
-  words = set(re.split(r'[^a-z]+', name.rsplit('/', 1)[-1].lower()))
-  if words & set(LOWER_IS_BETTER):
-    return 'min'
-  if words & set(HIGHER_IS_BETTER):
-    return 'max'
-  return None
 
 
 def _is_eval_metric(key: str) -> bool:
