@@ -24,27 +24,22 @@ from attn_jax.train import experiment
 from attn_jax.train.config_args import parse_arg, validate_choices
 
 TASKS = ('copy', 'reverse', 'sort', 'addition')
-MODELS = ('transformer', 'rnn', 'rnn_noattn')
-
-
-def _model(model: str, smoke: bool):
-  if model == 'transformer':
-    size = dict(d_model=32, num_heads=4, d_ff=64, num_encoder_layers=1, num_decoder_layers=1) \
-        if smoke else dict(d_model=128, num_heads=4, d_ff=256, num_encoder_layers=2,
-                           num_decoder_layers=2)
-    return 'encoder_decoder', 'tiny', dict(size, dropout_rate=0.0, norm_position='pre')
-  size = dict(embed_dim=16, hidden_dim=32, attention_dim=16) if smoke else dict(
-      embed_dim=64, hidden_dim=128, attention_dim=64)
-  attention = 'none' if model == 'rnn_noattn' else 'additive'
-  return 'rnn_seq2seq', 'tiny', dict(size, attention=attention, dropout_rate=0.0)
+MODELS = experiment.SEQ2SEQ_MODELS
 
 
 def get_config(arg: str | None = None):
   a = parse_arg(arg, task='reverse', model='transformer', generalize=False)
   validate_choices(a, 'task', TASKS, where='config arg')
   validate_choices(a, 'model', MODELS, where='config arg')
-  kind, variant, overrides = _model(a.model, a.smoke)
-  c = experiment.base_config(a.task, kind, variant, **overrides)
+  if a.smoke:
+    transformer = dict(d_model=32, num_heads=4, d_ff=64, num_encoder_layers=1,
+                       num_decoder_layers=1)
+    rnn = dict(embed_dim=16, hidden_dim=32, attention_dim=16)
+  else:
+    transformer = dict(d_model=128, num_heads=4, d_ff=256, num_encoder_layers=2,
+                       num_decoder_layers=2)
+    rnn = dict(embed_dim=64, hidden_dim=128, attention_dim=64)
+  c = experiment.algorithmic_seq2seq_config(a.task, a.model, transformer=transformer, rnn=rnn)
   c.arg = arg or ''
 
   alg = c.data.algorithmic
@@ -54,7 +49,6 @@ def get_config(arg: str | None = None):
   longest = alg.test_length[1]
   # Tokens incl. EOS; addition inputs are two operands and '+'.
   c.data.max_length = 2 * longest + 2 if a.task == 'addition' else longest + 1
-  experiment.algorithmic_seq2seq_training(c, transformer=a.model == 'transformer')
   # Measured on a 2-core CPU (Transformer): copy/reverse/sort reach 1.000 test exact match in
   # 2k steps (~2.5 min); addition (carries, most significant digit first) is at 0.079 after
   # 2k steps and 0.816 after 6k (~6 min), still rising.

@@ -33,19 +33,6 @@ LABELS = {'rnn_noattn': 'RNN encoder-decoder, no attention',
 EXAMPLES_PER_LENGTH = 50  # Expected test examples per length (lengths are drawn uniformly).
 
 
-def _model(model: str, smoke: bool):
-  if model == 'transformer':
-    size = dict(d_model=32, num_heads=2, d_ff=64, num_encoder_layers=1, num_decoder_layers=1) \
-        if smoke else dict(d_model=64, num_heads=4, d_ff=256, num_encoder_layers=2,
-                           num_decoder_layers=2)
-    return 'encoder_decoder', dict(size, dropout_rate=0.0, norm_position='pre',
-                                   positional='sinusoidal')
-  size = dict(embed_dim=16, hidden_dim=16, attention_dim=16) if smoke else dict(
-      embed_dim=32, hidden_dim=96, attention_dim=64)
-  attention = 'none' if model == 'rnn_noattn' else 'additive'
-  return 'rnn_seq2seq', dict(size, attention=attention, dropout_rate=0.0)
-
-
 def get_config(arg: str | None = None):
   a = parse_arg(arg, task='reverse', model='transformer', train_max=20)
   validate_choices(a, 'task', TASKS, where='config arg')
@@ -53,8 +40,16 @@ def get_config(arg: str | None = None):
   if a.train_max < 1:
     raise ValueError(f'config arg train_max={a.train_max} must be >= 1')
   n = 3 if a.smoke else a.train_max  # L, the longest training length
-  kind, overrides = _model(a.model, a.smoke)
-  c = experiment.base_config(a.task, kind, 'tiny', **overrides)
+  if a.smoke:
+    transformer = dict(d_model=32, num_heads=2, d_ff=64, num_encoder_layers=1,
+                       num_decoder_layers=1)
+    rnn = dict(embed_dim=16, hidden_dim=16, attention_dim=16)
+  else:
+    transformer = dict(d_model=64, num_heads=4, d_ff=256, num_encoder_layers=2,
+                       num_decoder_layers=2)
+    rnn = dict(embed_dim=32, hidden_dim=96, attention_dim=64)
+  c = experiment.algorithmic_seq2seq_config(
+      a.task, a.model, transformer=dict(transformer, positional='sinusoidal'), rnn=rnn)
   c.arg = arg or ''
 
   alg = c.data.algorithmic
@@ -63,7 +58,6 @@ def get_config(arg: str | None = None):
   alg.num_train, alg.num_validation = 20_000, 500
   alg.num_test = EXAMPLES_PER_LENGTH * 2 * n
   c.data.max_length = 2 * n + 1  # symbols + EOS: no test example is truncated
-  experiment.algorithmic_seq2seq_training(c, transformer=a.model == 'transformer')
   c.train.seed = 0  # init and shuffling; data content is data.data_seed (0)
   c.train.num_steps = 3_000
   c.train.log_every = 100

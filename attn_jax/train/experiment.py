@@ -56,19 +56,36 @@ def base_config(dataset: str, model_kind: str, variant: str,
   return c
 
 
-def algorithmic_seq2seq_training(config: ml_collections.ConfigDict,
-                                 transformer: bool) -> None:
-  """Batch sizes and AdamW schedule shared by the algorithmic seq2seq configs
-  (`configs/algorithmic.py`, `configs/length_study.py`), which are loaded by path and so
-  cannot import each other. `transformer` False = the RNN encoder-decoder, which trains
-  best at a higher rate. Sets `config` in place.
+SEQ2SEQ_MODELS = ('transformer', 'rnn', 'rnn_noattn')
+
+
+def algorithmic_seq2seq_config(task: str, model: str, *, transformer: dict[str, Any],
+                               rnn: dict[str, Any]) -> ml_collections.ConfigDict:
+  """`base_config` for an algorithmic seq2seq `task` with `model` in SEQ2SEQ_MODELS, and the
+  batch sizes and AdamW schedule shared by `configs/algorithmic.py` and
+  `configs/length_study.py` (loaded by path, so they cannot import each other).
+
+  'transformer' is a pre-norm encoder_decoder built with the fields in `transformer`;
+  'rnn' / 'rnn_noattn' the RNN encoder-decoder with additive / no attention built with the
+  fields in `rnn`. No dropout. The RNN trains best at a higher rate. Unlocked: the caller
+  sets the data and train fields of its experiment, then `lock()`s.
   """
-  config.data.batch_size = 64
-  config.data.eval_batch_size = 250
-  config.optim.learning_rate = 2e-3 if transformer else 3e-3
-  config.optim.schedule = 'warmup_cosine'
-  config.optim.warmup_steps = 100
-  config.optim.b2 = 0.98
+  if model not in SEQ2SEQ_MODELS:
+    raise ValueError(f'model={model!r} is not one of {SEQ2SEQ_MODELS}')
+  if model == 'transformer':
+    kind, overrides = 'encoder_decoder', dict(transformer, dropout_rate=0.0,
+                                              norm_position='pre')
+  else:
+    attention = 'none' if model == 'rnn_noattn' else 'additive'
+    kind, overrides = 'rnn_seq2seq', dict(rnn, attention=attention, dropout_rate=0.0)
+  c = base_config(task, kind, 'tiny', **overrides)
+  c.data.batch_size = 64
+  c.data.eval_batch_size = 250
+  c.optim.learning_rate = 2e-3 if model == 'transformer' else 3e-3
+  c.optim.schedule = 'warmup_cosine'
+  c.optim.warmup_steps = 100
+  c.optim.b2 = 0.98
+  return c
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:

@@ -125,3 +125,22 @@ def test_algorithmic_addition_trains_longer_with_the_same_eval_count_per_step():
     assert c.train.checkpoint_every == c.train.eval_every  # best-checkpoint ranks eval steps
     assert c.train.num_steps % c.train.eval_every == 0
   assert module.get_config('task=addition,model=rnn').train.num_steps == 6_000
+
+
+@pytest.mark.parametrize('model,kind,fields,lr', [
+    ('transformer', 'encoder_decoder', {'d_model': 16, 'norm_position': 'pre'}, 2e-3),
+    ('rnn', 'rnn_seq2seq', {'hidden_dim': 8, 'attention': 'additive'}, 3e-3),
+    ('rnn_noattn', 'rnn_seq2seq', {'hidden_dim': 8, 'attention': 'none'}, 3e-3),
+])
+def test_algorithmic_seq2seq_config_builds_the_named_model_with_the_shared_schedule(
+    model, kind, fields, lr):
+  # Both algorithmic configs build on this helper: each name picks its kind and sizes only.
+  c = experiment.algorithmic_seq2seq_config('copy', model, transformer={'d_model': 16},
+                                            rnn={'hidden_dim': 8})
+  assert c.model.kind == kind and c.model.dropout_rate == 0.0
+  assert {k: c.model[k] for k in fields} == fields
+  assert (c.optim.learning_rate, c.optim.schedule, c.optim.warmup_steps, c.optim.b2) == (
+      lr, 'warmup_cosine', 100, 0.98)
+  assert (c.data.batch_size, c.data.eval_batch_size) == (64, 250)
+  with pytest.raises(ValueError, match="model='lstm' is not one of"):
+    experiment.algorithmic_seq2seq_config('copy', 'lstm', transformer={}, rnn={})
