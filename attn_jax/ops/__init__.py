@@ -7,11 +7,10 @@
 from attn_jax.ops.attention import (
     BLOCKWISE_MIN_LOGITS,
     choose_implementation,
-    dense_attention,
     dot_product_attention,
-    masked_softmax,
 )
 from attn_jax.ops.blockwise import blockwise_attention
+from attn_jax.ops.dense import dense_attention, masked_softmax
 from attn_jax.ops.heads import merge_heads, num_groups, repeat_kv, split_heads
 from attn_jax.ops.masks import (
     causal_mask,

@@ -35,7 +35,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from attn_jax.ops import attention as attn_lib
+from attn_jax.ops import masks as masks_lib
+from attn_jax.ops import shapes
 
 DEFAULT_BLOCK = 512
 
@@ -43,7 +44,7 @@ DEFAULT_BLOCK = 512
 @dataclasses.dataclass(frozen=True)
 class _Static:
   """Hashable, trace-time configuration of one blockwise call."""
-  dims: attn_lib.Dims
+  dims: shapes.Dims
   block_q: int
   block_kv: int
   is_causal: bool
@@ -212,7 +213,7 @@ def _masked_or_not(st: _Static, body, q_start, kv_start, q_offset, *args):
 def _bias_fn_block(st: _Static, bias_params, q_pos, kv_pos):
   """`bias_fn` output for one block, grouped to `[1, K|1, G|1, bq, bk]`."""
   out = st.bias_fn(bias_params, q_pos, kv_pos).astype(jnp.float32)  # [heads|1, bq, bk]
-  return attn_lib.to_grouped(out[None], st.dims)
+  return shapes.to_grouped(out[None], st.dims)
 
 
 def _kv_block_range(st: _Static, q_start, q_offset):
@@ -308,7 +309,8 @@ def _backward(st: _Static, res, d_out):
   products that contract over queries (dV = P^T dO, dK = dS^T Q) read their big
   operand in place, and dQ is accumulated transposed (dQ^T = K^T dS^T) for the
   same reason. With XLA's CPU dots a transposed `[bq, bk]` operand costs a copy
-  per block, which was ~30% of the backward.
+  per block (profiled with `experiments/bench_attention.py`; figures in the
+  README, "Attention kernels on CPU").
   """
   q, k, v, q_offset, q_seg, kv_seg, mask, bias, bias_params, rng, out, lse = res
   dims, bq, bk = st.dims, st.block_q, st.block_kv
@@ -448,11 +450,11 @@ def blockwise_attention(query, key, value, *, bias=None, mask=None, is_causal=Fa
     outputs is O(block_q * block_kv) per (batch, head) in both passes, plus any
     dense `mask`/`bias` the caller passes.
   """
-  dims = attn_lib.check_qkv(query, key, value)
-  attn_lib.check_broadcastable('mask', mask, dims)
-  attn_lib.check_broadcastable('bias', bias, dims)
-  q_seg, kv_seg = attn_lib.split_segment_ids(segment_ids, dims)
-  window = attn_lib.masks_lib.normalize_window(local_window)
+  dims = shapes.check_qkv(query, key, value)
+  shapes.check_broadcastable('mask', mask, dims)
+  shapes.check_broadcastable('bias', bias, dims)
+  q_seg, kv_seg = shapes.split_segment_ids(segment_ids, dims)
+  window = masks_lib.normalize_window(local_window)
   if dropout_rate > 0.0 and dropout_rng is None:
     raise ValueError('dropout_rate > 0 needs dropout_rng')
   if block_size is None:
@@ -477,11 +479,11 @@ def blockwise_attention(query, key, value, *, bias=None, mask=None, is_causal=Fa
   k = _pad_axis(key, 1, s_pad).transpose(0, 2, 1, 3)
   v = _pad_axis(value, 1, s_pad).transpose(0, 2, 1, 3)
   if mask is not None:
-    mask = _pad_axis(_pad_axis(attn_lib.to_grouped(mask.astype(bool), dims), 3,
+    mask = _pad_axis(_pad_axis(shapes.to_grouped(mask.astype(bool), dims), 3,
                                t_pad if mask.shape[2] > 1 else 1), 4,
                      s_pad if mask.shape[3] > 1 else 1)
   if bias is not None:
-    bias = _pad_axis(_pad_axis(attn_lib.to_grouped(bias, dims), 3,
+    bias = _pad_axis(_pad_axis(shapes.to_grouped(bias, dims), 3,
                                t_pad if bias.shape[2] > 1 else 1), 4,
                      s_pad if bias.shape[3] > 1 else 1)
   if q_seg is not None:

@@ -1,9 +1,15 @@
-"""Attention score (compatibility) functions.
+"""Attention score (compatibility) functions: every way attn_jax turns a query and a key into
+a logit. The Transformer's scaled dot product (`scaled_dot_scores`, which the dense path of
+`dot_product_attention` calls) and the RNN attention scores of Luong (dot, general) and
+Bahdanau (additive) live here. The blockwise path computes the same scaled dot product per
+block, inside its kernel.
 
-All take queries `[..., q_len, heads, d_q]` and keys `[..., kv_len, heads, d_k]`
+All take queries `[..., q_len, heads, d_q]` and keys `[..., kv_len, kv_heads, d_k]`
 (use `heads=1` for single-head/RNN attention) and return logits
-`[..., heads, q_len, kv_len]` in float32 unless `dtype` says otherwise. Parameters
-are explicit arguments so the functions stay pure; `attn_jax.models` owns them.
+`[..., heads, q_len, kv_len]` in float32 unless `dtype` says otherwise. The dot products
+accept grouped keys (`heads` a multiple of `kv_heads`: GQA/MQA, query head `h` reads key
+head `h // (heads // kv_heads)`); the others need `kv_heads == heads`. Parameters are
+explicit arguments so the functions stay pure; `attn_jax.models` owns them.
 """
 
 from __future__ import annotations
@@ -14,22 +20,39 @@ import jax
 import jax.numpy as jnp
 
 
-def _check_qk(name: str, q: jax.Array, k: jax.Array, same_dim: bool = True) -> None:
+def _check_qk(name: str, q: jax.Array, k: jax.Array, same_dim: bool = True,
+              grouped: bool = False) -> None:
   if q.ndim < 3 or k.ndim != q.ndim:
     raise ValueError(
         f'{name}: expected q [..., q_len, heads, dim] and k [..., kv_len, heads, dim] of equal '
         f'rank >= 3, got {q.shape} and {k.shape}')
-  if q.shape[:-3] != k.shape[:-3] or q.shape[-2] != k.shape[-2]:
-    raise ValueError(f'{name}: batch/head dims of q {q.shape} and k {k.shape} differ')
+  heads, kv_heads = q.shape[-2], k.shape[-2]
+  heads_ok = heads == kv_heads or (grouped and kv_heads > 0 and heads % kv_heads == 0)
+  if q.shape[:-3] != k.shape[:-3] or not heads_ok:
+    raise ValueError(f'{name}: batch/head dims of q {q.shape} and k {k.shape} differ' + (
+        ' (q heads must be a multiple of k heads)' if grouped else ''))
   if same_dim and q.shape[-1] != k.shape[-1]:
     raise ValueError(f'{name}: head_dim of q {q.shape} and k {k.shape} differ')
 
 
 def dot_scores(q: jax.Array, k: jax.Array, *, dtype=jnp.float32, precision=None) -> jax.Array:
-  """`q . k` (Luong "dot"): `[..., heads, q_len, kv_len]`."""
-  _check_qk('dot_scores', q, k)
-  return jnp.einsum('...qhd,...khd->...hqk', q, k, precision=precision,
-                    preferred_element_type=dtype)
+  """`q . k` (Luong "dot"): `[..., heads, q_len, kv_len]`; k may have fewer (grouped) heads."""
+  _check_qk('dot_scores', q, k, grouped=True)
+  *lead, t, heads, d = q.shape
+  s, kv_heads = k.shape[-3], k.shape[-2]
+  if heads == kv_heads:
+    return jnp.einsum('...qhd,...khd->...hqk', q, k, precision=precision,
+                      preferred_element_type=dtype)
+  # Query heads sharing a key head are stacked along the query axis, so the product is a
+  # plain [g*q, d] x [d, kv] matmul per key head: no copies of k, and the result comes out
+  # row-major as [..., kv_heads, groups, q, kv], i.e. [..., heads, q, kv] after a free reshape.
+  g = heads // kv_heads
+  n = len(lead)
+  stacked = q.reshape(*lead, t, kv_heads, g, d)
+  stacked = jnp.moveaxis(stacked, n, n + 2).reshape(*lead, kv_heads, g * t, d)
+  logits = jnp.einsum('...kqd,...skd->...kqs', stacked, k, precision=precision,
+                      preferred_element_type=dtype)
+  return logits.reshape(*lead, heads, t, s)
 
 
 def scaled_dot_scores(q: jax.Array, k: jax.Array, *, scale: float | None = None,

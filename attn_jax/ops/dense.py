@@ -1,0 +1,90 @@
+"""The dense (XLA) attention path: materializes `[batch, heads, q_len, kv_len]` logits.
+
+Softmax runs in float32 whatever the input dtype, and a query that may attend to nothing
+gets a zero output row (never NaN). Layout and arguments as `attention.dot_product_attention`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from attn_jax.ops import masks as masks_lib
+from attn_jax.ops import scores as scores_lib
+from attn_jax.ops.shapes import check_broadcastable, check_qkv, split_segment_ids, to_grouped
+
+
+def masked_softmax(logits: jax.Array, mask: jax.Array | None,
+                   rows_may_be_empty: bool = True) -> jax.Array:
+  """Float32 softmax over the last axis; rows with no allowed entry become all zeros.
+
+  Masked logits become the float32 minimum (finite, so a fully masked row gives a
+  uniform softmax rather than NaN) and such rows are then zeroed; going through
+  `jax.nn.softmax` keeps its custom derivative, cheaper in the backward than
+  differentiating exp/sum/divide (`experiments/bench_attention.py --passes fwd+bwd`). `rows_may_be_empty=False` (e.g. a plain causal
+  mask, where every query sees key 0) skips the row check, a pass over the mask.
+  """
+  logits = logits.astype(jnp.float32)
+  if mask is None:
+    return jax.nn.softmax(logits, axis=-1)
+  weights = jax.nn.softmax(jnp.where(mask, logits, jnp.finfo(jnp.float32).min), axis=-1)
+  if not rows_may_be_empty:
+    return weights
+  return weights * jnp.any(mask, axis=-1, keepdims=True)
+
+
+def dense_attention(query, key, value, *, bias=None, mask=None, is_causal=False, scale=None,
+                    segment_ids=None, local_window=None, q_offset=0, bias_fn=None,
+                    bias_params=None, dropout_rate=0.0, dropout_rng=None, return_weights=False,
+                    precision=None):
+  """Materializes `[batch, heads, q_len, kv_len]` logits; see `dot_product_attention`."""
+  dims = check_qkv(query, key, value)
+  check_broadcastable('mask', mask, dims)
+  check_broadcastable('bias', bias, dims)
+  q_seg, kv_seg = split_segment_ids(segment_ids, dims)
+  scale = 1.0 / math.sqrt(dims.head_dim) if scale is None else scale
+  b, t, s, kh, g = dims.batch, dims.q_len, dims.kv_len, dims.kv_heads, dims.groups
+
+  # Logits are [B, H, T, S] without GQA and [B, K, G, T, S] with it (a free reshape of
+  # what `scaled_dot_scores` returns); a size-1 group axis alone costs extra work on
+  # XLA:CPU, so it is not added.
+  def grouped(x):
+    return x if g == 1 else to_grouped(x, dims)
+
+  logits = grouped(scores_lib.scaled_dot_scores(query, key, scale=scale, precision=precision))
+  if bias is not None:
+    logits = logits + grouped(bias).astype(jnp.float32)
+  if bias_fn is not None:
+    q_pos = jnp.arange(t) + q_offset
+    fn_bias = bias_fn(bias_params, q_pos, jnp.arange(s))[None]  # [1, heads|1, t, s]
+    check_broadcastable('bias_fn output', fn_bias, dims)
+    logits = logits + grouped(fn_bias)
+
+  combined = masks_lib.combine_masks(
+      mask,
+      masks_lib.causal_mask(t, s, q_offset) if is_causal else None,
+      masks_lib.local_mask(t, s, local_window, q_offset) if local_window is not None else None,
+      masks_lib.segment_mask(q_seg, kv_seg) if q_seg is not None else None)
+  # Only a plain causal mask with a non-negative static offset is known to leave
+  # every query some key (key 0).
+  only_causal = (is_causal and mask is None and local_window is None and q_seg is None
+                 and isinstance(q_offset, int) and q_offset >= 0)
+  weights = masked_softmax(logits, None if combined is None else grouped(combined),
+                           rows_may_be_empty=not only_causal)
+
+  if dropout_rate > 0.0:
+    keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)
+    weights = jnp.where(keep, weights / (1.0 - dropout_rate), 0.0)
+  if g == 1:
+    out = jnp.einsum('bhts,bshd->bthd', weights.astype(value.dtype), value,
+                     precision=precision, preferred_element_type=jnp.float32)
+  else:
+    out = jnp.einsum('bkqs,bskd->bkqd', weights.astype(value.dtype).reshape(b, kh, g * t, s),
+                     value, precision=precision, preferred_element_type=jnp.float32)
+    out = out.reshape(b, kh, g, t, dims.v_dim).transpose(0, 3, 1, 2, 4)
+  out = out.reshape(b, t, dims.heads, dims.v_dim).astype(query.dtype)
+  if return_weights:
+    return out, weights.reshape(b, dims.heads, t, s)
+  return out
