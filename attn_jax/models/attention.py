@@ -84,7 +84,11 @@ class MultiHeadAttention(nn.Module):
     num_kv_heads: key/value heads (GQA; 1 = MQA); None = num_heads.
     head_dim: per-head size; None = features // num_heads.
     out_features: output size; None = the query's feature size.
-    is_causal: mask future keys (decoder self-attention). Needed for `decode=True`.
+    is_causal: mask future keys (decoder self-attention). Needed for self-attention with
+      `decode=True`.
+    cross_attention: attend from `inputs_q` to another sequence, `inputs_kv` (encoder-decoder
+      attention); False (self-attention) refuses `inputs_kv`. Says which cache a
+      `decode=True` call uses.
     positional: 'none', 'rope' (rotate q, k), 'alibi' or 't5' (logit biases).
     sliding_window: keys at most this many positions back (and ahead, unless causal).
     dropout_rate: attention-weight dropout (rng collection 'dropout').
@@ -97,6 +101,7 @@ class MultiHeadAttention(nn.Module):
   head_dim: int | None = None
   out_features: int | None = None
   is_causal: bool = False
+  cross_attention: bool = False
   positional: str = 'none'
   rope_base: float = 10_000.0
   t5_num_buckets: int = 32
@@ -140,11 +145,11 @@ class MultiHeadAttention(nn.Module):
                mask: jax.Array | None = None, segment_ids=None,
                positions: jax.Array | None = None, deterministic: bool = True,
                decode: bool = False, capture_attention: bool | None = None) -> jax.Array:
-    """Attends from `inputs_q` to `inputs_kv` (self-attention when None).
+    """Attends from `inputs_q` to itself, or to `inputs_kv` with `cross_attention=True`.
 
     Args:
       inputs_q: `[batch, q_len, features]`.
-      inputs_kv: `[batch, kv_len, kv_features]` for cross attention.
+      inputs_kv: `[batch, kv_len, kv_features]`, only with `cross_attention=True`.
       mask: bool broadcasting to `[batch, heads, q_len, kv_len]`, True = attend.
       segment_ids: int `[batch, len]` (self-attention) or `(q_ids, kv_ids)`; attention
         stays within equal ids. In decode mode `[batch, q_len]`, 0 marking padding
@@ -155,7 +160,7 @@ class MultiHeadAttention(nn.Module):
       decode: use the 'cache' collection. Causal self-attention: the first (init) call
         sizes the cache from `inputs_q` `[batch, max_len, features]`; later calls append
         `q_len >= 1` tokens (a whole prompt prefills in one call) and attend causally
-        to everything cached so far. Cross-attention (`is_causal=False`): a call with
+        to everything cached so far. Cross-attention (`cross_attention=True`): a call with
         `inputs_kv` projects and stores its keys/values; a call with `inputs_kv=None`
         attends to the stored ones, so a decoder projects the encoder output once.
 
@@ -167,10 +172,16 @@ class MultiHeadAttention(nn.Module):
     capture = self.capture_attention if capture_attention is None else capture_attention
     if inputs_q.ndim != 3:
       raise ValueError(f'inputs_q must be [batch, length, features], got {inputs_q.shape}')
-    cross_decode = decode and not self.is_causal
-    is_self = inputs_kv is None and not cross_decode
-    if decode and self.is_causal and not is_self:
-      raise ValueError('causal decode=True is self-attention: pass no inputs_kv')
+    is_self = not self.cross_attention
+    if is_self and inputs_kv is not None:
+      raise ValueError('inputs_kv given to self-attention; set cross_attention=True to attend '
+                       'to another sequence')
+    if not is_self and inputs_kv is None and not decode:
+      raise ValueError('cross_attention=True needs inputs_kv (or decode=True after a call '
+                       'that cached its keys/values)')
+    if decode and is_self and not self.is_causal:
+      raise ValueError('self-attention with decode=True needs is_causal=True')
+    cross_decode = decode and not is_self
     if cross_decode and self.positional != 'none':
       raise ValueError(f'cross-attention decoding takes no positional={self.positional!r}')
     inputs_kv = inputs_q if is_self else inputs_kv

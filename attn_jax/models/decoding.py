@@ -28,7 +28,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
+from attn_jax.tokens import BOS_ID, EOS_ID, PAD_ID
+
 METHODS = ('greedy', 'sample', 'beam')
 
 

@@ -26,8 +26,9 @@ import jax.numpy as jnp
 
 from attn_jax.models.attention import AdditiveAttention, LuongAttention
 from attn_jax.models.configs import RNNConfig
-from attn_jax.models.decoding import BOS_ID, PAD_ID, DecodeFns
+from attn_jax.models.decoding import DecodeFns
 from attn_jax.models.layers import shift_right
+from attn_jax.tokens import BOS_ID, PAD_ID
 
 
 def _cell(cfg: RNNConfig, name: str | None = None) -> nn.Module:

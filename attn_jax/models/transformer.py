@@ -18,8 +18,8 @@ import jax.numpy as jnp
 from attn_jax.models import decoding
 from attn_jax.models.attention import MultiHeadAttention, partitioned
 from attn_jax.models.configs import TransformerConfig
-from attn_jax.models.decoding import BOS_ID, PAD_ID
 from attn_jax.models.layers import Embedder, FeedForward, make_norm, shift_right
+from attn_jax.tokens import BOS_ID, PAD_ID
 
 
 def _attention(cfg: TransformerConfig, *, causal: bool, self_attention: bool, name: str,
@@ -27,6 +27,7 @@ def _attention(cfg: TransformerConfig, *, causal: bool, self_attention: bool, na
   in_attention = cfg.positional in ('rope', 'alibi', 't5')
   return MultiHeadAttention(
       num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, is_causal=causal,
+      cross_attention=not self_attention,
       positional=cfg.positional if in_attention and self_attention else 'none',
       rope_base=cfg.rope_base, t5_num_buckets=cfg.t5_num_buckets,
       t5_max_distance=cfg.t5_max_distance,

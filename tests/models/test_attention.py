@@ -45,7 +45,7 @@ def test_matches_flax_multihead_attention_with_copied_params():
   mask = jax.random.bernoulli(jax.random.key(2), 0.7, (B, 1, L, 5)).at[..., 0].set(True)
   ref = nn.MultiHeadDotProductAttention(num_heads=H, qkv_features=F, out_features=F)
   # num_kv_heads == num_heads is plain multi-head attention.
-  ours = MultiHeadAttention(num_heads=H, num_kv_heads=H)
+  ours = MultiHeadAttention(num_heads=H, num_kv_heads=H, cross_attention=True)
 
   @jax.jit  # one program: compiling dominates the runtime of this test
   def outputs_and_grads(x):
@@ -178,6 +178,17 @@ def test_bad_head_configuration_raises_naming_the_field():
     MultiHeadAttention(num_heads=5).init(jax.random.key(0), x)
   with pytest.raises(ValueError, match='positional'):
     MultiHeadAttention(num_heads=4, positional='xpos').init(jax.random.key(0), x)
+
+
+def test_self_or_cross_attention_is_said_not_inferred():
+  x, memory = _x(0), _x(1, (B, 5, F))
+  with pytest.raises(ValueError, match='set cross_attention=True'):
+    MultiHeadAttention(num_heads=H).init(jax.random.key(0), x, memory)
+  with pytest.raises(ValueError, match='cross_attention=True needs inputs_kv'):
+    MultiHeadAttention(num_heads=H, cross_attention=True).init(jax.random.key(0), x)
+  # Non-causal self-attention cannot decode (it used to be taken for cross-attention).
+  with pytest.raises(ValueError, match='needs is_causal=True'):
+    MultiHeadAttention(num_heads=H).init(jax.random.key(0), x, decode=True)
 
 
 def _naive_attention(scores, mask, values):
