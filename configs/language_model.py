@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import pathlib
 
-from attn_jax.train import experiment
-from attn_jax.train.config_args import parse_arg, validate_choices
+from attn_jax.experiment.config import base_config
+from configs import common
 
 DATA = {'shakespeare': 'tiny_shakespeare', 'lm1b': 'lm1b', 'local': 'local'}
 SIZES = ('tiny', 'small', 'base')
@@ -26,16 +26,14 @@ _SMOKE_FILE = pathlib.Path(__file__).resolve().parents[1] / 'tests/data/fixtures
 
 
 def get_config(arg: str | None = None):
-  a = parse_arg(arg, data='shakespeare', size='small', positional='rope')
-  validate_choices(a, 'data', tuple(DATA), where='config arg')
-  validate_choices(a, 'size', SIZES, where='config arg')
-  validate_choices(a, 'positional', POSITIONALS, where='config arg')
+  a = common.parse_arg(arg, choices={'data': DATA, 'size': SIZES, 'positional': POSITIONALS},
+                       data='shakespeare', size='small', positional='rope')
   dataset = 'local' if a.smoke else DATA[a.data]
   model = dict(positional=a.positional, norm_position='pre', num_encoder_layers=0,
                dropout_rate=0.1)
   if a.smoke:
     model.update(d_model=32, num_heads=4, d_ff=64, num_decoder_layers=1, dropout_rate=0.0)
-  c = experiment.base_config(dataset, 'decoder_lm', 'tiny' if a.smoke else a.size, **model)
+  c = base_config(dataset, 'decoder_lm', 'tiny' if a.smoke else a.size, **model)
   c.arg = arg or ''
 
   d = c.data
@@ -66,7 +64,7 @@ def get_config(arg: str | None = None):
     d.local.validation_fraction = 0.05
 
   if a.smoke:
-    experiment.apply_smoke(c)
+    common.apply_smoke(c)
     d.local.train = str(_SMOKE_FILE)
     d.local.validation_fraction = 0.1
     d.max_length = 32

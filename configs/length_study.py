@@ -22,8 +22,7 @@ symbols plus EOS so nothing is truncated and the decoder may emit up to 2L + 1 t
 
 from __future__ import annotations
 
-from attn_jax.train import experiment
-from attn_jax.train.config_args import parse_arg, validate_choices
+from configs import algorithmic, common
 
 TASKS = ('reverse', 'copy', 'sort')
 MODELS = ('rnn_noattn', 'rnn', 'transformer')
@@ -34,9 +33,8 @@ EXAMPLES_PER_LENGTH = 50  # Expected test examples per length (lengths are drawn
 
 
 def get_config(arg: str | None = None):
-  a = parse_arg(arg, task='reverse', model='transformer', train_max=20)
-  validate_choices(a, 'task', TASKS, where='config arg')
-  validate_choices(a, 'model', MODELS, where='config arg')
+  a = common.parse_arg(arg, choices={'task': TASKS, 'model': MODELS}, task='reverse',
+                       model='transformer', train_max=20)
   if a.train_max < 1:
     raise ValueError(f'config arg train_max={a.train_max} must be >= 1')
   n = 3 if a.smoke else a.train_max  # L, the longest training length
@@ -48,7 +46,7 @@ def get_config(arg: str | None = None):
     transformer = dict(d_model=64, num_heads=4, d_ff=256, num_encoder_layers=2,
                        num_decoder_layers=2)
     rnn = dict(embed_dim=32, hidden_dim=96, attention_dim=64)
-  c = experiment.algorithmic_seq2seq_config(
+  c = algorithmic.seq2seq_config(
       a.task, a.model, transformer=dict(transformer, positional='sinusoidal'), rnn=rnn)
   c.arg = arg or ''
 
@@ -69,7 +67,7 @@ def get_config(arg: str | None = None):
   c.eval.attention_examples = 0  # experiments/attention_maps.py draws them
 
   if a.smoke:
-    experiment.apply_smoke(c)
+    common.apply_smoke(c)
     alg.num_train, alg.num_validation = 64, 16
     alg.num_test = 4 * 2 * n
     # The study decodes the test split itself: no decoding or plots while training.

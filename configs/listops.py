@@ -13,8 +13,8 @@ pooling in POOLINGS, smoke. Numbers: `--config.data.listops.max_depth=6` etc.
 
 from __future__ import annotations
 
-from attn_jax.train import experiment
-from attn_jax.train.config_args import parse_arg, validate_choices
+from attn_jax.experiment.config import base_config
+from configs import common
 
 SIZES = ('lra', 'cpu')
 ATTENTIONS = ('auto', 'dense', 'blockwise', 'cudnn')
@@ -22,12 +22,11 @@ POOLINGS = ('mean', 'cls')
 
 
 def get_config(arg: str | None = None):
-  a = parse_arg(arg, size='cpu', attention='auto', pooling='mean')
-  validate_choices(a, 'size', SIZES, where='config arg')
-  validate_choices(a, 'attention', ATTENTIONS, where='config arg')
-  validate_choices(a, 'pooling', POOLINGS, where='config arg')
+  a = common.parse_arg(
+      arg, choices={'size': SIZES, 'attention': ATTENTIONS, 'pooling': POOLINGS}, size='cpu',
+      attention='auto', pooling='mean')
   implementation = None if a.attention == 'auto' else a.attention
-  common = dict(pooling=a.pooling, implementation=implementation, norm_position='pre',
+  shared = dict(pooling=a.pooling, implementation=implementation, norm_position='pre',
                 num_decoder_layers=0)
   if a.size == 'lra':
     model = dict(d_model=512, num_heads=8, d_ff=1024, num_encoder_layers=4, dropout_rate=0.1)
@@ -35,7 +34,7 @@ def get_config(arg: str | None = None):
     model = dict(d_model=128, num_heads=4, d_ff=256, num_encoder_layers=2, dropout_rate=0.1)
   if a.smoke:
     model = dict(d_model=32, num_heads=4, d_ff=64, num_encoder_layers=1, dropout_rate=0.0)
-  c = experiment.base_config('listops', 'encoder_classifier', 'tiny', **model, **common)
+  c = base_config('listops', 'encoder_classifier', 'tiny', **model, **shared)
   c.arg = arg or ''
 
   lo = c.data.listops
@@ -61,7 +60,7 @@ def get_config(arg: str | None = None):
   c.train.best_mode = 'max'
 
   if a.smoke:
-    experiment.apply_smoke(c)
+    common.apply_smoke(c)
     lo.length, lo.max_depth, lo.max_args = (5, 30), 3, 3
     lo.num_train, lo.num_validation, lo.num_test = 64, 16, 16
     c.data.max_length = 32

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import pathlib
 
-from attn_jax.train import experiment
-from attn_jax.train.config_args import parse_arg, validate_choices
+from attn_jax.experiment.config import base_config
+from configs import common
 
 DATA = {'imdb': 'imdb_reviews', 'ag_news': 'ag_news_subset', 'local': 'local'}
 SIZES = ('tiny', 'small', 'base')
@@ -28,16 +28,14 @@ _SMOKE_FILE = (pathlib.Path(__file__).resolve().parents[1]
 
 
 def get_config(arg: str | None = None):
-  a = parse_arg(arg, data='imdb', size='small', pooling='mean', tokenizer='byte')
-  validate_choices(a, 'data', tuple(DATA), where='config arg')
-  validate_choices(a, 'size', SIZES, where='config arg')
-  validate_choices(a, 'pooling', POOLINGS, where='config arg')
-  validate_choices(a, 'tokenizer', TOKENIZERS, where='config arg')
+  a = common.parse_arg(
+      arg, choices={'data': DATA, 'size': SIZES, 'pooling': POOLINGS, 'tokenizer': TOKENIZERS},
+      data='imdb', size='small', pooling='mean', tokenizer='byte')
   dataset = 'local' if a.smoke else DATA[a.data]
   model = dict(pooling=a.pooling, num_decoder_layers=0, norm_position='pre')
   if a.smoke:
     model.update(d_model=32, num_heads=4, d_ff=64, num_encoder_layers=1, dropout_rate=0.0)
-  c = experiment.base_config(dataset, 'encoder_classifier', 'tiny' if a.smoke else a.size,
+  c = base_config(dataset, 'encoder_classifier', 'tiny' if a.smoke else a.size,
                              **model)
   c.arg = arg or ''
 
@@ -62,7 +60,7 @@ def get_config(arg: str | None = None):
     d.local.validation_fraction = 0.1
 
   if a.smoke:
-    experiment.apply_smoke(c)
+    common.apply_smoke(c)
     d.local.train = str(_SMOKE_FILE)
     d.local.validation_fraction = 0.2
     d.max_length = 64

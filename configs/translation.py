@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import pathlib
 
-from attn_jax.train import experiment
-from attn_jax.train.config_args import parse_arg, validate_choices
+from attn_jax.experiment.config import base_config
+from configs import common
 
 MODELS = ('base', 'big', 'small', 'rnn')
 DATA = ('', 'wmt14', 'wmt17', 'local')
@@ -30,9 +30,7 @@ _SMOKE_CORPUS = pathlib.Path(__file__).resolve().parents[1] / 'tests/data/fixtur
 
 
 def get_config(arg: str | None = None):
-  a = parse_arg(arg, model='base', data='')
-  validate_choices(a, 'model', MODELS, where='config arg')
-  validate_choices(a, 'data', DATA, where='config arg')
+  a = common.parse_arg(arg, choices={'model': MODELS, 'data': DATA}, model='base', data='')
   data = a.data or ('wmt14' if a.model in ('base', 'big') else 'local')
   if a.smoke:
     data = 'local'
@@ -43,7 +41,7 @@ def get_config(arg: str | None = None):
   else:
     kind, variant = 'encoder_decoder', ('tiny' if a.smoke else a.model)
     overrides = {'dropout_rate': 0.0} if a.smoke else {}
-  c = experiment.base_config(dataset, kind, variant, **overrides)
+  c = base_config(dataset, kind, variant, **overrides)
   c.arg = arg or ''
 
   d = c.data
@@ -78,7 +76,7 @@ def get_config(arg: str | None = None):
   c.eval.max_decode_batches = 20
 
   if a.smoke:
-    experiment.apply_smoke(c)
+    common.apply_smoke(c)
     d.local.train = str(_SMOKE_CORPUS)
     d.local.source_suffix, d.local.target_suffix = 'de', 'en'
     d.local.validation_fraction = d.local.test_fraction = 0.1

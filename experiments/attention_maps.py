@@ -22,8 +22,8 @@ import random
 from absl import app, flags, logging
 
 from attn_jax.data import algorithmic
-from attn_jax.data import tokenizers as tok_lib
-from attn_jax.train import evaluation, inference, plots
+from attn_jax.experiment import evaluation, inference, plots
+from attn_jax.tokens import EOS_ID
 
 _WORKDIRS = flags.DEFINE_list('workdirs', None, 'Trained algorithmic-task workdirs.',
                               required=True)
@@ -43,7 +43,7 @@ def example(run, length: int, seed: int) -> dict[str, str]:
 
 def rows_for(run, ex: dict[str, str]) -> tuple[list[dict], bool]:
   """Labelled attention rows of one example, and whether greedy decoding gets it right."""
-  ids = {role: list(run.tokenizers[role].encode(ex[role])) + [tok_lib.EOS_ID]
+  ids = {role: list(run.tokenizers[role].encode(ex[role])) + [EOS_ID]
          for role in ('inputs', 'targets')}
   panels = evaluation.attention_panels(run.task, run.params, ids['inputs'], ids['targets'],
                                        run.tokenizers)

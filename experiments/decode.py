@@ -19,7 +19,7 @@ import sys
 
 from absl import app, flags
 
-from attn_jax.train import inference
+from attn_jax.experiment import inference
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'A workdir written by experiments/train.py.')

@@ -22,7 +22,7 @@ import sys
 
 from absl import app, flags
 
-from attn_jax.train import length_study, sweep
+from attn_jax.experiment import length_study, sweep
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 _CONFIG = flags.DEFINE_string('config', 'configs/length_study.py',

@@ -13,7 +13,7 @@ import pathlib
 
 from absl import app, flags, logging
 
-from attn_jax.train import plots
+from attn_jax.experiment import plots
 
 _WORKDIRS = flags.DEFINE_list('workdirs', None, 'run directories (or .jsonl files)',
                               required=True)

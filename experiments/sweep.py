@@ -9,7 +9,7 @@ r"""Runs the `sweep()` of a config file, one training process per entry, then a 
 Runs go one after another in BASE/NAME; a finished run (DONE file) is skipped, an unfinished
 one is launched again and resumes from its checkpoint, a crashed one is reported (FAILED,
 BASE/NAME/sweep.log) and the sweep goes on. After running, BASE/summary.csv and
-BASE/summary.md list each run's status and final/best eval metrics (see attn_jax.train.sweep).
+BASE/summary.md list each run's status and final/best eval metrics (see attn_jax.experiment.sweep).
 SIGTERM (a preempted sweep job) is passed to the current run, which checkpoints; no further
 run starts and the exit code is 143. Otherwise the exit code is 1 if any selected run failed.
 """
@@ -20,7 +20,7 @@ import sys
 
 from absl import app, flags, logging
 
-from attn_jax.train import sweep
+from attn_jax.experiment import sweep
 
 _CONFIG = flags.DEFINE_string('config', None, 'config file defining sweep()', required=True)
 _BASE = flags.DEFINE_string('base_workdir', None, 'runs go to BASE/NAME', required=True)

@@ -18,7 +18,8 @@ import logging
 from absl import app, flags
 from ml_collections import config_flags
 
-from attn_jax.train import experiment, parallel
+from attn_jax.experiment import run
+from attn_jax.train import parallel
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Experiment config file (path.py:arg).',
@@ -34,7 +35,7 @@ def main(argv):
   # Before any other JAX call: joins the multi-host runtime when one is configured.
   parallel.initialize_distributed(config.parallel)
   logging.info('config:\n%s', config)
-  experiment.train_and_evaluate(config, FLAGS.workdir)
+  run.train_and_evaluate(config, FLAGS.workdir)
 
 
 if __name__ == '__main__':

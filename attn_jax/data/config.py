@@ -3,13 +3,16 @@
     cfg = default_config('listops')           # or 'copy', 'addition', 'imdb_reviews', 'local', ...
     cfg.listops.num_train = 2000              # unknown fields raise (the config is locked)
     validate_config(cfg)                      # make_datasets() calls this first
+
+Importing this module loads no JAX, grain or TFDS (experiment config files build their `data`
+section from it); `validate_config` imports the modules whose rules it checks when called.
 """
 
 from __future__ import annotations
 
 import ml_collections
 
-from attn_jax.data import algorithmic, batching, local, named, tokenizers
+from attn_jax.data import algorithmic, named
 
 GENERATED = algorithmic.ALGORITHMIC_TASKS + ('listops',)
 DATASET_NAMES = GENERATED + ('local',) + named.NAMED_DATASETS
@@ -101,13 +104,14 @@ def _positive(cfg, *names):
 
 def validate_config(cfg, process_count: int = 1) -> None:
   """Raises ValueError naming the field for anything make_datasets could not honour."""
+  from attn_jax.data import batching, listops, local, tokenizers  # grain/TFDS: not at import.
+
   if cfg.name not in DATASET_NAMES and not named.is_named(cfg.name):
     raise ValueError(f'data.name={cfg.name!r}; allowed: {DATASET_NAMES}.')
   task = task_of(cfg)
   if cfg.name in algorithmic.ALGORITHMIC_TASKS:
     algorithmic.validate_params(algorithmic_params(cfg, seed=0))
   if cfg.name == 'listops':
-    from attn_jax.data import listops
     listops.validate_params(listops_params(cfg, seed=0))
   if cfg.name == 'local':
     local.validate_config(cfg.local)

@@ -18,7 +18,6 @@ all-pad batches/rows: weight rows by `(inputs != 0).any(-1)`.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -56,13 +55,11 @@ class DataBundle:
   length_policies: dict[str, batching.LengthPolicy]
 
   def save_tokenizers(self, directory: str) -> dict[str, str]:
-    """Writes the tokenizers (and meta.json) under `directory`, e.g. the run's workdir."""
+    """Writes the tokenizers under `directory` (e.g. the run's workdir); returns role -> path."""
     paths = {}
     for role, tok in self.tokenizers.items():
       paths[role] = tokenizers.save_tokenizer(
           tok, os.path.join(directory, f'{role}_{tokenizers.tokenizer_filename(tok.kind)}'))
-    with open(os.path.join(directory, 'data_meta.json'), 'w', encoding='utf-8') as f:
-      json.dump({k: v for k, v in self.meta.items() if k != 'tokenizer_paths'}, f, indent=1)
     return paths
 
 
@@ -274,17 +271,19 @@ def _batches(ds: grain.MapDataset, cfg, *, train: bool, seed: int, encode: Encod
 
 
 def make_datasets(cfg, *, data_dir: str | None = None, seed: int = 0, process_index: int = 0,
-                  process_count: int = 1) -> DataBundle:
+                  process_count: int = 1, validated: bool = False) -> DataBundle:
   """Builds everything the training loop reads; see the module docstring.
 
   Args:
-    cfg: a data config from `default_config` (validated here before any work).
+    cfg: a data config from `default_config` (validated here before any work, unless
+      `validated` says the caller has done it with `config.validate_config`).
     data_dir: where generated/converted/downloaded TFDS data and tokenizers are cached
       (default ~/tensorflow_datasets).
     seed: shuffling seed of the training split (dataset content uses cfg.data_seed).
     process_index / process_count: this host's shard (jax.process_index(), jax.process_count()).
   """
-  config_lib.validate_config(cfg, process_count)
+  if not validated:  # The experiment layer validates the whole config once, up front.
+    config_lib.validate_config(cfg, process_count)
   if not 0 <= process_index < process_count:
     raise ValueError(f'process_index={process_index} not in [0, process_count={process_count}).')
   data_dir = os.path.expanduser(data_dir or '~/tensorflow_datasets')

@@ -1,13 +1,7 @@
 """Tokenizers: bytes, characters, fixed word vocabularies and SentencePiece.
 
-Every tokenizer shares the special ids of the project contract:
-
-    pad = 0   padding; never produced by `encode`, skipped by `decode`
-    bos = 1   beginning of sequence; inserted by the models (teacher forcing), skipped by `decode`
-    eos = 2   end of sequence; appended by the input pipeline, `decode` stops at it
-    unk = 3   any piece the vocabulary does not hold (characters unseen in training, ...)
-
-Real tokens start at id 4. `encode(text)` returns int32 ids *without* EOS (the pipeline appends
+Every tokenizer shares the special ids of `attn_jax.tokens` (pad 0, bos 1, eos 2, unk 3); real
+tokens start at id 4. `encode(text)` returns int32 ids *without* EOS (the pipeline appends
 it); `decode(ids)` is the inverse used for BLEU and printing: it stops at the first EOS and drops
 pad/bos. Tokenizers are saved as JSON (bytes/chars/words) or a SentencePiece `.model` file next
 to the dataset or run, and `load_tokenizer(path)` restores either; no pickle.
@@ -24,12 +18,7 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-PAD_ID = 0
-BOS_ID = 1
-EOS_ID = 2
-UNK_ID = 3
-NUM_SPECIAL = 4
-SPECIAL_TOKENS = ('<pad>', '<s>', '</s>', '<unk>')
+from attn_jax.tokens import BOS_ID, EOS_ID, NUM_SPECIAL, PAD_ID, SPECIAL_TOKENS, UNK_ID
 
 TOKENIZER_KINDS = ('byte', 'char', 'word', 'sentencepiece')
 SENTENCEPIECE_MODEL_TYPES = ('unigram', 'bpe')

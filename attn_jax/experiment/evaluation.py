@@ -8,7 +8,7 @@
   shows) and, with `config.eval.bleu`, corpus BLEU of the detokenized text with sacrebleu.
 - lm: samples continuations of validation prompts into `workdir/samples/step_<N>.txt`.
 - all: at the final step, attention-weight heatmaps of a few validation examples into
-  `workdir/attention/` with `attn_jax.train.plots.plot_attention`.
+  `workdir/attention/` with `attn_jax.experiment.plots.plot_attention`.
 
 Decoding runs on this process's eval shard. With several processes the hooks are disabled
 (a warning says so): the loss-based eval metrics still aggregate exactly across hosts.
@@ -28,33 +28,12 @@ import ml_collections
 import numpy as np
 
 from attn_jax import models
-from attn_jax.data import tokenizers as tok_lib
+from attn_jax.experiment import plots
+from attn_jax.models.decoding import METHODS as DECODE_METHODS
+from attn_jax.tokens import EOS_ID, PAD_ID, SPECIAL_TOKENS
 
 EvalHook = Callable[[Any, int], Mapping[str, float]]
-DECODE_METHODS = models.decoding.METHODS
 ATTENTION_KINDS = ('encoder_self', 'decoder_self', 'cross', 'rnn_attention')
-_SPECIAL = {tok_lib.PAD_ID: '<pad>', tok_lib.BOS_ID: '<s>', tok_lib.EOS_ID: '</s>',
-            tok_lib.UNK_ID: '<unk>'}
-
-
-def default_config() -> ml_collections.ConfigDict:
-  """`config.eval`: what the hooks decode, score and plot."""
-  c = ml_collections.ConfigDict()
-  c.decode_splits = ''  # comma-separated eval splits to decode; '' = all of them.
-  c.decode_method = 'greedy'  # 'greedy' | 'sample' | 'beam'
-  c.beam_size = 4
-  c.length_penalty = 0.6
-  c.temperature = 1.0
-  c.top_k = 0  # 0 = off
-  c.top_p = 1.0  # 1.0 = off
-  c.max_decode_batches = 0  # per split and eval; 0 = the whole split.
-  c.exact_match = True  # exact-sequence accuracy of decoded outputs (seq2seq).
-  c.bleu = False  # sacrebleu corpus BLEU of detokenized outputs (translation).
-  c.num_samples = 4  # LM: continuations sampled per eval.
-  c.prompt_length = 8  # LM: tokens of each validation row used as the prompt.
-  c.sample_length = 64  # LM: generated tokens per sample.
-  c.attention_examples = 2  # validation examples plotted at the final step; 0 = none.
-  return c
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
@@ -93,10 +72,10 @@ def until_eos(row: Iterable[int]) -> list[int]:
   out = []
   for t in row:
     t = int(t)
-    if t == tok_lib.PAD_ID:
+    if t == PAD_ID:
       continue
     out.append(t)
-    if t == tok_lib.EOS_ID:
+    if t == EOS_ID:
       break
   return out
 
@@ -136,7 +115,7 @@ def bleu(hypotheses: Sequence[str], references: Sequence[str]) -> float:
 
 def _real_rows(batch: Mapping[str, np.ndarray]) -> np.ndarray:
   """bool [b]: rows that are examples, not the all-pad rows padding eval batches."""
-  return np.any(np.asarray(batch['inputs']) != tok_lib.PAD_ID, axis=-1)
+  return np.any(np.asarray(batch['inputs']) != PAD_ID, axis=-1)
 
 
 def _splits(config, bundle) -> list[str]:
@@ -203,7 +182,7 @@ def lm_samples_hook(config, task, bundle, workdir) -> EvalHook:
     if 'inputs_segmentation' in batch:  # keep only the first document of each row
       seg = np.asarray(batch['inputs_segmentation'])[:e.num_samples, :e.prompt_length]
       prompt = np.where(seg == seg[:, :1], prompt, 0)
-    prompt = np.where(np.cumsum(prompt == tok_lib.EOS_ID, axis=1) > 0, 0, prompt)
+    prompt = np.where(np.cumsum(prompt == EOS_ID, axis=1) > 0, 0, prompt)
     out = generate(task, state.params, e, prompt=prompt, max_decode_len=e.sample_length,
                    rng=jax.random.fold_in(jax.random.key(config.train.seed), step))
     lines = [f'{detok.decode(p)!r} -> {detok.decode(o)!r}' for p, o in zip(prompt, out,
@@ -220,7 +199,8 @@ def lm_samples_hook(config, task, bundle, workdir) -> EvalHook:
 
 def token_strings(tokenizer, ids: Iterable[int]) -> list[str]:
   """One display string per id (special ids by name), for heatmap axes."""
-  return [_SPECIAL.get(int(i)) or tokenizer.decode([int(i)]) or f'#{int(i)}' for i in ids]
+  return [(SPECIAL_TOKENS[int(i)] if 0 <= int(i) < len(SPECIAL_TOKENS) else None)
+          or tokenizer.decode([int(i)]) or f'#{int(i)}' for i in ids]
 
 
 def attention_maps(intermediates: Any) -> list[tuple[str, int, np.ndarray]]:
@@ -251,7 +231,6 @@ def attention_plots(task, params, batch, tokenizers, directory, *, num_examples:
                     plot_fn=None) -> list[str]:
   """Heatmaps of every captured attention for the first real rows of `batch`; PNG paths."""
   if plot_fn is None:
-    from attn_jax.train import plots
     plot_fn = plots.plot_attention
   keep = np.flatnonzero(_real_rows(batch))[:num_examples]
   if not len(keep):
@@ -300,8 +279,7 @@ def attention_hook(config, task, bundle, workdir) -> EvalHook:
 
 
 def make_eval_hooks(config, task, bundle, workdir) -> list[EvalHook]:
-  """The hooks `config.eval` asks for, for this task."""
-  validate_config(config)
+  """The hooks `config.eval` (validated by `validate_config`) asks for, for this task."""
   if jax.process_count() > 1:
     logging.warning('decoding/sampling/attention eval hooks are disabled with %d processes '
                     '(they would score one shard); loss and accuracy are still exact',
@@ -313,12 +291,7 @@ def make_eval_hooks(config, task, bundle, workdir) -> list[EvalHook]:
   if task.task == 'lm' and config.eval.num_samples:
     hooks.append(lm_samples_hook(config, task, bundle, workdir))
   if config.eval.attention_examples:
-    try:
-      from attn_jax.train import plots  # noqa: F401
-    except ImportError:
-      logging.warning('attn_jax.train.plots is not available: attention heatmaps are off')
-    else:
-      hooks.append(attention_hook(config, task, bundle, workdir))
+    hooks.append(attention_hook(config, task, bundle, workdir))
   return hooks
 
 
@@ -328,7 +301,7 @@ def make_eval_hooks(config, task, bundle, workdir) -> list[EvalHook]:
 def symbol_length(ids: Sequence[int]) -> int:
   """Tokens before the first EOS (the sequence's length in symbols)."""
   ids = [int(t) for t in ids]
-  return ids.index(tok_lib.EOS_ID) if tok_lib.EOS_ID in ids else len(ids)
+  return ids.index(EOS_ID) if EOS_ID in ids else len(ids)
 
 
 def token_accuracy(prediction: Sequence[int], target: Sequence[int]) -> float:

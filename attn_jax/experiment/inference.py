@@ -4,14 +4,14 @@
     outputs = predict(run, ['3 1 4 1 5'], method='greedy')
     print(score(run, outputs, references))      # {'bleu': ...} or {'accuracy': ...}
 
-`load_run` reads what `experiment.train_and_evaluate` wrote (config.json, data_meta.json,
-tokenizers.json + tokenizer files, checkpoints/) and restores the parameters only.
+`load_run` reads what `run.train_and_evaluate` wrote (see `workdir`: config.json,
+data_meta.json, tokenizers.json + tokenizer files, checkpoints/) and restores the parameters
+only.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import pathlib
 from collections.abc import Sequence
@@ -23,8 +23,11 @@ import numpy as np
 
 from attn_jax.data import algorithmic
 from attn_jax.data import tokenizers as tok_lib
+from attn_jax.experiment import evaluation, tasks
+from attn_jax.experiment import workdir as workdir_lib
+from attn_jax.tokens import EOS_ID
 from attn_jax.train import checkpoint as ckpt_lib
-from attn_jax.train import evaluation, experiment, loop, optim, tasks
+from attn_jax.train import loop, optim
 from attn_jax.train import state as state_lib
 
 CHECKPOINTS = ('latest', 'best')
@@ -43,16 +46,6 @@ class Run:
   step: int
 
 
-def _read_json(path: pathlib.Path) -> Any:
-  if not path.exists():
-    raise ValueError(f'{path} does not exist: is {path.parent} a workdir written by '
-                     'experiments/train.py?')
-  try:
-    return json.loads(path.read_text(encoding='utf-8'))
-  except json.JSONDecodeError as e:
-    raise ValueError(f'{path} is not valid JSON: {e}') from None
-
-
 def load_run(workdir: str | pathlib.Path, checkpoint: str = 'latest') -> Run:
   """Reloads the run in `workdir` at its latest or best (`config.train.best_metric`) step.
 
@@ -63,16 +56,17 @@ def load_run(workdir: str | pathlib.Path, checkpoint: str = 'latest') -> Run:
   if checkpoint not in CHECKPOINTS:
     raise ValueError(f'checkpoint={checkpoint!r} is not one of {CHECKPOINTS}')
   workdir = pathlib.Path(workdir)
-  config = ml_collections.ConfigDict(_read_json(workdir / experiment.CONFIG_FILE))
-  meta = _read_json(workdir / 'data_meta.json')
-  index = _read_json(workdir / experiment.TOKENIZERS_FILE)
+  config = ml_collections.ConfigDict(workdir_lib.read_json(workdir / workdir_lib.CONFIG_FILE))
+  meta = workdir_lib.read_json(workdir / workdir_lib.DATA_META_FILE)
+  index = workdir_lib.read_json(workdir / workdir_lib.TOKENIZERS_FILE)
   toks = {role: tok_lib.load_tokenizer(str(workdir / name)) for role, name in index.items()}
   task = tasks.make_task(config, meta)
   tx, _ = optim.make_optimizer(loop.optim_config(config))
   abstract = state_lib.abstract_state(task.init_params, tx, jax.random.PRNGKey(0))
   t = config.train
-  ckpt = ckpt_lib.Checkpointer(workdir / 'checkpoints', best_metric=t.best_metric or None,
-                               best_mode=t.best_mode, async_save=False)
+  ckpt = ckpt_lib.Checkpointer(workdir / workdir_lib.CHECKPOINTS_DIR,
+                               best_metric=t.best_metric or None, best_mode=t.best_mode,
+                               async_save=False)
   try:
     step = None
     if checkpoint == 'best':
@@ -84,7 +78,7 @@ def load_run(workdir: str | pathlib.Path, checkpoint: str = 'latest') -> Run:
   finally:
     ckpt.close()
   if restored is None:
-    raise ValueError(f'{workdir / "checkpoints"} holds no checkpoint')
+    raise ValueError(f'{workdir / workdir_lib.CHECKPOINTS_DIR} holds no checkpoint')
   return Run(workdir=workdir, config=config, meta=meta, tokenizers=toks, task=task,
              params=restored.state.params, step=restored.step)
 
@@ -101,7 +95,7 @@ def encode(run: Run, texts: Sequence[str], role: str = 'inputs') -> np.ndarray:
     ids = list(run.tokenizers[role].encode(text))
     if len(ids) + 1 > max_len:
       ids, truncated = ids[:max_len - 1], truncated + 1
-    rows.append(ids + [tok_lib.EOS_ID])
+    rows.append(ids + [EOS_ID])
   if truncated:
     logging.warning('%d of %d inputs truncated to max_length=%d tokens', truncated, len(texts),
                     max_len)
@@ -145,7 +139,7 @@ def predict(run: Run, texts: Sequence[str], *, batch_size: int = 32,
       out = evaluation.generate(task, run.params, e, inputs=ids, max_decode_len=length, rng=rng)
       outputs += [out_tok.decode(r) for r in out]
     else:
-      prompt = np.where(ids == tok_lib.EOS_ID, 0, ids)  # continue the text, do not end it
+      prompt = np.where(ids == EOS_ID, 0, ids)  # continue the text, do not end it
       out = evaluation.generate(task, run.params, e, prompt=prompt, max_decode_len=length,
                                 rng=rng)
       outputs += [out_tok.decode(r) for r in out]

@@ -3,7 +3,7 @@
     results = {m: run_model(get_config(f'model={m}'), f'runs/length_study/{m}') for m in models}
     write_outputs(results, 'runs/length_study', train_max=20)
 
-`run_model` trains (through `experiment.train_and_evaluate`, so an unfinished workdir resumes
+`run_model` trains (through `run_lib.train_and_evaluate`, so an unfinished workdir resumes
 and a finished one is not retrained), then decodes the whole test split greedily and scores
 it per source length (`evaluation.accuracy_by_length`). The scores are cached in the workdir
 (`length_eval.json`, keyed by checkpoint step and dataset), so running the study again only
@@ -32,7 +32,9 @@ import ml_collections
 
 from attn_jax import data as data_lib
 from attn_jax.data import config as data_config
-from attn_jax.train import evaluation, experiment, inference, plots
+from attn_jax.experiment import evaluation, inference, plots
+from attn_jax.experiment import run as run_lib
+from attn_jax.experiment import workdir as workdir_lib
 from attn_jax.train import state as state_lib
 from attn_jax.train.metrics import read_metrics
 
@@ -53,13 +55,6 @@ def _eval_data_config(config) -> ml_collections.ConfigDict:
   return cfg
 
 
-def _is_done(workdir: pathlib.Path, num_steps: int) -> bool:
-  done = workdir / experiment.DONE_FILE
-  if not done.exists():
-    return False
-  return json.loads(done.read_text(encoding='utf-8')).get('step') == num_steps
-
-
 def _steps_per_second(workdir: pathlib.Path) -> float | None:
   """Median training speed over the run's logged intervals (robust to one slow interval)."""
   speeds = [r['train/steps_per_second'] for r in read_metrics(workdir)
@@ -78,9 +73,9 @@ def run_model(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> 
   """
   workdir = pathlib.Path(workdir)
   timing_path = workdir / TIMING_FILE
-  if not _is_done(workdir, config.train.num_steps):
-    resumed, t0 = (workdir / 'checkpoints').exists(), time.time()
-    experiment.train_and_evaluate(config, workdir)
+  if not workdir_lib.is_finished(workdir, config.train.num_steps):
+    resumed, t0 = (workdir / workdir_lib.CHECKPOINTS_DIR).exists(), time.time()
+    run_lib.train_and_evaluate(config, workdir)
     timing = {'train_wall_s': time.time() - t0, 'resumed': resumed}
     timing_path.write_text(json.dumps(timing, indent=1), encoding='utf-8')
   run = inference.load_run(workdir)

@@ -11,7 +11,6 @@ no global figure state is created or leaked (safe in tests, threads and servers)
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -25,7 +24,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from attn_jax.train.metrics import METRICS_FILE
+from attn_jax.train.metrics import read_metrics
 
 MAX_TOKEN_LABELS = 40  # More tick labels than this on an axis become unreadable.
 X_KEYS = ('step', 'time')
@@ -140,31 +139,6 @@ def plot_attention(weights: Any, *, query_tokens: Sequence[Any] | None = None,
 # --- Learning curves --------------------------------------------------------------------------
 
 
-def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
-  """Records of a metrics JSONL file, or of `<dir>/metrics.jsonl` when given a run directory.
-
-  Raises:
-    ValueError: naming the file if it does not exist, or file:line for a malformed line.
-  """
-  path = pathlib.Path(path)
-  if path.is_dir():
-    path = path / METRICS_FILE
-  if not path.is_file():
-    raise ValueError(f'metrics file {str(path)!r} does not exist')
-  records = []
-  for i, line in enumerate(path.read_text().splitlines(), 1):
-    if not line.strip():
-      continue
-    try:
-      record = json.loads(line)
-    except json.JSONDecodeError as e:
-      raise ValueError(f'{path}:{i}: not a JSON line ({e})') from None
-    if not isinstance(record, dict):
-      raise ValueError(f'{path}:{i}: expected a JSON object, got {type(record).__name__}')
-    records.append(record)
-  return records
-
-
 def curve(records: Sequence[Mapping[str, Any]], key: str, x: str = 'step'
           ) -> tuple[np.ndarray, np.ndarray]:
   """(x, y) float64 arrays of `key` over the records that have it; null values are NaN.
@@ -203,7 +177,7 @@ def curves_figure(runs: Mapping[str, str | os.PathLike], keys: Sequence[str], *,
     raise ValueError(f'keys must be a non-empty list of metric names, got {keys!r}')
   if x not in X_KEYS:
     raise ValueError(f'x={x!r} must be one of {X_KEYS}')
-  records = {label: read_jsonl(path) for label, path in runs.items()}
+  records = {label: read_metrics(path, missing_ok=False) for label, path in runs.items()}
   available = sorted({k for recs in records.values() for r in recs for k in r} - set(X_KEYS))
   for key in keys:
     if key not in available:

@@ -54,11 +54,9 @@ from typing import Any
 
 import ml_collections
 
-from attn_jax.train.metrics import metric_mode, read_metrics
+from attn_jax.experiment.workdir import DONE_FILE, FAILED_FILE, SWEEP_LOG, is_finished
+from attn_jax.train.metrics import best_values, metric_mode, read_metrics
 
-DONE_FILE = 'DONE'
-FAILED_FILE = 'FAILED'
-LOG_FILE = 'sweep.log'
 SUMMARY_CSV = 'summary.csv'
 SUMMARY_MD = 'summary.md'
 STATUSES = ('done', 'failed', 'running', 'missing')
@@ -332,7 +330,7 @@ def run_status(workdir: str | os.PathLike) -> str:
   sweep is launched again.
   """
   workdir = pathlib.Path(workdir)
-  if (workdir / DONE_FILE).exists():
+  if is_finished(workdir):
     return 'done'
   if (workdir / FAILED_FILE).exists():
     return 'failed'
@@ -385,7 +383,7 @@ def _launch(run: Run, cmd: list[str], workdir: pathlib.Path) -> tuple[str, int |
   """
   workdir.mkdir(parents=True, exist_ok=True)
   (workdir / FAILED_FILE).unlink(missing_ok=True)
-  log_path = workdir / LOG_FILE
+  log_path = workdir / SWEEP_LOG
   env = dict(os.environ)
   # attn_jax is used from a checkout (not installed): the train script must import this copy.
   env['PYTHONPATH'] = os.pathsep.join(
@@ -460,7 +458,7 @@ def run_sweep(runs: Sequence[Run], *, config_path: str, base_workdir: str | os.P
       continue
     logging.info('[%d/%d] %s: %s (output in %s)', i, len(selected), run.name,
                  'resuming' if status in ('running', 'failed') else 'starting',
-                 workdir / LOG_FILE)
+                 workdir / SWEEP_LOG)
     statuses[run.name], signum = _launch(run, cmd, workdir)
     if signum is not None:
       raise SweepInterrupted(signum, statuses)
@@ -503,13 +501,11 @@ def summarize(runs: Sequence[Run], base_workdir: str | os.PathLike,
     row = {'name': run.name, 'arg': run.arg, 'overrides': overrides_text(run.overrides),
            'status': run_status(base / run.name),
            'steps': max((int(r['step']) for r in recs if 'step' in r), default=None)}
+    best = best_values(recs, metrics)
     for m in metrics:
       values = [r[m] for r in recs if m in r]
       row[f'{m}:final'] = (float('nan') if values[-1] is None else values[-1]) if values else None
-      finite = [v for v in values if v is not None]
-      mode = metric_mode(m)
-      row[f'{m}:best'] = (min(finite) if mode == 'min' else max(finite)) if (
-          finite and mode) else None
+      row[f'{m}:best'] = best[m]['value'] if m in best else None
     rows.append(row)
   return columns, rows
 

@@ -3,8 +3,8 @@
     task = make_task(config, meta)           # meta: DataBundle.meta (vocab sizes, classes...)
     train_loop(config, workdir, init_params=task.init_params, loss_fn=task.loss_fn, ...)
 
-`config.model.kind` picks the module (a plain dict below, no registry); every other field of
-`config.model` is a field of that kind's config dataclass (`TransformerConfig` or
+`config.model.kind` picks the module (`MODULES`, a plain dict, no registry); every other field
+of `config.model` is a field of that kind's config dataclass (`TransformerConfig` or
 `RNNConfig`), except the vocabulary sizes and number of classes, which come from the data.
 Batches follow the data contract (see `attn_jax.data`): seq2seq `inputs`/`targets` (+ packed
 segmentation/position), classification `inputs`/`label`, LM `inputs` (+ segmentation).
@@ -21,68 +21,49 @@ import jax.numpy as jnp
 import ml_collections
 
 from attn_jax import models
+from attn_jax.experiment.config import DATA_FIELDS, MODEL_KINDS, check_model_kind
 from attn_jax.train import losses
 
-# kind -> (module class, config builder, data task it serves).
-MODEL_KINDS: dict[str, tuple[Any, Callable[..., Any], str]] = {
-    'encoder_decoder': (models.EncoderDecoder, models.transformer_config, 'seq2seq'),
-    'rnn_seq2seq': (models.RNNSeq2Seq, models.rnn_config, 'seq2seq'),
-    'encoder_classifier': (models.EncoderClassifier, models.transformer_config,
-                           'classification'),
-    'decoder_lm': (models.DecoderLM, models.transformer_config, 'lm'),
+# kind -> module class; the config dataclass and data task of each kind are in `config`.
+MODULES: dict[str, Any] = {
+    'encoder_decoder': models.EncoderDecoder,
+    'rnn_seq2seq': models.RNNSeq2Seq,
+    'encoder_classifier': models.EncoderClassifier,
+    'decoder_lm': models.DecoderLM,
 }
-# Filled from the data, never from config.model.
-DATA_FIELDS = ('vocab_size', 'output_vocab_size', 'num_classes')
 _INIT_LEN = 8  # Parameter shapes do not depend on the sequence length.
-
-
-def model_fields(kind: str, variant: str, **overrides: Any) -> dict[str, Any]:
-  """Every config-dataclass field of `kind` at size `variant` with `overrides`, minus the
-  data-derived ones: what a config file stores in `config.model` (so any field can be
-  overridden with `--config.model.<field>=`)."""
-  if kind not in MODEL_KINDS:
-    raise ValueError(f'config.model.kind={kind!r} is not one of {tuple(MODEL_KINDS)}')
-  _, build, _ = MODEL_KINDS[kind]
-  cfg = build(variant, **overrides)
-  return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in DATA_FIELDS}
-
-
-def model_section(kind: str, variant: str, **overrides: Any) -> ml_collections.ConfigDict:
-  """`config.model`: `kind` plus `model_fields`; None-valued fields become typed
-  placeholders so they can still be overridden from the command line."""
-  from ml_collections import config_dict
-
-  _, build, _ = MODEL_KINDS.get(kind, (None, None, None))
-  if build is None:
-    raise ValueError(f'config.model.kind={kind!r} is not one of {tuple(MODEL_KINDS)}')
-  types = {f.name: f.type for f in dataclasses.fields(build(variant).__class__)}
-  section = ml_collections.ConfigDict({'kind': kind})
-  for name, value in model_fields(kind, variant, **overrides).items():
-    if value is None:
-      value = config_dict.placeholder(int if 'int' in str(types[name]) else str)
-    section[name] = value
-  return section
 
 
 def build_model_config(model_config: Mapping[str, Any], meta: Mapping[str, Any]) -> Any:
   """The model's config dataclass from `config.model` and the data's vocab sizes/classes.
 
+  `config.model` holds every field of the dataclass (see `config.model_section`), so the
+  dataclass is built from those fields alone: no size variant fills anything in.
+
   Raises:
-    ValueError: unknown kind, unknown field, a kind that does not serve the data's task, or
-      any invalid field value (checked by the dataclass).
+    ValueError: unknown kind, unknown or missing field, a kind that does not serve the data's
+      task, or any invalid field value (checked by the dataclass).
   """
   fields = dict(model_config)
   kind = fields.pop('kind', None)
-  if kind not in MODEL_KINDS:
-    raise ValueError(f'config.model.kind={kind!r} is not one of {tuple(MODEL_KINDS)}')
-  _, build, task = MODEL_KINDS[kind]
+  check_model_kind(kind)
+  cls, task = MODEL_KINDS[kind].config_class, MODEL_KINDS[kind].task
   if meta.get('task', task) != task:
     raise ValueError(f'config.model.kind={kind!r} serves {task!r} data but the dataset is '
                      f"{meta['task']!r}; use one of "
-                     f"{[k for k, v in MODEL_KINDS.items() if v[2] == meta['task']]}")
+                     f"{[k for k, v in MODEL_KINDS.items() if v.task == meta['task']]}")
   bad = sorted(set(fields) & set(DATA_FIELDS))
   if bad:
     raise ValueError(f'config.model.{bad[0]} comes from the data (tokenizer/labels); remove it')
+  known = {f.name for f in dataclasses.fields(cls)}
+  unknown = sorted(set(fields) - known)
+  if unknown:
+    raise ValueError(f'config.model has unknown field(s) {unknown} for kind={kind!r}; known: '
+                     f'{sorted(known - set(DATA_FIELDS))}')
+  missing = sorted(known - set(DATA_FIELDS) - set(fields))
+  if missing:
+    raise ValueError(f'config.model lacks field(s) {missing}; build the section with '
+                     'attn_jax.experiment.config.model_section')
   data = {'vocab_size': int(meta.get('input_vocab_size') or meta.get('vocab_size') or 1)}
   target_vocab = int(meta.get('target_vocab_size') or data['vocab_size'])
   if task == 'seq2seq' and target_vocab != data['vocab_size']:
@@ -93,10 +74,7 @@ def build_model_config(model_config: Mapping[str, Any], meta: Mapping[str, Any])
     # Learned position tables (and decode caches) must cover the data's longest sequence.
     longest = max(int(meta.get('max_length', 0)), int(meta.get('max_target_length', 0))) + 2
     fields['max_len'] = max(int(fields.get('max_len', 0)), longest)
-  try:
-    return build('tiny', **{**fields, **data})  # every field is given, 'tiny' fills none
-  except TypeError as e:
-    raise ValueError(f'config.model: {e}') from None
+  return cls(**fields, **data)
 
 
 @dataclasses.dataclass
@@ -139,8 +117,8 @@ def make_task(config: ml_collections.ConfigDict, meta: Mapping[str, Any]) -> Tas
   """Builds the model named by `config.model` for the data described by `meta`."""
   model_config = build_model_config(config.model.to_dict(), meta)
   kind = config.model.kind
-  cls, _, task = MODEL_KINDS[kind]
-  model = cls(model_config)
+  task = MODEL_KINDS[kind].task
+  model = MODULES[kind](model_config)
   label_smoothing = float(config.loss.label_smoothing)
 
   def positional(batch):

@@ -5,34 +5,51 @@
     model = models.EncoderDecoder(cfg)
     logits = model.apply(variables, inputs, targets)               # [b, Lt, vocab] float32
     tokens = models.generate(model, params, inputs=inputs, max_decode_len=64, method='beam')
+
+Names are exported lazily: `attn_jax.models.configs` (the config dataclasses) imports no JAX,
+so config files can use it without paying for Flax.
 """
 
-from attn_jax.models.attention import AdditiveAttention, LuongAttention, MultiHeadAttention
-from attn_jax.models.configs import (
-    RNN_VARIANTS,
-    TRANSFORMER_VARIANTS,
-    RNNConfig,
-    TransformerConfig,
-    rnn_config,
-    transformer_config,
-)
-from attn_jax.models.decoding import DecodeFns, beam_search, filter_logits, generate
-from attn_jax.models.layers import Embedder, FeedForward, make_norm, shift_right
-from attn_jax.models.rnn import DecoderStep, RNNSeq2Seq
-from attn_jax.models.transformer import (
-    Decoder,
-    DecoderLayer,
-    DecoderLM,
-    Encoder,
-    EncoderClassifier,
-    EncoderDecoder,
-    EncoderLayer,
-)
+from typing import TYPE_CHECKING
 
-__all__ = [
-    'RNN_VARIANTS', 'TRANSFORMER_VARIANTS', 'AdditiveAttention', 'DecodeFns', 'Decoder',
-    'DecoderLM', 'DecoderLayer', 'DecoderStep', 'Embedder', 'Encoder', 'EncoderClassifier',
-    'EncoderDecoder', 'EncoderLayer', 'FeedForward', 'LuongAttention', 'MultiHeadAttention',
-    'RNNConfig', 'RNNSeq2Seq', 'TransformerConfig', 'beam_search', 'filter_logits', 'generate',
-    'make_norm', 'rnn_config', 'shift_right', 'transformer_config',
-]
+from attn_jax import _lazy
+
+_EXPORTS = {
+    'AdditiveAttention': 'attention', 'LuongAttention': 'attention',
+    'MultiHeadAttention': 'attention',
+    'RNN_VARIANTS': 'configs', 'TRANSFORMER_VARIANTS': 'configs', 'RNNConfig': 'configs',
+    'TransformerConfig': 'configs', 'rnn_config': 'configs', 'transformer_config': 'configs',
+    'DecodeFns': 'decoding', 'beam_search': 'decoding', 'filter_logits': 'decoding',
+    'generate': 'decoding',
+    'Embedder': 'layers', 'FeedForward': 'layers', 'make_norm': 'layers',
+    'shift_right': 'layers',
+    'DecoderStep': 'rnn', 'RNNSeq2Seq': 'rnn',
+    'Decoder': 'transformer', 'DecoderLayer': 'transformer', 'DecoderLM': 'transformer',
+    'Encoder': 'transformer', 'EncoderClassifier': 'transformer',
+    'EncoderDecoder': 'transformer', 'EncoderLayer': 'transformer',
+}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = _lazy.exports(__name__, _EXPORTS)
+
+if TYPE_CHECKING:  # Static analysers see the real names.
+  from attn_jax.models.attention import AdditiveAttention, LuongAttention, MultiHeadAttention
+  from attn_jax.models.configs import (
+      RNN_VARIANTS,
+      TRANSFORMER_VARIANTS,
+      RNNConfig,
+      TransformerConfig,
+      rnn_config,
+      transformer_config,
+  )
+  from attn_jax.models.decoding import DecodeFns, beam_search, filter_logits, generate
+  from attn_jax.models.layers import Embedder, FeedForward, make_norm, shift_right
+  from attn_jax.models.rnn import DecoderStep, RNNSeq2Seq
+  from attn_jax.models.transformer import (
+      Decoder,
+      DecoderLayer,
+      DecoderLM,
+      Encoder,
+      EncoderClassifier,
+      EncoderDecoder,
+      EncoderLayer,
+  )

@@ -7,14 +7,15 @@
 Every field is checked in `__post_init__`, so a bad configuration raises a `ValueError`
 naming the field before anything is traced or compiled. Unknown variants and unknown
 override names raise too (a typo must never be silently ignored).
+
+This module imports no JAX (only `compute_dtype` does, when called), so experiment config
+files can build their `model` section from it without loading Flax.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from typing import Any
-
-import jax.numpy as jnp
 
 ACTIVATIONS = ('relu', 'gelu', 'swiglu')
 NORMS = ('layernorm', 'rmsnorm')
@@ -53,6 +54,8 @@ class _VocabAndDtype:
 
   @property
   def compute_dtype(self):
+    import jax.numpy as jnp  # Here, not at the top: the dataclasses must stay JAX-free.
+
     return jnp.dtype(self.dtype)
 
 

@@ -1,5 +1,6 @@
 """Model- and data-agnostic training machinery.
 
+    config.full_config() -> the {optim, train, parallel} config sections (JAX-free)
     optim.make_optimizer(config.optim) -> (tx, schedule)
     state.create_train_state(init_params, tx, rng) -> TrainState
     step.make_train_step(loss_fn, tx, schedule) -> step(state, batch) -> (state, metrics)
@@ -7,24 +8,23 @@
     loop.train_loop(...) runs steps, eval, checkpoints, metrics and resume.
 
 A task supplies `init_params(rng)` and `loss_fn(params, batch, rng, train) ->
-(objective_sum, {name: (sum, count)})`; nothing here knows a model or a dataset.
+(objective_sum, {name: (sum, count)})`; nothing here imports `attn_jax.models` or
+`attn_jax.data` (tests/test_layers.py holds that rule). Names are exported lazily, so
+`attn_jax.train.config` loads without JAX.
 """
 
-from attn_jax.train import (
-    checkpoint,
-    config_args,
-    loop,
-    losses,
-    metrics,
-    optim,
-    parallel,
-    state,
-    step,
-)
-from attn_jax.train.loop import LoopResult, full_config, train_loop
-from attn_jax.train.state import TrainState, create_train_state
+from typing import TYPE_CHECKING
 
-__all__ = [
-    'LoopResult', 'TrainState', 'checkpoint', 'config_args', 'create_train_state', 'full_config',
-    'loop', 'losses', 'metrics', 'optim', 'parallel', 'state', 'step', 'train_loop',
-]
+from attn_jax import _lazy
+
+_EXPORTS = {
+    'full_config': 'config', 'LoopResult': 'loop', 'train_loop': 'loop',
+    'TrainState': 'state', 'create_train_state': 'state',
+}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = _lazy.exports(__name__, _EXPORTS)
+
+if TYPE_CHECKING:  # Static analysers see the real names.
+  from attn_jax.train.config import full_config
+  from attn_jax.train.loop import LoopResult, train_loop
+  from attn_jax.train.state import TrainState, create_train_state

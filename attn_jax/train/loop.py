@@ -6,9 +6,8 @@
 The loop knows no model or dataset. A task provides `init_params(rng)`, `loss_fn(params,
 batch, rng, train) -> (objective_sum, {name: (sum, count)})`, a train iterator of numpy
 batch dicts (with grain-style `get_state()`/`set_state()` for exact resume), eval iterables
-and optional eval hooks (e.g. decoding + BLEU). The config has sections `optim`
-(`optim.default_config()`), `train` (`default_config()` here) and optionally `parallel`
-(`parallel.default_config()`).
+and optional eval hooks (e.g. decoding + BLEU). The config has sections `optim`,
+`train` and optionally `parallel` (`attn_jax.train.config.full_config()`).
 
 Multi-host: call `parallel.initialize_distributed(config.parallel)` first thing in the entry
 point (before any other JAX call), give every process the same `workdir` (shared storage) and
@@ -37,41 +36,11 @@ from attn_jax.train import checkpoint as ckpt_lib
 from attn_jax.train import losses, optim, parallel
 from attn_jax.train import state as state_lib
 from attn_jax.train import step as step_lib
-from attn_jax.train.config_args import validate_choices
+from attn_jax.train.config import default_parallel, validate_choices
 from attn_jax.train.metrics import MetricWriter
 
 EvalHook = Callable[[state_lib.TrainState, int], Mapping[str, float]]
-
-
-def default_config() -> ml_collections.ConfigDict:
-  """The `config.train` section with every field `train_loop` reads."""
-  c = ml_collections.ConfigDict()
-  c.seed = 0
-  c.num_steps = 1000
-  c.log_every = 100
-  c.eval_every = 1000  # 0 = only at the end.
-  # 0 = only at the end (and on SIGTERM / data exhaustion). Best-checkpoint tracking ranks
-  # the checkpoints saved at eval steps, so make this a multiple of eval_every.
-  c.checkpoint_every = 1000
-  c.keep_checkpoints = 3
-  c.best_metric = ''  # e.g. 'valid/loss': that checkpoint is kept too.
-  c.best_mode = 'min'
-  c.async_checkpoint = True
-  c.nonfinite = 'skip'  # 'skip' the update, or 'raise' (stop naming the step).
-  c.max_eval_batches = 0  # 0 = whole eval iterable.
-  c.tensorboard = True
-  c.progress = True
-  c.preemption_check_every = 10  # Multi-process only (a collective); 1 process polls every step.
-  return c
-
-
-def full_config(**sections: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """`{optim, train, parallel}` defaults, updated by any sections given."""
-  c = ml_collections.ConfigDict({'optim': optim.default_config(), 'train': default_config(),
-                                 'parallel': parallel.default_config()})
-  for name, section in sections.items():
-    c[name].update(section)
-  return c
+CHECKPOINTS_DIR = 'checkpoints'  # Under the workdir, beside metrics.METRICS_FILE.
 
 
 @dataclasses.dataclass
@@ -114,7 +83,7 @@ class _Runner:
   """The parallel-mode-specific pieces: state placement, batch placement, compiled steps."""
 
   def __init__(self, config, init_params, loss_fn, tx, schedule):
-    pc = config.get('parallel', parallel.default_config())
+    pc = config.get('parallel', default_parallel())
     self.mode = pc.mode
     step_fn = step_lib.make_train_step(
         loss_fn, tx, schedule, grad_accum_steps=config.optim.grad_accum_steps,
@@ -196,11 +165,13 @@ def train_loop(
     train_iter: Iterator[Mapping[str, np.ndarray]],
     eval_iters: Mapping[str, Iterable[Any] | Callable[[], Iterable[Any]]] | None = None,
     eval_hooks: Sequence[EvalHook] = (),
+    validated: bool = False,
 ) -> LoopResult:
   """Trains until `config.train.num_steps`, resuming from `workdir` if it has checkpoints.
 
   Args:
-    config: sections `optim`, `train` and optionally `parallel` (see `full_config`).
+    config: sections `optim`, `train` and optionally `parallel` (see
+      `attn_jax.train.config.full_config`).
     workdir: run directory: `checkpoints/`, `metrics.jsonl`, `tensorboard/`.
     init_params: `rng -> params` (may be logically boxed).
     loss_fn: see `step.py`.
@@ -213,12 +184,15 @@ def train_loop(
       (weights zero on padding). Metrics are written as `<name>/<metric>`.
     eval_hooks: `hook(state, step) -> {name: value}` run after eval (e.g. decoding + BLEU),
       with the unreplicated state.
+    validated: the caller has already run `validate_config` on `config` (the experiment
+      layer validates every section once, up front).
 
   Returns:
     LoopResult. Raises FloatingPointError naming the step when `nonfinite='raise'` and a
     step's loss or gradient was NaN/Inf.
   """
-  validate_config(config)
+  if not validated:
+    validate_config(config)
   t = config.train
   workdir = pathlib.Path(workdir)
   eval_iters = dict(eval_iters or {})
@@ -226,7 +200,7 @@ def train_loop(
   runner = _Runner(config, init_params, loss_fn, tx, schedule)
   logging.info('model has %d parameters', state_lib.param_count(runner.abstract.params))
 
-  ckpt = ckpt_lib.Checkpointer(workdir / 'checkpoints', max_to_keep=t.keep_checkpoints,
+  ckpt = ckpt_lib.Checkpointer(workdir / CHECKPOINTS_DIR, max_to_keep=t.keep_checkpoints,
                                best_metric=t.best_metric or None, best_mode=t.best_mode,
                                async_save=t.async_checkpoint)
   restored = ckpt.restore(runner.abstract_for_restore())

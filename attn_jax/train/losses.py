@@ -14,8 +14,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from attn_jax.tokens import PAD_ID
+
 Metric = tuple[Any, Any]
-PAD_ID = 0
 # exp() overflows float32 above ~88; perplexities beyond exp(30) carry no information anyway.
 MAX_LOG_PPL = 30.0
 

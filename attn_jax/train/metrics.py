@@ -14,7 +14,7 @@ import os
 import pathlib
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -47,23 +47,50 @@ def metric_mode(name: str) -> str | None:
   return None
 
 
-def read_metrics(workdir: str | os.PathLike) -> list[dict[str, Any]]:
-  """All records of `workdir/metrics.jsonl` in order ([] if absent).
+def best_values(records: Sequence[Mapping[str, Any]], keys: Iterable[str]
+                ) -> dict[str, dict[str, Any]]:
+  """`{key: {'value': best, 'step': its step}}` over metric `records`, in the direction
+  `metric_mode` gives; null (non-finite) values are skipped and metrics with no known
+  direction (counts) have no best."""
+  best: dict[str, dict[str, Any]] = {}
+  for key in keys:
+    mode = metric_mode(key)
+    if mode is None:
+      continue
+    for rec in records:
+      v = rec.get(key)
+      if v is None:
+        continue
+      if key not in best or (v < best[key]['value'] if mode == 'min' else v > best[key]['value']):
+        best[key] = {'value': v, 'step': rec.get('step')}
+  return best
+
+
+def read_metrics(path: str | os.PathLike, *, missing_ok: bool = True) -> list[dict[str, Any]]:
+  """All records of a metrics JSONL file in order; `path` is the file or a workdir holding
+  METRICS_FILE. A missing file gives [] (or, with `missing_ok=False`, a ValueError).
 
   Raises:
-    ValueError: naming the file and line number of a malformed line.
+    ValueError: naming the file and line number of a line that is not a JSON object.
   """
-  path = pathlib.Path(workdir) / METRICS_FILE
-  if not path.exists():
-    return []
+  path = pathlib.Path(path)
+  if path.is_dir() or path.suffix != '.jsonl':
+    path = path / METRICS_FILE
+  if not path.is_file():
+    if missing_ok:
+      return []
+    raise ValueError(f'metrics file {str(path)!r} does not exist')
   out = []
   for i, line in enumerate(path.read_text().splitlines(), 1):
     if not line.strip():
       continue
     try:
-      out.append(json.loads(line))
+      record = json.loads(line)
     except json.JSONDecodeError as e:
       raise ValueError(f'{path}:{i}: not a JSON line ({e})') from None
+    if not isinstance(record, dict):
+      raise ValueError(f'{path}:{i}: expected a JSON object, got {type(record).__name__}')
+    out.append(record)
   return out
 
 

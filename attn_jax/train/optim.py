@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from attn_jax.train.config_args import validate_choices
+from attn_jax.train.config import validate_choices
 
 OPTIMIZERS = ('adamw', 'adam', 'sgd')
 SCHEDULES = ('constant', 'warmup_constant', 'warmup_rsqrt', 'warmup_cosine', 'warmup_linear')
@@ -25,25 +25,6 @@ SCHEDULES = ('constant', 'warmup_constant', 'warmup_rsqrt', 'warmup_cosine', 'wa
 # LayerNorm/RMSNorm. Decaying them pulls norms towards zero and biases towards a prior nobody
 # wants; 1-D parameters are excluded for the same reason even under other names.
 NO_DECAY_NAMES = ('bias', 'scale', 'embedding_scale')
-
-
-def default_config() -> ml_collections.ConfigDict:
-  """The `config.optim` section with every field `make_optimizer` reads."""
-  c = ml_collections.ConfigDict()
-  c.name = 'adamw'
-  c.learning_rate = 1e-3
-  c.schedule = 'warmup_rsqrt'
-  c.warmup_steps = 1000
-  c.total_steps = 0  # Cosine/linear decay length in updates; 0 = train_loop fills it in.
-  c.end_lr_factor = 0.0  # Final lr = learning_rate * end_lr_factor for cosine/linear.
-  c.b1 = 0.9
-  c.b2 = 0.98
-  c.eps = 1e-9
-  c.weight_decay = 0.0
-  c.momentum = 0.9  # sgd only
-  c.clip_grad_norm = 1.0  # <= 0 disables clipping.
-  c.grad_accum_steps = 1
-  return c
 
 
 def _num(config: Any, field: str, *, low: float, high: float | None = None,
@@ -122,7 +103,7 @@ def decay_mask(params: Any) -> Any:
 def make_optimizer(
     config: ml_collections.ConfigDict,
 ) -> tuple[optax.GradientTransformation, Callable[[Any], Any]]:
-  """Builds `(tx, schedule)` from a `config.optim` section (see `default_config`).
+  """Builds `(tx, schedule)` from a `config.optim` section (`config.default_optim()`).
 
   Returns:
     tx: the gradient transformation. With `grad_accum_steps = k > 1` it is an

@@ -28,35 +28,10 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from attn_jax.train.config import BATCH_AXES, DEFAULT_RULES
+
 MESH_AXES = ('data', 'fsdp', 'tensor')
-BATCH_AXES = ('data', 'fsdp')
-# Logical axis names used by attn_jax.models -> mesh axes. Names a model uses but no rule
-# mentions stay replicated. Embedding-sized dims are split by fsdp (ZeRO-3 style), per-head and
-# MLP-hidden dims by tensor (Megatron style).
-DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
-    ('batch', BATCH_AXES),
-    ('embed', 'fsdp'),
-    ('vocab', 'tensor'),
-    ('mlp', 'tensor'),
-    ('heads', 'tensor'),
-    ('kv_heads', 'tensor'),
-    ('kv', None),
-    ('head_dim', None),
-    ('length', None),
-)
 PARALLEL_MODES = ('none', 'pmap', 'sharded')
-
-
-def default_config() -> ml_collections.ConfigDict:
-  """`config.parallel`: mode, mesh axis sizes (-1 = all remaining devices), rules, multi-host."""
-  c = ml_collections.ConfigDict()
-  c.mode = 'none'
-  c.mesh = ml_collections.ConfigDict({'data': -1, 'fsdp': 1, 'tensor': 1})
-  c.logical_axis_rules = DEFAULT_RULES  # (logical name, mesh axis | tuple | None) pairs.
-  c.coordinator_address = ''  # 'host:port'; '' = read JAX_COORDINATOR_ADDRESS or run alone.
-  c.num_processes = 1
-  c.process_id = 0
-  return c
 
 
 # --------------------------------------------------------------------------- multi-host

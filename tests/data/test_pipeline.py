@@ -139,8 +139,7 @@ def test_local_parallel_corpus_with_sentencepiece_and_packing(data_dir, tmp_path
   saved = bundle.save_tokenizers(str(tmp_path))
   assert data.load_tokenizer(saved['targets']).encode('The cat.').tolist() == \
       tok.encode('The cat.').tolist()
-  with open(tmp_path / 'data_meta.json', encoding='utf-8') as f:
-    assert json.load(f)['task'] == 'seq2seq'
+  assert bundle.meta['task'] == 'seq2seq'
 
 
 def test_length_policy_counts_are_reported(data_dir):

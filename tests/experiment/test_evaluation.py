@@ -10,7 +10,8 @@ import numpy as np
 import optax
 import pytest
 
-from attn_jax.train import evaluation, tasks
+from attn_jax.experiment import evaluation, tasks
+from attn_jax.experiment.config import model_section
 
 
 def test_until_eos_and_exact_match_by_length():
@@ -48,7 +49,8 @@ def test_attention_maps_unrolled_scanned_and_rnn():
 
 
 def test_build_model_config_takes_sizes_from_data():
-  fields = tasks.model_fields('encoder_decoder', 'tiny', positional='learned')
+  fields = model_section('encoder_decoder', 'tiny', positional='learned').to_dict()
+  del fields['kind']
   cfg = tasks.build_model_config({'kind': 'encoder_decoder', **fields},
                                  {'task': 'seq2seq', 'input_vocab_size': 30,
                                   'target_vocab_size': 30, 'max_length': 300})
@@ -58,15 +60,19 @@ def test_build_model_config_takes_sizes_from_data():
                              {'task': 'seq2seq'})
   with pytest.raises(ValueError, match="serves 'seq2seq' data but the dataset is 'lm'"):
     tasks.build_model_config({'kind': 'encoder_decoder', **fields}, {'task': 'lm'})
-  with pytest.raises(ValueError, match=r"unknown TransformerConfig field\(s\) \['colour'\]"):
+  with pytest.raises(ValueError, match=r"config.model has unknown field\(s\) \['colour'\]"):
     tasks.build_model_config({'kind': 'encoder_decoder', **fields, 'colour': 1},
                              {'task': 'seq2seq'})
+  # Every field comes from the config: nothing is filled in from a size variant.
+  partial = {k: v for k, v in fields.items() if k != 'd_model'}
+  with pytest.raises(ValueError, match=r"config.model lacks field\(s\) \['d_model'\]"):
+    tasks.build_model_config({'kind': 'encoder_decoder', **partial}, {'task': 'seq2seq'})
 
 
 def test_classification_loss_ignores_padding_rows():
-  fields = tasks.model_fields('encoder_classifier', 'tiny', d_model=16, num_heads=2, d_ff=16,
-                              num_encoder_layers=1, dropout_rate=0.0)
-  config = ml_collections.ConfigDict({'model': {'kind': 'encoder_classifier', **fields},
+  model = model_section('encoder_classifier', 'tiny', d_model=16, num_heads=2, d_ff=16,
+                        num_encoder_layers=1, dropout_rate=0.0)
+  config = ml_collections.ConfigDict({'model': model,
                                       'loss': {'label_smoothing': 0.0}})
   task = tasks.make_task(config, {'task': 'classification', 'vocab_size': 12,
                                   'num_classes': 3, 'max_length': 8})

@@ -15,7 +15,7 @@ import sys
 import numpy as np
 import pytest
 
-from attn_jax.train import evaluation, length_study, plots
+from attn_jax.experiment import evaluation, length_study, plots
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 

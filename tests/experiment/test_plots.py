@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 
 from attn_jax import ops
-from attn_jax.train import plots
-from attn_jax.train.metrics import MetricWriter
+from attn_jax.experiment import plots
+from attn_jax.train.metrics import MetricWriter, read_metrics
 
 REPO = pathlib.Path(__file__).parents[2]
 PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
@@ -182,7 +182,7 @@ def test_plot_curves_writes_png_without_pyplot_figures(two_runs, tmp_path):
     (lambda r: r, 'train/loss', 'step', 'non-empty list'),
     (lambda r: r, ['train/loss'], 'epoch', r"x='epoch' must be one of \('step', 'time'\)"),
     (lambda r: {**r, 'c': '/nonexistent/run'}, ['train/loss'], 'step',
-     "metrics file '/nonexistent/run' does not exist"),
+     "metrics file '/nonexistent/run/metrics.jsonl' does not exist"),
     (lambda r: r, ['valid/acc'], 'step',
      r"metric 'valid/acc' is in none of the runs \['run a', 'run b'\]; they have "
      r"\['train/loss', 'valid/accuracy', 'valid/loss'\]"),
@@ -197,10 +197,10 @@ def test_malformed_jsonl_names_file_and_line(tmp_path):
   path = tmp_path / 'bad.jsonl'
   path.write_text('{"step": 1}\n[1, 2]\n')
   with pytest.raises(ValueError, match=r'bad.jsonl:2: expected a JSON object'):
-    plots.read_jsonl(path)
+    read_metrics(path)
   path.write_text('{"step": 1}\n\n{oops\n')
   with pytest.raises(ValueError, match=r'bad.jsonl:3: not a JSON line'):
-    plots.read_jsonl(path)
+    read_metrics(path)
 
 
 # --- Command line -----------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 
-from attn_jax.train import experiment, plots
+from attn_jax.experiment import plots, run
 from attn_jax.train.metrics import read_metrics
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -40,7 +40,7 @@ def data_dir(tmp_path_factory):
 
 @pytest.fixture
 def fake_plots(monkeypatch):
-  """Records every `attn_jax.train.plots.plot_attention` call (then draws the real PNG) and
+  """Records every `attn_jax.experiment.plots.plot_attention` call (then draws the real PNG) and
   checks the contract `weights [heads, q, kv]` against the token lists."""
   calls = []
   real = plots.plot_attention
@@ -84,7 +84,7 @@ def reverse_run(tmp_path_factory, data_dir):
 
   mp.setattr(plots, 'plot_attention', recording_plot)
   try:
-    experiment.train_and_evaluate(_config('algorithmic', 'smoke', data_dir), workdir)
+    run.train_and_evaluate(_config('algorithmic', 'smoke', data_dir), workdir)
   finally:
     mp.undo()
   return workdir, calls
@@ -102,7 +102,7 @@ def test_algorithmic_transformer_smoke(reverse_run):
 
 def test_algorithmic_rnn_smoke_sharded(tmp_path, data_dir, fake_plots):
   config = _config('algorithmic', 'model=rnn,smoke', data_dir, **{'parallel.mode': 'sharded'})
-  experiment.train_and_evaluate(config, tmp_path)
+  run.train_and_evaluate(config, tmp_path)
   _check_run(tmp_path)
   assert fake_plots and all(t.startswith('rnn_attention') for t in fake_plots)
 
@@ -110,31 +110,31 @@ def test_algorithmic_rnn_smoke_sharded(tmp_path, data_dir, fake_plots):
 def test_algorithmic_transformer_smoke_sharded(tmp_path, data_dir):
   config = _config('algorithmic', 'smoke', data_dir, **{'parallel.mode': 'sharded',
                                                         'eval.attention_examples': 0})
-  experiment.train_and_evaluate(config, tmp_path)
+  run.train_and_evaluate(config, tmp_path)
 
 
 def test_listops_smoke_pmap(tmp_path, data_dir, fake_plots):
   config = _config('listops', 'smoke', data_dir, **{'parallel.mode': 'pmap'})
-  experiment.train_and_evaluate(config, tmp_path)
+  run.train_and_evaluate(config, tmp_path)
   done = _check_run(tmp_path)
   assert 0.0 <= done['final']['validation/accuracy'] <= 1.0
   assert {t.split(' layer')[0] for t in fake_plots} == {'encoder_self'}
 
 
 def test_translation_smoke_reports_bleu(tmp_path, data_dir, fake_plots):
-  experiment.train_and_evaluate(_config('translation', 'model=small,smoke', data_dir), tmp_path)
+  run.train_and_evaluate(_config('translation', 'model=small,smoke', data_dir), tmp_path)
   done = _check_run(tmp_path)
   assert 0.0 <= done['final']['validation/bleu'] <= 100.0
 
 
 def test_text_classification_smoke(tmp_path, data_dir, fake_plots):
-  experiment.train_and_evaluate(_config('text_classification', 'smoke', data_dir), tmp_path)
+  run.train_and_evaluate(_config('text_classification', 'smoke', data_dir), tmp_path)
   done = _check_run(tmp_path)
   assert 0.0 <= done['final']['validation/accuracy'] <= 1.0
 
 
 def test_language_model_smoke_writes_samples(tmp_path, data_dir, fake_plots):
-  experiment.train_and_evaluate(_config('language_model', 'smoke', data_dir), tmp_path)
+  run.train_and_evaluate(_config('language_model', 'smoke', data_dir), tmp_path)
   done = _check_run(tmp_path)
   assert done['final']['validation/perplexity'] > 1.0
   samples = (tmp_path / 'samples' / 'step_2.txt').read_text().splitlines()

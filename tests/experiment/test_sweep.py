@@ -21,7 +21,7 @@ import time
 
 import pytest
 
-from attn_jax.train import sweep
+from attn_jax.experiment import sweep
 from attn_jax.train.metrics import read_metrics
 
 FIXTURES = pathlib.Path(__file__).parent / 'fixtures'

@@ -13,6 +13,7 @@ import signal
 import sys
 import time
 
+from attn_jax.train import config as train_config
 from attn_jax.train import loop
 from tests.train import tiny
 
@@ -41,7 +42,7 @@ class _KillingIterator(tiny.BatchIterator):
 
 
 def config():
-  c = loop.full_config()
+  c = train_config.full_config()
   c.optim.update(dict(name='adamw', learning_rate=0.02, schedule='warmup_cosine', warmup_steps=2,
                       weight_decay=0.01, b2=0.98))
   c.train.update(dict(num_steps=NUM_STEPS, log_every=1, eval_every=0,

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from attn_jax.train import config as train_config
 from attn_jax.train import loop
 from attn_jax.train.metrics import read_metrics
 from tests.train import tiny
@@ -19,7 +20,7 @@ NUM_STEPS = 8
 
 
 def _config(**train):
-  c = loop.full_config()
+  c = train_config.full_config()
   c.optim.update(dict(name='adamw', learning_rate=0.02, schedule='warmup_rsqrt', warmup_steps=2,
                       weight_decay=0.01))
   c.train.update(dict(num_steps=NUM_STEPS, log_every=2, eval_every=4, checkpoint_every=4,

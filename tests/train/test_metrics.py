@@ -50,13 +50,13 @@ def test_malformed_line_names_file_and_line(tmp_path):
 def test_run_summary_best_follows_metric_direction():
   # The DONE file's "best": min for losses, max for accuracies, none for a count (no
   # direction), and a missing (None) value is skipped.
-  from attn_jax.train.experiment import _best
+  from attn_jax.train.metrics import best_values
   records = [
       {'step': 100, 'valid/loss': 2.0, 'valid/sequence_accuracy': 0.5, 'valid/num_tokens': 9},
       {'step': 200, 'valid/loss': 1.0, 'valid/sequence_accuracy': None, 'valid/num_tokens': 9},
       {'step': 300, 'valid/loss': 1.5, 'valid/sequence_accuracy': 0.9},
       {'step': 300, 'train/loss': 0.1},
   ]
-  best = _best(records, {'valid/loss', 'valid/sequence_accuracy', 'valid/num_tokens'})
+  best = best_values(records, ['valid/loss', 'valid/sequence_accuracy', 'valid/num_tokens'])
   assert best == {'valid/loss': {'value': 1.0, 'step': 200},
                   'valid/sequence_accuracy': {'value': 0.9, 'step': 300}}

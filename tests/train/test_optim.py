@@ -6,11 +6,12 @@ import numpy as np
 import optax
 import pytest
 
+from attn_jax.train import config as train_config
 from attn_jax.train import optim
 
 
 def _cfg(**kw):
-  c = optim.default_config()
+  c = train_config.default_optim()
   c.update(kw)
   return c
 

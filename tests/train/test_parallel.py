@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from attn_jax.train import loop, optim, parallel
+from attn_jax.train import config as train_config
+from attn_jax.train import optim, parallel
 from attn_jax.train import state as state_lib
 from attn_jax.train import step as step_lib
 from attn_jax.train.metrics import read_metrics
@@ -35,7 +36,7 @@ OPTIM = dict(name='adamw', schedule='warmup_constant', warmup_steps=2, learning_
 
 def make_setup():
   """(init_params, tx, step_fn): AdamW + clipping, no dropout (so devices see equal math)."""
-  c = optim.default_config()
+  c = train_config.default_optim()
   c.update(OPTIM)
   tx, sched = optim.make_optimizer(c)
   init_params, loss_fn = tiny.make_task()
@@ -44,7 +45,7 @@ def make_setup():
 
 def loop_config(num_steps):
   """train_loop config with `make_setup`'s optimizer, sharded over all devices (mp_worker)."""
-  c = loop.full_config()
+  c = train_config.full_config()
   c.optim.update(OPTIM)
   c.train.update(dict(num_steps=num_steps, log_every=1, eval_every=0, checkpoint_every=0,
                       progress=False, tensorboard=False))

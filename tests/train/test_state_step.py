@@ -9,6 +9,7 @@ import numpy as np
 import optax
 import pytest
 
+from attn_jax.train import config as train_config
 from attn_jax.train import optim
 from attn_jax.train import state as state_lib
 from attn_jax.train import step as step_lib
@@ -16,7 +17,7 @@ from tests.train import tiny
 
 
 def _optim(**kw):
-  c = optim.default_config()
+  c = train_config.default_optim()
   c.update(dict(name='sgd', momentum=0.0, schedule='constant', learning_rate=0.5,
                 clip_grad_norm=0.0))
   c.update(kw)

@@ -1,0 +1,114 @@
+"""What an experiment config holds: every section with its defaults, built without JAX.
+
+    c = base_config('reverse', 'encoder_decoder', 'tiny', norm_position='pre')
+    c.optim.learning_rate = 2e-3
+    c.lock()
+
+Sections, each defined by the layer that reads it (this module only assembles them):
+
+    optim, train, parallel   attn_jax.train.config
+    data                     attn_jax.data.config
+    model                    `kind` + every field of that kind's config dataclass
+                             (attn_jax.models.configs) except the data-derived sizes
+    loss                     label smoothing
+    eval                     `default_eval()` below: decoding, scoring and plots
+
+Importing this module and calling `base_config` loads no JAX, Flax, optax, orbax, grain or TFDS
+(tests/configs/test_configs.py checks it), so config files stay light. Validation, which needs
+those libraries, is `attn_jax.experiment.run.validate_config`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import ml_collections
+from ml_collections import config_dict
+
+from attn_jax.data import config as data_config
+from attn_jax.models import configs as model_configs
+from attn_jax.train import config as train_config
+
+SECTIONS = ('data', 'model', 'optim', 'train', 'parallel', 'loss', 'eval')
+
+
+class ModelKind(NamedTuple):
+  """What `config.model.kind` names, besides the module (`tasks.MODULES`)."""
+  config_class: type  # the frozen dataclass the module takes
+  variant: Callable[..., Any]  # `(size, **overrides) -> config_class` instance
+  task: str  # the data task it serves: 'seq2seq' | 'classification' | 'lm'
+
+
+MODEL_KINDS: dict[str, ModelKind] = {
+    'encoder_decoder': ModelKind(model_configs.TransformerConfig,
+                                 model_configs.transformer_config, 'seq2seq'),
+    'rnn_seq2seq': ModelKind(model_configs.RNNConfig, model_configs.rnn_config, 'seq2seq'),
+    'encoder_classifier': ModelKind(model_configs.TransformerConfig,
+                                    model_configs.transformer_config, 'classification'),
+    'decoder_lm': ModelKind(model_configs.TransformerConfig, model_configs.transformer_config,
+                            'lm'),
+}
+# Filled from the data, never from config.model.
+DATA_FIELDS = ('vocab_size', 'output_vocab_size', 'num_classes')
+
+
+def check_model_kind(kind: Any) -> None:
+  if kind not in MODEL_KINDS:
+    raise ValueError(f'config.model.kind={kind!r} is not one of {tuple(MODEL_KINDS)}')
+
+
+def model_section(kind: str, variant: str, **overrides: Any) -> ml_collections.ConfigDict:
+  """`config.model`: `kind` plus every field of its config dataclass at size `variant` with
+  `overrides`, minus the data-derived ones, so any field can be overridden with
+  `--config.model.<field>=`. None-valued fields become typed placeholders for the same reason.
+  """
+  check_model_kind(kind)
+  model = MODEL_KINDS[kind].variant(variant, **overrides)
+  types = {f.name: f.type for f in dataclasses.fields(model)}
+  section = ml_collections.ConfigDict({'kind': kind})
+  for name, value in dataclasses.asdict(model).items():
+    if name in DATA_FIELDS:
+      continue
+    if value is None:
+      value = config_dict.placeholder(int if 'int' in str(types[name]) else str)
+    section[name] = value
+  return section
+
+
+def default_eval() -> ml_collections.ConfigDict:
+  """`config.eval`: what the eval hooks (`attn_jax.experiment.evaluation`) decode, score and
+  plot."""
+  c = ml_collections.ConfigDict()
+  c.decode_splits = ''  # comma-separated eval splits to decode; '' = all of them.
+  c.decode_method = 'greedy'  # 'greedy' | 'sample' | 'beam'
+  c.beam_size = 4
+  c.length_penalty = 0.6
+  c.temperature = 1.0
+  c.top_k = 0  # 0 = off
+  c.top_p = 1.0  # 1.0 = off
+  c.max_decode_batches = 0  # per split and eval; 0 = the whole split.
+  c.exact_match = True  # exact-sequence accuracy of decoded outputs (seq2seq).
+  c.bleu = False  # sacrebleu corpus BLEU of detokenized outputs (translation).
+  c.num_samples = 4  # LM: continuations sampled per eval.
+  c.prompt_length = 8  # LM: tokens of each validation row used as the prompt.
+  c.sample_length = 64  # LM: generated tokens per sample.
+  c.attention_examples = 2  # validation examples plotted at the final step; 0 = none.
+  return c
+
+
+def base_config(dataset: str, model_kind: str, variant: str,
+                **model_overrides: Any) -> ml_collections.ConfigDict:
+  """Every section with defaults: `data` for `dataset`, `model` of `model_kind` at size
+  `variant` (+ overrides), `optim`/`train`/`parallel`, `loss`, `eval`. Unlocked: config files
+  set what their experiment needs, then `lock()`.
+  """
+  c = train_config.full_config()
+  c.arg = ''  # The `:key=value` string the config was built from (recorded, not read).
+  c.data_dir = ''  # TFDS/tokenizer cache; '' = ~/tensorflow_datasets.
+  c.data = data_config.default_config(dataset)
+  c.model = model_section(model_kind, variant, **model_overrides)
+  c.loss = ml_collections.ConfigDict({'label_smoothing': 0.0})
+  c.eval = default_eval()
+  return c
