@@ -2,13 +2,23 @@
 
     from attn_jax import ops
     out = ops.dot_product_attention(q, k, v, is_causal=True)
+
+    # Open attention: your own mask and score functions, block-sparse, trainable.
+    doc = ops.mask_mods.document(doc_ids)
+    bm = ops.block_mask(ops.and_masks(ops.mask_mods.causal(), doc), batch=b, heads=h, q_len=t)
+    out = ops.dot_product_attention(q, k, v, block_mask=bm,
+                                    score_mod=ops.score_mods.soft_cap(50.0))
 """
 
+from attn_jax.ops import mask_mods, score_mods
 from attn_jax.ops.attention import (
     BLOCKWISE_MIN_LOGITS,
     choose_implementation,
     dot_product_attention,
+    fused_attention,
+    merge_attention,
 )
+from attn_jax.ops.block_mask import BlockMask, block_mask
 from attn_jax.ops.blockwise import blockwise_attention
 from attn_jax.ops.dense import dense_attention, masked_softmax
 from attn_jax.ops.heads import merge_heads, num_groups, repeat_kv, split_heads
@@ -22,6 +32,7 @@ from attn_jax.ops.masks import (
     segment_mask,
     valid_positions,
 )
+from attn_jax.ops.mods import and_masks, or_masks
 from attn_jax.ops.positional import (
     add_sinusoidal,
     alibi_bias,
@@ -37,10 +48,12 @@ from attn_jax.ops.scores import additive_scores, dot_scores, general_scores, sca
 
 __all__ = [
     'BLOCKWISE_MIN_LOGITS', 'add_sinusoidal', 'additive_scores', 'alibi_bias', 'alibi_slopes',
-    'blockwise_attention', 'causal_mask', 'choose_implementation', 'combine_masks',
-    'dense_attention', 'dot_product_attention', 'dot_scores', 'general_scores',
-    'learned_positional', 'learned_positional_init', 'local_mask', 'mask_to_bias',
-    'masked_softmax', 'merge_heads', 'num_groups', 'padding_mask', 'query_key_mask',
+    'and_masks', 'block_mask', 'BlockMask', 'blockwise_attention', 'causal_mask',
+    'choose_implementation', 'combine_masks', 'dense_attention', 'dot_product_attention',
+    'dot_scores', 'fused_attention', 'general_scores', 'learned_positional',
+    'learned_positional_init', 'local_mask', 'mask_mods', 'mask_to_bias', 'masked_softmax',
+    'merge_attention', 'merge_heads', 'num_groups', 'or_masks', 'padding_mask', 'query_key_mask',
     'relative_position_bias', 'relative_position_buckets', 'repeat_kv', 'rope',
-    'scaled_dot_scores', 'segment_mask', 'sinusoidal', 'split_heads', 'valid_positions',
+    'scaled_dot_scores', 'score_mods', 'segment_mask', 'sinusoidal', 'split_heads',
+    'valid_positions',
 ]

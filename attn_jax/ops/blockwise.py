@@ -1,28 +1,30 @@
-"""Memory-efficient attention: online softmax over key/value blocks.
+"""Memory-efficient, block-sparse attention: online softmax over key/value blocks, open to user
+mask and score functions, with a custom VJP; runs wherever XLA runs (CPU, GPU, TPU).
 
-The forward pass walks query blocks and, inside each, key/value blocks, keeping a
-running max `m`, normalizer `l` and output accumulator per query row (Rabe &
-Staats 2021; Dao et al. 2022). It stores only the output and the row
-log-sum-exp. The backward pass (a `jax.custom_vjp`) walks key/value blocks and,
-inside each, query blocks, recomputing every block's probabilities from the
-saved log-sum-exp, accumulating dK/dV per key block and dQ (transposed) into
-one `[head_dim, q_len]` buffer. Neither pass holds a `[q_len, kv_len]` array.
+The forward pass walks query blocks and, inside each, the key blocks its `BlockMask` lists
+(fully visible ones first, without evaluating the mask, then partly visible ones, with it),
+keeping a running max `m`, normalizer `l` and output accumulator per query row (Rabe & Staats
+2021; Dao et al. 2022). It stores only the output and the row log-sum-exp. The backward pass
+(a `jax.custom_vjp`) walks key blocks and, inside each, the query blocks the transposed lists
+give, recomputing every block's probabilities from the saved log-sum-exp, accumulating dK/dV
+per key block and dQ (transposed) into one `[head_dim, q_len]` buffer. Neither pass holds a
+`[q_len, kv_len]` array, and hidden blocks are never visited in either.
 
-Masks are built per block from positions (causal, window, segment ids, padding
-of uneven lengths); blocks a causal or windowed mask hides entirely are not
-visited (the loop bounds depend on the block index), so causal attention costs
-about half. Dense `mask`/`bias` arguments are sliced per block; `bias_fn`
-position biases (ALiBi, T5) are evaluated per block and their parameters get
-gradients through a per-block VJP.
+Everything that shapes the logits is a function of positions: the mask (`mask_mod`, with the
+built-in causal/window/segment/padding keywords turned into one) and the score function
+(`score_mod`, with ALiBi/T5 `bias_fn`s turned into one) are evaluated on each block, and the
+gradients of the floating-point arrays a score function closes over (a learned T5 table) are
+accumulated through a per-block VJP. A dense `bias` array is sliced per block; attention sinks
+join every row's normalizer.
 
-Internal layout: q `[B, K, G, T, D]` (K kv heads, G query heads per kv head),
-k/v `[B, K, S, D]`, so GQA never copies whole k/v. Inside a block everything is
-3-D, `[H, rows, cols]` with `H = B*K*G`, and laid out so that every product is a
-plain row-major matmul: K is transposed once up front, the backward computes
-blocks key-major (`[bk, bq]`) and dQ transposed. On XLA's CPU backend that is
-what makes the loop fast (see `_block_logits_and_mask` and `_backward`): a
-transposed operand or a 5-D block with size-1 axes costs a copy of the block,
-and 3-D blocks let the dot fuse with the reductions after it.
+Rows that share a block mask are processed together: a mask that reads neither the batch row
+nor the head (causal, windows) makes one group of all `batch * heads` rows; a per-row mask
+(documents, padding) one group per batch row. Inside a group everything is 3-D,
+`[rows, block_rows, block_cols]`, laid out so that every product is a plain row-major matmul:
+K is transposed once up front, the backward computes blocks key-major (`[bk, bq]`) and dQ
+transposed. On XLA's CPU backend that is what makes the loop fast: a transposed operand or a
+5-D block with size-1 axes costs a copy of the block, and 3-D blocks let the dot fuse with
+the reductions after it (profiled with `experiments/bench_attention.py`).
 """
 
 from __future__ import annotations
@@ -35,48 +37,119 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from attn_jax.ops import block_mask as block_mask_lib
+from attn_jax.ops import mask_mods, score_mods
 from attn_jax.ops import masks as masks_lib
-from attn_jax.ops import shapes
+from attn_jax.ops.mods import Mod, and_masks
+from attn_jax.ops.shapes import Dims, check_broadcastable, check_qkv, split_segment_ids
 
-DEFAULT_BLOCK = 512
+DEFAULT_BLOCK = block_mask_lib.DEFAULT_BLOCK
 
 
 @dataclasses.dataclass(frozen=True)
 class _Static:
   """Hashable, trace-time configuration of one blockwise call."""
-  dims: shapes.Dims
+  dims: Dims
   block_q: int
   block_kv: int
-  is_causal: bool
-  window: tuple[int, int] | None
+  batch_groups: int
+  head_groups: int
+  score: Mod | None
+  score_diff: tuple[bool, ...]  # which closed-over arrays of `score` get gradients
+  has_bias: bool
+  has_sinks: bool
   dropout_rate: float
-  bias_fn: Any
   precision: Any
 
   @property
-  def num_q_blocks(self) -> int:
-    return -(-self.dims.q_len // self.block_q)
+  def groups(self) -> int:
+    return self.batch_groups * self.head_groups
 
   @property
-  def num_kv_blocks(self) -> int:
-    return -(-self.dims.kv_len // self.block_kv)
+  def batch_per_group(self) -> int:
+    return self.dims.batch // self.batch_groups
 
   @property
-  def needs_position_mask(self) -> bool:
-    """Whether some block needs the causal/window/padding mask built from positions."""
-    return self.is_causal or self.window is not None or self.dims.kv_len % self.block_kv != 0
+  def heads_per_group(self) -> int:
+    return self.dims.heads // self.head_groups
 
   @property
-  def left(self) -> int | None:
-    """How far back a query may look; None = unbounded."""
-    return None if self.window is None else self.window[0]
+  def q_per_kv(self) -> int:
+    """Query heads per key/value row inside a group (the GQA factor, 1 for per-head groups)."""
+    return self.dims.groups if self.head_groups == 1 else 1
 
   @property
-  def right(self) -> int | None:
-    """How far ahead a query may look; None = unbounded."""
-    if self.is_causal:
-      return 0 if self.window is None else min(self.window[1], 0)
-    return None if self.window is None else self.window[1]
+  def rows(self) -> int:
+    return self.batch_per_group * self.heads_per_group
+
+  @property
+  def kv_rows(self) -> int:
+    return self.rows // self.q_per_kv
+
+
+# --- Layout: [batch, heads, ...] <-> [row groups, rows, ...] ---------------------------------
+
+
+def _to_groups(st: _Static, x: jax.Array) -> jax.Array:
+  """`[B, H, ...]` -> `[groups, rows, ...]` (a free reshape unless the mask is per head)."""
+  bm, hm = st.batch_groups, st.head_groups
+  rest = x.shape[2:]
+  x = x.reshape(bm, x.shape[0] // bm, hm, x.shape[1] // hm, *rest)
+  x = jnp.swapaxes(x, 1, 2)
+  return x.reshape(bm * hm, -1, *rest)
+
+
+def _from_groups(st: _Static, x: jax.Array) -> jax.Array:
+  """`[groups, rows, ...]` -> `[B, H, ...]`."""
+  bm, hm = st.batch_groups, st.head_groups
+  rest = x.shape[2:]
+  x = x.reshape(bm, hm, st.batch_per_group, st.heads_per_group, *rest)
+  return jnp.swapaxes(x, 1, 2).reshape(st.dims.batch, st.dims.heads, *rest)
+
+
+def _kv_to_groups(st: _Static, x: jax.Array) -> jax.Array:
+  """k/v `[B, K, S, D]` -> `[groups, kv_rows, S, D]`; per-head groups take their own kv head."""
+  if st.head_groups > 1:
+    x = jnp.repeat(x, st.dims.groups, axis=1)  # [B, H, S, D]: each query head's kv head
+    return _to_groups(st, x)
+  return x.reshape(st.batch_groups, -1, *x.shape[2:])
+
+
+def _kv_rows(st: _Static, x: jax.Array) -> jax.Array:
+  """A `[kv_rows, r, c]` k/v block -> `[rows, r, c]`, repeated over the query heads it serves.
+
+  Repeating a k/v block (small) lets every product batch over the query heads with the big
+  `[bq, bk]` operands in place; letting the einsum broadcast instead puts the group axis
+  between the block axes and costs a transpose of the whole logits block.
+  """
+  if st.q_per_kv == 1:
+    return x
+  x = jnp.broadcast_to(x[:, None], (x.shape[0], st.q_per_kv, *x.shape[1:]))
+  return x.reshape(-1, *x.shape[2:])
+
+
+def _bias_rows(st: _Static, x: jax.Array) -> jax.Array:
+  """A `[Bg|1, Hg|1, r, c]` bias block -> `[rows|1, r, c]`."""
+  if x.shape[:2] == (1, 1):
+    return x.reshape(1, *x.shape[2:])
+  full = (st.batch_per_group, st.heads_per_group)
+  return jnp.broadcast_to(x, full + x.shape[2:]).reshape(-1, *x.shape[2:])
+
+
+def _slice_block(x: jax.Array, q_start, kv_start, block_q: int, block_kv: int) -> jax.Array:
+  """Block `[..., q_start:+block_q, kv_start:+block_kv]` of a `[..., T|1, S|1]` array; size-1
+  (broadcast) axes are kept whole."""
+  starts = [0] * (x.ndim - 2) + [q_start if x.shape[-2] > 1 else 0,
+                                 kv_start if x.shape[-1] > 1 else 0]
+  sizes = list(x.shape[:-2]) + [block_q if x.shape[-2] > 1 else 1,
+                                block_kv if x.shape[-1] > 1 else 1]
+  return jax.lax.dynamic_slice(x, starts, sizes)
+
+
+def _sum_to_shape(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+  """Sums `x` over the axes where `shape` (same rank) broadcasts with size 1."""
+  axes = tuple(i for i, (n, m) in enumerate(zip(x.shape, shape, strict=True)) if m == 1 and n > 1)
+  return jnp.sum(x, axis=axes, keepdims=True)
 
 
 def _pad_axis(x: jax.Array, axis: int, size: int, value=0) -> jax.Array:
@@ -87,412 +160,415 @@ def _pad_axis(x: jax.Array, axis: int, size: int, value=0) -> jax.Array:
   return jnp.pad(x, widths, constant_values=value)
 
 
-def _slice_block(x: jax.Array, q_start, kv_start, block_q: int, block_kv: int) -> jax.Array:
-  """Block `[..., q_start:+block_q, kv_start:+block_kv]` of a `[..., T|1, S|1]` array.
-
-  Size-1 (broadcast) axes are kept whole.
-  """
-  starts = [0] * (x.ndim - 2) + [q_start if x.shape[-2] > 1 else 0,
-                                 kv_start if x.shape[-1] > 1 else 0]
-  sizes = list(x.shape[:-2]) + [block_q if x.shape[-2] > 1 else 1,
-                                block_kv if x.shape[-1] > 1 else 1]
-  return jax.lax.dynamic_slice(x, starts, sizes)
+# --- One block -----------------------------------------------------------------------------
 
 
-def _block_logits_and_mask(st: _Static, q_blk, k_blk, q_start, kv_start, q_offset, q_seg, kv_seg,
-                           mask, bias, bias_params, position_mask: bool, kv_major: bool = False):
-  """Logits `[H, bq, bk]` (float32; q arrives pre-scaled) and their bool mask (or None).
+def _merge_consts(st: _Static, diff, nondiff):
+  diff, nondiff = list(diff), list(nondiff)
+  return tuple(diff.pop(0) if d else nondiff.pop(0) for d in st.score_diff)
 
-  All per-block work runs on 3-D `[H, rows, cols]` arrays, `H = B*K*G` (query
-  heads): that way XLA's CPU backend fuses the dot with the reductions and
-  elementwise ops that follow it, where 5-D blocks with size-1 axes cost an
-  extra copy of every block and split the fusion.
 
-  Args:
-    q_blk: `[H, bq, D]`.
-    k_blk: `[H, D, bk]` (pre-transposed) or, when `kv_major`, `[H, bk, D]`: either
-      way XLA's CPU dot reads it without a per-block transpose.
-    position_mask: False skips the causal/window/padding terms, for blocks that
-      `_fully_visible` proved need none (most blocks; the mask is a full pass).
-    kv_major: return both transposed, `[H, bk, bq]` (the backward's layout),
-      computed that way rather than transposed after.
+def _scored(st: _Static, logits, diff, nondiff, b_idx, h_idx, q_pos, kv_pos, kv_major):
+  """The score function on a `[rows, r, c]` block of logits (rows = (b, h) of the group)."""
+  if st.score is None:
+    return logits
+  consts = _merge_consts(st, diff, nondiff)
+  grid = logits.reshape(st.batch_per_group, st.heads_per_group, *logits.shape[1:])
+  out = st.score.grid(consts, b_idx, h_idx, q_pos, kv_pos, score=grid, kv_major=kv_major)
+  return out.reshape(logits.shape).astype(jnp.float32)
 
-  Returns:
-    logits and a mask broadcastable to them (`[H|1, rows, cols]`), or None.
-  """
+
+def _dropout_keep(st: _Static, rng, group, q_block, kv_block, num_q, num_kv, shape):
+  """The block's keep-mask, a pure function of (rng, block indices): the backward pass
+  regenerates exactly the forward's mask."""
+  index = (group * num_q + q_block) * num_kv + kv_block
+  return jax.random.bernoulli(jax.random.fold_in(rng, index), 1.0 - st.dropout_rate, shape)
+
+
+# --- Forward -------------------------------------------------------------------------------
+
+
+def _forward(st: _Static, q, k, v, score_diff, score_nondiff, bias, sinks, bm, rng):
+  """Per group: out `[groups, rows, Tp, Dv]` (float32), lse `[groups, rows, Tp]` (+inf for a
+  row that sees nothing and has no sink)."""
   bq, bk = st.block_q, st.block_kv
-  if kv_major:
-    logits = jnp.einsum('hsd,hqd->hsq', k_blk, q_blk, precision=st.precision,
-                        preferred_element_type=jnp.float32)
-  else:
-    logits = jnp.einsum('hqd,hds->hqs', q_blk, k_blk, precision=st.precision,
-                        preferred_element_type=jnp.float32)
-  orient = (lambda x: jnp.swapaxes(x, -1, -2)) if kv_major else (lambda x: x)
-  q_pos = q_start + jnp.arange(bq) + q_offset  # absolute query positions
-  kv_pos = kv_start + jnp.arange(bk)
-  if bias is not None:
-    logits = logits + orient(_rows(_slice_block(bias, q_start, kv_start, bq, bk), st)
-                             .astype(jnp.float32))
-  if st.bias_fn is not None:
-    logits = logits + orient(_rows(_bias_fn_block(st, bias_params, q_pos, kv_pos), st))
+  nq, nk = bm.num_q_blocks, bm.num_kv_blocks
+  rows = st.rows
+  k_t = jnp.swapaxes(k, -1, -2)  # [G, kv_rows, D, Sp], transposed once rather than per block
 
-  # Position masks are built directly in the requested layout from index vectors.
-  kv_grid = kv_pos[:, None] if kv_major else kv_pos[None, :]
-  q_grid = q_pos[None, :] if kv_major else q_pos[:, None]
-  block_mask = None
-  if position_mask:
-    block_mask = kv_grid < st.dims.kv_len  # keys past the end are padding
-    if st.is_causal:
-      block_mask &= kv_grid <= q_grid
-    if st.window is not None:
-      left, right = st.window
-      block_mask &= (kv_grid >= q_grid - left)
-      block_mask &= (kv_grid <= q_grid + right)
-    block_mask = block_mask[None]  # [1, rows, cols]
-  if q_seg is not None:
-    q_ids = jax.lax.dynamic_slice_in_dim(q_seg, q_start, bq, axis=1)
-    kv_ids = jax.lax.dynamic_slice_in_dim(kv_seg, kv_start, bk, axis=1)
-    same = q_ids[:, :, None] == kv_ids[:, None, :]  # [B, bq, bk]
-    block_mask = _and(block_mask, orient(_rows(same[:, None, None], st)))
-  if mask is not None:
-    block_mask = _and(block_mask, orient(_rows(_slice_block(mask, q_start, kv_start, bq, bk),
-                                               st)))
-  return logits, block_mask
+  def one_group(args):
+    g, q_g, kt_g, v_g, bias_g, sinks_g, full_num, full_idx, part_num, part_idx = args
+    b_idx, h_idx = bm.group_indices(g)
 
+    def one_q_block(i):
+      q_start = i * bq
+      q_blk = jax.lax.dynamic_slice_in_dim(q_g, q_start, bq, axis=1)  # [rows, bq, D]
+      q_pos = bm.q_offset + q_start + jnp.arange(bq)
 
-def _rows(x: jax.Array, st: _Static) -> jax.Array:
-  """`[B|1, K|1, G|1, r, c]` -> `[H|1, r, c]` with `H = B*K*G` (broadcasting as needed)."""
-  if x.shape[:3] == (1, 1, 1):
-    return x.reshape(1, *x.shape[3:])
-  full = (st.dims.batch, st.dims.kv_heads, st.dims.groups)
-  return jnp.broadcast_to(x, full + x.shape[3:]).reshape(-1, *x.shape[3:])
-
-
-def _unrows(x: jax.Array, st: _Static) -> jax.Array:
-  """`[H, ...]` -> `[B, K, G, ...]`."""
-  return x.reshape(st.dims.batch, st.dims.kv_heads, st.dims.groups, *x.shape[1:])
-
-
-def _kv_rows(x: jax.Array, st: _Static) -> jax.Array:
-  """A `[B, K, r, c]` k/v block -> `[H, r, c]`, repeated over the G query heads it serves.
-
-  Repeating a k/v block (small) lets every product batch over the query heads
-  with the big `[bq, bk]` operands in place; letting the einsum broadcast
-  instead puts G between the block axes and costs a transpose of the whole
-  logits block when G > 1.
-  """
-  b, k = x.shape[:2]
-  x = jnp.broadcast_to(x[:, :, None], (b, k, st.dims.groups, *x.shape[2:]))
-  return x.reshape(-1, *x.shape[3:])
-
-
-def _and(a, b):
-  return b if a is None else a & b
-
-
-def _fully_visible(st: _Static, q_start, kv_start, q_offset):
-  """True when no causal/window/padding mask hides any (query, key) pair of the block."""
-  first_q, last_q = q_start + q_offset, q_start + st.block_q - 1 + q_offset
-  last_kv = kv_start + st.block_kv - 1
-  visible = last_kv < st.dims.kv_len
-  if st.right is not None:
-    visible &= last_kv <= first_q + st.right
-  if st.left is not None:
-    visible &= kv_start >= last_q - st.left
-  return visible
-
-
-def _masked_or_not(st: _Static, body, q_start, kv_start, q_offset, *args):
-  """Runs `body(position_mask, *args)`, skipping the position mask when it is a no-op."""
-  if not st.needs_position_mask:
-    return body(False, *args)
-  return jax.lax.cond(_fully_visible(st, q_start, kv_start, q_offset),
-                      functools.partial(body, False), functools.partial(body, True), *args)
-
-
-def _bias_fn_block(st: _Static, bias_params, q_pos, kv_pos):
-  """`bias_fn` output for one block, grouped to `[1, K|1, G|1, bq, bk]`."""
-  out = st.bias_fn(bias_params, q_pos, kv_pos).astype(jnp.float32)  # [heads|1, bq, bk]
-  return shapes.to_grouped(out[None], st.dims)
-
-
-def _kv_block_range(st: _Static, q_start, q_offset):
-  """Key blocks `[lo, hi)` that the causal/window mask leaves visible to a query block."""
-  lo, hi = 0, st.num_kv_blocks
-  first_q = q_start + q_offset
-  last_q = q_start + st.block_q - 1 + q_offset
-  if st.left is not None:
-    lo = jnp.clip(jnp.floor_divide(first_q - st.left, st.block_kv), 0, st.num_kv_blocks)
-  if st.right is not None:
-    hi = jnp.clip(jnp.floor_divide(last_q + st.right, st.block_kv) + 1, 0, st.num_kv_blocks)
-  return lo, hi
-
-
-def _q_block_range(st: _Static, kv_start, q_offset):
-  """Query blocks `[lo, hi)` that can see any key of the block starting at `kv_start`."""
-  lo, hi = 0, st.num_q_blocks
-  last_kv = kv_start + st.block_kv - 1
-  if st.right is not None:  # q + right >= kv_start
-    lo = jnp.clip(jnp.floor_divide(kv_start - st.right - q_offset, st.block_q), 0,
-                  st.num_q_blocks)
-  if st.left is not None:  # q - left <= last_kv
-    hi = jnp.clip(jnp.floor_divide(last_kv + st.left - q_offset, st.block_q) + 1, 0,
-                  st.num_q_blocks)
-  return lo, hi
-
-
-def _dropout_keep(st: _Static, rng, q_block, kv_block, shape):
-  """The block's keep-mask, a pure function of (rng, block indices): the backward
-  pass regenerates exactly the forward's mask."""
-  block_rng = jax.random.fold_in(rng, q_block * st.num_kv_blocks + kv_block)
-  return jax.random.bernoulli(block_rng, 1.0 - st.dropout_rate, shape)
-
-
-def _forward(st: _Static, q, k, v, q_offset, q_seg, kv_seg, mask, bias, bias_params, rng):
-  """Returns out `[B, K, G, Tp, Dv]` (float32) and row log-sum-exp `[B, K, G, Tp]`."""
-  dims, bq, bk = st.dims, st.block_q, st.block_kv
-  heads = dims.batch * dims.kv_heads * dims.groups
-  k_t = jnp.swapaxes(k, -1, -2)  # [B, K, D, Sp], transposed once rather than per block
-
-  def one_q_block(q_block):
-    q_start = q_block * bq
-    q_blk = jax.lax.dynamic_slice_in_dim(q, q_start, bq, axis=3).reshape(heads, bq, -1)
-
-    def update(position_mask, kv_block, carry):
-      row_max, row_sum, acc = carry  # [H, bq], [H, bq], [H, bq, Dv]
-      kv_start = kv_block * bk
-      k_t_blk = _kv_rows(jax.lax.dynamic_slice_in_dim(k_t, kv_start, bk, axis=3), st)
-      v_blk = _kv_rows(jax.lax.dynamic_slice_in_dim(v, kv_start, bk, axis=2), st)
-      logits, block_mask = _block_logits_and_mask(
-          st, q_blk, k_t_blk, q_start, kv_start, q_offset, q_seg, kv_seg, mask, bias,
-          bias_params, position_mask)
-      if block_mask is not None:
-        logits = jnp.where(block_mask, logits, -jnp.inf)
-      new_max = jnp.maximum(row_max, jnp.max(logits, axis=-1))
-      # A row with nothing visible yet keeps max -inf; shift by 0 so exp() gives 0, not NaN.
-      shift = jnp.where(jnp.isfinite(new_max), new_max, 0.0)
-      probs = jnp.exp(logits - shift[..., None])
-      correction = jnp.exp(row_max - shift)
-      row_sum = row_sum * correction + jnp.sum(probs, axis=-1)
-      if st.dropout_rate > 0.0:
-        keep = _dropout_keep(st, rng, q_block, kv_block, (heads, bq, bk))
-        probs = jnp.where(keep, probs / (1.0 - st.dropout_rate), 0.0)
-      acc = acc * correction[..., None] + jnp.einsum(
-          'hqs,hsd->hqd', probs.astype(v.dtype), v_blk, precision=st.precision,
-          preferred_element_type=jnp.float32)
-      return new_max, row_sum, acc
-
-    def step(kv_block, carry):
-      return _masked_or_not(st, update, q_start, kv_block * bk, q_offset, kv_block, carry)
-
-    init = (jnp.full((heads, bq), -jnp.inf, jnp.float32), jnp.zeros((heads, bq), jnp.float32),
-            jnp.zeros((heads, bq, dims.v_dim), jnp.float32))
-    lo, hi = _kv_block_range(st, q_start, q_offset)
-    row_max, row_sum, acc = jax.lax.fori_loop(lo, hi, step, init)
-    empty = row_sum == 0.0  # fully masked row: output 0, and +inf lse makes its bwd probs 0
-    out = acc / jnp.where(empty, 1.0, row_sum)[..., None]
-    lse = jnp.where(empty, jnp.inf, row_max + jnp.log(jnp.where(empty, 1.0, row_sum)))
-    return _unrows(out, st), _unrows(lse, st)
-
-  out, lse = jax.lax.map(one_q_block, jnp.arange(st.num_q_blocks))
-  # [nq, B, K, G, bq, ...] -> [B, K, G, nq * bq, ...]
-  row_shape = (dims.batch, dims.kv_heads, dims.groups)
-  out = jnp.moveaxis(out, 0, 3).reshape(*row_shape, -1, dims.v_dim)
-  lse = jnp.moveaxis(lse, 0, 3).reshape(*row_shape, -1)
-  return out, lse
-
-
-def _backward(st: _Static, res, d_out):
-  """Gradients for q, k, v, dense bias and bias_params (layouts as in `_forward`).
-
-  Key-major: every block is computed as `[bk, bq]` (keys as rows), so the two
-  products that contract over queries (dV = P^T dO, dK = dS^T Q) read their big
-  operand in place, and dQ is accumulated transposed (dQ^T = K^T dS^T) for the
-  same reason. With XLA's CPU dots a transposed `[bq, bk]` operand costs a copy
-  per block (profiled with `experiments/bench_attention.py`; figures in the
-  README, "Attention kernels on CPU").
-  """
-  q, k, v, q_offset, q_seg, kv_seg, mask, bias, bias_params, rng, out, lse = res
-  dims, bq, bk = st.dims, st.block_q, st.block_kv
-  heads = dims.batch * dims.kv_heads * dims.groups
-  t_pad = q.shape[3]
-  d_out = d_out.astype(jnp.float32)
-  # D_i = sum_j P_ij dP_ij = dO_i . O_i (holds with dropout too).
-  delta = jnp.sum(d_out * out, axis=-1).reshape(heads, t_pad)
-  lse = lse.reshape(heads, t_pad)
-  q = q.reshape(heads, t_pad, dims.head_dim)
-  d_out = d_out.reshape(heads, t_pad, dims.v_dim)
-  k_t = jnp.swapaxes(k, -1, -2).astype(jnp.float32)  # [B, K, D, Sp]
-  d_q_t_init = jnp.zeros((heads, dims.head_dim, t_pad), jnp.float32)  # dQ transposed
-  d_bias_init = None if bias is None else jnp.zeros(bias.shape, jnp.float32)
-  d_params_init = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), bias_params)
-
-  def one_kv_block(carry, kv_block):
-    d_q_t, d_bias, d_params = carry
-    kv_start = kv_block * bk
-    k_blk = _kv_rows(jax.lax.dynamic_slice_in_dim(k, kv_start, bk, axis=2), st)
-    v_blk = _kv_rows(jax.lax.dynamic_slice_in_dim(v, kv_start, bk, axis=2), st)
-    v_blk = v_blk.astype(jnp.float32)
-    k_t_blk = _kv_rows(jax.lax.dynamic_slice_in_dim(k_t, kv_start, bk, axis=3), st)
-
-    def update(position_mask, q_block, inner):
-      d_k, d_v, d_q_t, d_bias, d_params = inner
-      q_start = q_block * bq
-      q_blk = jax.lax.dynamic_slice_in_dim(q, q_start, bq, axis=1)
-      d_out_blk = jax.lax.dynamic_slice_in_dim(d_out, q_start, bq, axis=1)
-      lse_blk = jax.lax.dynamic_slice_in_dim(lse, q_start, bq, axis=1)
-      delta_blk = jax.lax.dynamic_slice_in_dim(delta, q_start, bq, axis=1)
-      logits, block_mask = _block_logits_and_mask(
-          st, q_blk, k_blk, q_start, kv_start, q_offset, q_seg, kv_seg, mask, bias, bias_params,
-          position_mask, kv_major=True)  # [H, bk, bq]
-      # Fully masked rows carry lse = +inf, so their probabilities come out 0 here.
-      probs = jnp.exp(logits - lse_blk[:, None, :])
-      if block_mask is not None:
-        probs = jnp.where(block_mask, probs, 0.0)
-      d_probs = jnp.einsum('hsd,hqd->hsq', v_blk, d_out_blk, precision=st.precision)
-      probs_used = probs
-      if st.dropout_rate > 0.0:
-        keep = jnp.swapaxes(_dropout_keep(st, rng, q_block, kv_block, (heads, bq, bk)), -1, -2)
-        probs_used = jnp.where(keep, probs / (1.0 - st.dropout_rate), 0.0)
-        d_probs = jnp.where(keep, d_probs / (1.0 - st.dropout_rate), 0.0)
-      d_v = d_v + jnp.einsum('hsq,hqd->hsd', probs_used, d_out_blk, precision=st.precision)
-      d_logits = probs * (d_probs - delta_blk[:, None, :])  # [H, bk, bq]
-      q_blk32 = q_blk.astype(jnp.float32)
-      d_k = d_k + jnp.einsum('hsq,hqd->hsd', d_logits, q_blk32, precision=st.precision)
-      d_q_t_blk = jnp.einsum('hds,hsq->hdq', k_t_blk, d_logits, precision=st.precision)
-      d_q_t = jax.lax.dynamic_update_slice_in_dim(
-          d_q_t, jax.lax.dynamic_slice_in_dim(d_q_t, q_start, bq, axis=2) + d_q_t_blk, q_start,
-          axis=2)
-      if d_bias is not None or st.bias_fn is not None:
-        # [B, K, G, bq, bk], as biases are laid out.
-        d_logits_qk = _unrows(jnp.swapaxes(d_logits, -1, -2), st)
-      if d_bias is not None:
-        d_bias = _accumulate_block(d_bias, d_logits_qk, q_start, kv_start, bq, bk)
-      if st.bias_fn is not None:
-        q_pos = q_start + jnp.arange(bq) + q_offset
+      def update(masked, carry, kv_block):
+        row_max, row_sum, acc = carry  # [rows, bq], [rows, bq], [rows, bq, Dv]
+        kv_start = kv_block * bk
+        kt_blk = _kv_rows(st, jax.lax.dynamic_slice_in_dim(kt_g, kv_start, bk, axis=2))
+        v_blk = _kv_rows(st, jax.lax.dynamic_slice_in_dim(v_g, kv_start, bk, axis=1))
         kv_pos = kv_start + jnp.arange(bk)
-        block_bias, bias_vjp = jax.vjp(lambda p: _bias_fn_block(st, p, q_pos, kv_pos),
-                                       bias_params)
-        (d_p,) = bias_vjp(_sum_to_shape(d_logits_qk, block_bias.shape))
-        d_params = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), d_params, d_p)
-      return d_k, d_v, d_q_t, d_bias, d_params
+        logits = jnp.einsum('hqd,hds->hqs', q_blk, kt_blk, precision=st.precision,
+                            preferred_element_type=jnp.float32)
+        if st.has_bias:
+          block = _slice_block(bias_g, q_start, kv_start, bq, bk).astype(jnp.float32)
+          logits = logits + _bias_rows(st, block)
+        logits = _scored(st, logits, score_diff, score_nondiff, b_idx, h_idx, q_pos, kv_pos,
+                         False)
+        if masked:
+          logits = jnp.where(bm.mask(g, q_pos, kv_pos), logits, -jnp.inf)
+        new_max = jnp.maximum(row_max, jnp.max(logits, axis=-1))
+        # A row with nothing visible yet keeps max -inf; shift by 0 so exp() gives 0, not NaN.
+        shift = jnp.where(jnp.isfinite(new_max), new_max, 0.0)
+        probs = jnp.exp(logits - shift[..., None])
+        correction = jnp.exp(row_max - shift)
+        row_sum = row_sum * correction + jnp.sum(probs, axis=-1)
+        if st.dropout_rate > 0.0:
+          keep = _dropout_keep(st, rng, g, i, kv_block, nq, nk, (rows, bq, bk))
+          probs = jnp.where(keep, probs / (1.0 - st.dropout_rate), 0.0)
+        acc = acc * correction[..., None] + jnp.einsum(
+            'hqs,hsd->hqd', probs.astype(v_blk.dtype), v_blk, precision=st.precision,
+            preferred_element_type=jnp.float32)
+        return new_max, row_sum, acc
 
-    def step(q_block, inner):
-      return _masked_or_not(st, update, q_block * bq, kv_start, q_offset, q_block, inner)
+      if st.has_sinks:  # The sink is one more logit per row, with no value.
+        init = (jnp.broadcast_to(sinks_g[:, None], (rows, bq)), jnp.ones((rows, bq), jnp.float32))
+      else:
+        init = (jnp.full((rows, bq), -jnp.inf, jnp.float32), jnp.zeros((rows, bq), jnp.float32))
+      carry = init + (jnp.zeros((rows, bq, v_g.shape[-1]), jnp.float32),)
+      carry = jax.lax.fori_loop(0, full_num[i], lambda n, c: update(False, c, full_idx[i, n]),
+                                carry)
+      carry = jax.lax.fori_loop(0, part_num[i], lambda n, c: update(True, c, part_idx[i, n]),
+                                carry)
+      row_max, row_sum, acc = carry
+      empty = row_sum == 0.0  # nothing visible: output 0; +inf lse makes its bwd probs 0
+      out = acc / jnp.where(empty, 1.0, row_sum)[..., None]
+      lse = jnp.where(empty, jnp.inf, row_max + jnp.log(jnp.where(empty, 1.0, row_sum)))
+      return out, lse
 
-    lo, hi = _q_block_range(st, kv_start, q_offset)
-    # dK/dV per query head (summed over each k/v head's G query heads once the
-    # block is done), so the per-block products need no transposes.
-    init = (jnp.zeros((heads, bk, dims.head_dim), jnp.float32),
-            jnp.zeros((heads, bk, dims.v_dim), jnp.float32), d_q_t, d_bias, d_params)
-    d_k, d_v, d_q_t, d_bias, d_params = jax.lax.fori_loop(lo, hi, step, init)
-    return (d_q_t, d_bias, d_params), (_unrows(d_k, st).sum(axis=2), _unrows(d_v, st).sum(axis=2))
+    out, lse = jax.lax.map(one_q_block, jnp.arange(nq))  # [nq, rows, bq, ...]
+    out = jnp.moveaxis(out, 0, 1).reshape(rows, nq * bq, -1)
+    lse = jnp.moveaxis(lse, 0, 1).reshape(rows, nq * bq)
+    return out, lse
 
-  (d_q_t, d_bias, d_params), (d_k, d_v) = jax.lax.scan(
-      one_kv_block, (d_q_t_init, d_bias_init, d_params_init), jnp.arange(st.num_kv_blocks))
-  d_q = _unrows(jnp.swapaxes(d_q_t, -1, -2), st)  # [B, K, G, Tp, D]
-  # [nk, B, K, bk, D] -> [B, K, nk * bk, D]
-  d_k = jnp.moveaxis(d_k, 0, 2).reshape(*k.shape[:2], -1, k.shape[-1])
-  d_v = jnp.moveaxis(d_v, 0, 2).reshape(*v.shape[:2], -1, v.shape[-1])
-  return d_q, d_k, d_v, d_bias, d_params
+  groups = jnp.arange(st.groups)
+  return jax.lax.map(one_group, (groups, q, k_t, v, bias, sinks, bm.full_num, bm.full_idx,
+                                 bm.partial_num, bm.partial_idx))
 
 
-def _sum_to_shape(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-  """Sums `x` over the axes where `shape` (same rank) broadcasts with size 1."""
-  axes = tuple(i for i, (n, m) in enumerate(zip(x.shape, shape, strict=True)) if m == 1 and n > 1)
-  return jnp.sum(x, axis=axes, keepdims=True)
+# --- Backward ------------------------------------------------------------------------------
 
 
-def _accumulate_block(total, block, q_start, kv_start, bq, bk):
-  """Adds a `[B, K, G, bq, bk]` gradient block into a broadcast-shaped `total`."""
-  block = _sum_to_shape(block, tuple(
-      1 if total.shape[i] == 1 else block.shape[i] for i in range(block.ndim)))
-  current = _slice_block(total, q_start, kv_start, bq, bk)
-  starts = [0] * (total.ndim - 2) + [q_start if total.shape[-2] > 1 else 0,
-                                     kv_start if total.shape[-1] > 1 else 0]
-  return jax.lax.dynamic_update_slice(total, current + block, starts)
+def _backward(st: _Static, res, d_out, d_lse):
+  """Gradients for q, k, v, the score function's floating closed-over arrays, the dense bias
+  and the sinks (group layouts as in `_forward`).
+
+  Key-major: every block is computed as `[bk, bq]` (keys as rows), so the two products that
+  contract over queries (dV = P^T dO, dK = dS^T Q) read their big operand in place, and dQ is
+  accumulated transposed (dQ^T = K^T dS^T) for the same reason: with XLA's CPU dots a
+  transposed `[bq, bk]` operand costs a copy per block.
+  """
+  q, k, v, score_diff, score_nondiff, bias, sinks, bm, rng, out, lse = res
+  bq, bk = st.block_q, st.block_kv
+  nq, nk = bm.num_q_blocks, bm.num_kv_blocks
+  t_pad = q.shape[2]
+  # D_i = sum_j P_ij dP_ij = dO_i . O_i (holds with dropout too); a cotangent of the lse
+  # enters the logits' gradient as d_lse_i * P_ij, i.e. as -d_lse_i in D.
+  delta = jnp.sum(d_out.astype(jnp.float32) * out, axis=-1) - d_lse.astype(jnp.float32)
+  k_t = jnp.swapaxes(k, -1, -2)
+  zeros_like32 = lambda x: jnp.zeros(x.shape, jnp.float32)  # noqa: E731
+
+  def one_group(carry, args):
+    d_consts = carry
+    (g, q_g, k_g, kt_g, v_g, bias_g, lse_g, d_out_g, delta_g, full_num, full_idx, part_num,
+     part_idx) = args
+    b_idx, h_idx = bm.group_indices(g)
+    d_out_g = d_out_g.astype(jnp.float32)
+    d_bias_g = zeros_like32(bias_g) if st.has_bias else None
+
+    def one_kv_block(kv_carry, kv_block):
+      d_q_t, d_consts, d_bias_g = kv_carry
+      kv_start = kv_block * bk
+      k_blk = _kv_rows(st, jax.lax.dynamic_slice_in_dim(k_g, kv_start, bk, axis=1))
+      v_blk = _kv_rows(st, jax.lax.dynamic_slice_in_dim(v_g, kv_start, bk, axis=1))
+      v_blk = v_blk.astype(jnp.float32)
+      kt_blk = _kv_rows(st, jax.lax.dynamic_slice_in_dim(kt_g, kv_start, bk, axis=2))
+      kt_blk = kt_blk.astype(jnp.float32)
+      kv_pos = kv_start + jnp.arange(bk)
+
+      def update(masked, inner, q_block):
+        d_k, d_v, d_q_t, d_consts, d_bias_g = inner
+        q_start = q_block * bq
+        q_pos = bm.q_offset + q_start + jnp.arange(bq)
+        q_blk = jax.lax.dynamic_slice_in_dim(q_g, q_start, bq, axis=1)
+        d_out_blk = jax.lax.dynamic_slice_in_dim(d_out_g, q_start, bq, axis=1)
+        lse_blk = jax.lax.dynamic_slice_in_dim(lse_g, q_start, bq, axis=1)
+        delta_blk = jax.lax.dynamic_slice_in_dim(delta_g, q_start, bq, axis=1)
+        raw = jnp.einsum('hsd,hqd->hsq', k_blk, q_blk, precision=st.precision,
+                         preferred_element_type=jnp.float32)  # [rows, bk, bq]
+        if st.has_bias:
+          block = _slice_block(bias_g, q_start, kv_start, bq, bk).astype(jnp.float32)
+          raw = raw + jnp.swapaxes(_bias_rows(st, block), -1, -2)
+        if st.score is not None:
+          logits, score_vjp = jax.vjp(
+              lambda r, c: _scored(st, r, c, score_nondiff, b_idx, h_idx, q_pos, kv_pos, True),
+              raw, score_diff)
+        else:
+          logits = raw
+        # Rows that saw nothing carry lse = +inf, so their probabilities come out 0 here.
+        probs = jnp.exp(logits - lse_blk[:, None, :])
+        if masked:
+          probs = jnp.where(bm.mask(g, q_pos, kv_pos, kv_major=True), probs, 0.0)
+        d_probs = jnp.einsum('hsd,hqd->hsq', v_blk, d_out_blk, precision=st.precision)
+        probs_used = probs
+        if st.dropout_rate > 0.0:
+          keep = _dropout_keep(st, rng, g, q_block, kv_block, nq, nk, (st.rows, bq, bk))
+          keep = jnp.swapaxes(keep, -1, -2)
+          probs_used = jnp.where(keep, probs / (1.0 - st.dropout_rate), 0.0)
+          d_probs = jnp.where(keep, d_probs / (1.0 - st.dropout_rate), 0.0)
+        d_v = d_v + jnp.einsum('hsq,hqd->hsd', probs_used, d_out_blk, precision=st.precision)
+        d_logits = probs * (d_probs - delta_blk[:, None, :])  # [rows, bk, bq]
+        if st.score is not None:
+          d_raw, d_c = score_vjp(d_logits)
+          d_consts = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), d_consts, d_c)
+        else:
+          d_raw = d_logits
+        if st.has_bias:
+          d_blk = jnp.swapaxes(d_raw, -1, -2).reshape(
+              st.batch_per_group, st.heads_per_group, bq, bk)
+          d_blk = _sum_to_shape(d_blk, tuple(
+              1 if bias_g.shape[i] == 1 else d_blk.shape[i] for i in range(4)))
+          starts = [0, 0, q_start if bias_g.shape[2] > 1 else 0,
+                    kv_start if bias_g.shape[3] > 1 else 0]
+          current = _slice_block(d_bias_g, q_start, kv_start, bq, bk)
+          d_bias_g = jax.lax.dynamic_update_slice(d_bias_g, current + d_blk, starts)
+        q_blk32 = q_blk.astype(jnp.float32)
+        d_k = d_k + jnp.einsum('hsq,hqd->hsd', d_raw, q_blk32, precision=st.precision)
+        d_q_t_blk = jnp.einsum('hds,hsq->hdq', kt_blk, d_raw, precision=st.precision)
+        d_q_t = jax.lax.dynamic_update_slice_in_dim(
+            d_q_t, jax.lax.dynamic_slice_in_dim(d_q_t, q_start, bq, axis=2) + d_q_t_blk,
+            q_start, axis=2)
+        return d_k, d_v, d_q_t, d_consts, d_bias_g
+
+      # dK/dV per query head (summed over each k/v head's query heads once the block is
+      # done), so the per-block products need no transposes.
+      inner = (jnp.zeros((st.rows, bk, k_g.shape[-1]), jnp.float32),
+               jnp.zeros((st.rows, bk, v_g.shape[-1]), jnp.float32), d_q_t, d_consts, d_bias_g)
+      inner = jax.lax.fori_loop(
+          0, full_num[kv_block], lambda n, c: update(False, c, full_idx[kv_block, n]), inner)
+      inner = jax.lax.fori_loop(
+          0, part_num[kv_block], lambda n, c: update(True, c, part_idx[kv_block, n]), inner)
+      d_k, d_v, d_q_t, d_consts, d_bias_g = inner
+      shape = (st.kv_rows, st.q_per_kv, bk)
+      d_k = d_k.reshape(*shape, -1).sum(axis=1)
+      d_v = d_v.reshape(*shape, -1).sum(axis=1)
+      return (d_q_t, d_consts, d_bias_g), (d_k, d_v)
+
+    d_q_t = jnp.zeros((st.rows, q_g.shape[-1], t_pad), jnp.float32)
+    (d_q_t, d_consts, d_bias_g), (d_k, d_v) = jax.lax.scan(
+        one_kv_block, (d_q_t, d_consts, d_bias_g), jnp.arange(nk))
+    d_q = jnp.swapaxes(d_q_t, -1, -2)  # [rows, Tp, D]
+    # [nk, kv_rows, bk, D] -> [kv_rows, nk * bk, D]
+    d_k = jnp.moveaxis(d_k, 0, 1).reshape(st.kv_rows, nk * bk, -1)
+    d_v = jnp.moveaxis(d_v, 0, 1).reshape(st.kv_rows, nk * bk, -1)
+    return d_consts, (d_q, d_k, d_v, d_bias_g)
+
+  d_consts = jax.tree.map(zeros_like32, score_diff)
+  groups = jnp.arange(st.groups)
+  bias_in = bias if st.has_bias else jnp.zeros((st.groups, 1, 1, 1, 1))
+  d_consts, (d_q, d_k, d_v, d_bias) = jax.lax.scan(
+      one_group, d_consts,
+      (groups, q, k, k_t, v, bias_in, lse, d_out, delta, bm.full_num_t, bm.full_idx_t,
+       bm.partial_num_t, bm.partial_idx_t))
+  d_sinks = None
+  if st.has_sinks:
+    # The sink takes probability p_sink = exp(s - lse) of each row, and dL/ds = -sum_i
+    # p_sink_i D_i (D as above), since d lse_i / ds = p_sink_i and O_i is scaled by 1 - p.
+    p_sink = jnp.exp(sinks[..., None] - lse)
+    d_sinks = -jnp.sum(p_sink * delta, axis=-1)
+  return d_q, d_k, d_v, d_consts, (d_bias if st.has_bias else None), d_sinks
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _blockwise_core(st, q, k, v, bias, bias_params, q_offset, q_seg, kv_seg, mask, rng):
-  out, _ = _forward(st, q, k, v, q_offset, q_seg, kv_seg, mask, bias, bias_params, rng)
-  return out
+def _blockwise_core(st, q, k, v, score_diff, score_nondiff, bias, sinks, bm, rng):
+  return _forward(st, q, k, v, score_diff, score_nondiff, bias, sinks, bm, rng)
 
 
-def _core_fwd(st, q, k, v, bias, bias_params, q_offset, q_seg, kv_seg, mask, rng):
-  out, lse = _forward(st, q, k, v, q_offset, q_seg, kv_seg, mask, bias, bias_params, rng)
-  return out, (q, k, v, q_offset, q_seg, kv_seg, mask, bias, bias_params, rng, out, lse)
+def _core_fwd(st, q, k, v, score_diff, score_nondiff, bias, sinks, bm, rng):
+  out, lse = _forward(st, q, k, v, score_diff, score_nondiff, bias, sinks, bm, rng)
+  return (out, lse), (q, k, v, score_diff, score_nondiff, bias, sinks, bm, rng, out, lse)
 
 
-def _core_bwd(st, res, d_out):
-  q, k, v, q_offset, q_seg, kv_seg, mask, bias, bias_params, rng = res[:10]
-  d_q, d_k, d_v, d_bias, d_params = _backward(st, res, d_out)
+def _core_bwd(st, res, cotangents):
+  d_out, d_lse = cotangents
+  q, k, v, score_diff, score_nondiff, bias, sinks, bm, rng = res[:9]
+  d_q, d_k, d_v, d_consts, d_bias, d_sinks = _backward(st, res, d_out, d_lse)
   cast = lambda g, x: None if g is None else g.astype(x.dtype)  # noqa: E731
-  return (cast(d_q, q), cast(d_k, k), cast(d_v, v), cast(d_bias, bias),
-          jax.tree.map(cast, d_params, bias_params), None, None, None, None, None)
+  return (cast(d_q, q), cast(d_k, k), cast(d_v, v), jax.tree.map(cast, d_consts, score_diff),
+          None, cast(d_bias, bias), cast(d_sinks, sinks), None, None)
 
 
 _blockwise_core.defvjp(_core_fwd, _core_bwd)
 
 
+# --- Entry point ---------------------------------------------------------------------------
+
+
+def _array_mask(mask: jax.Array, q_offset) -> Any:
+  """A dense bool `[B|1, H|1, T|1, S|1]` mask as a mask_mod (queries indexed from `q_offset`)."""
+  def from_array(b, h, q_idx, kv_idx):
+    return mask[b if mask.shape[0] > 1 else 0, h if mask.shape[1] > 1 else 0,
+                q_idx - q_offset if mask.shape[2] > 1 else 0,
+                kv_idx if mask.shape[3] > 1 else 0]
+  return from_array
+
+
+def _segment_mask(q_seg: jax.Array, kv_seg: jax.Array, q_offset) -> Any:
+  """Packed segments as a mask_mod (query ids indexed from `q_offset`)."""
+  def same_segment(b, h, q_idx, kv_idx):
+    del h
+    return q_seg[b, q_idx - q_offset] == kv_seg[b, kv_idx]
+  return same_segment
+
+
+def _bias_fn_score(bias_fn, bias_params) -> Any:
+  """A `bias_fn(params, q_positions, kv_positions) -> [heads|1, q, kv]` as a score_mod."""
+  def with_bias(score, b, h, q_idx, kv_idx):
+    del b
+    bias = bias_fn(bias_params, q_idx[None], kv_idx[None])  # [heads|1, 1, 1]
+    return score + bias[jnp.minimum(h, bias.shape[0] - 1), 0, 0].astype(jnp.float32)
+  return with_bias
+
+
+def combined_mask_mod(*, mask=None, is_causal=False, local_window=None, segment_ids=None,
+                      mask_mod=None, q_offset=0, dims: Dims):
+  """The built-in mask keywords and a user `mask_mod` as one mask_mod (None: no mask)."""
+  q_seg, kv_seg = split_segment_ids(segment_ids, dims)
+  window = masks_lib.normalize_window(local_window)
+  return and_masks(
+      mask_mods.causal() if is_causal else None,
+      mask_mods.sliding_window(*window) if window is not None else None,
+      _segment_mask(q_seg, kv_seg, q_offset) if q_seg is not None else None,
+      _array_mask(mask, q_offset) if mask is not None else None,
+      mask_mod)
+
+
 def blockwise_attention(query, key, value, *, bias=None, mask=None, is_causal=False, scale=None,
                         segment_ids=None, local_window=None, q_offset=0, bias_fn=None,
-                        bias_params=None, dropout_rate=0.0, dropout_rng=None, block_size=None,
-                        precision=None):
+                        bias_params=None, mask_mod=None, score_mod=None, block_mask=None,
+                        sinks=None, return_lse=False, dropout_rate=0.0, dropout_rng=None,
+                        block_size=None, precision=None):
   """Memory-efficient `dot_product_attention`; same arguments and result.
 
   Args:
-    block_size: `(q_block, kv_block)` or one int for both (default 512, capped
-      at the sequence lengths). Lengths need not divide by it.
+    block_size: `(q_block, kv_block)` or one int for both (default 512, capped at the
+      sequence lengths); lengths need not divide by it. Taken from `block_mask` if given.
+    block_mask: a prebuilt `ops.block_mask(...)` (then no other mask argument is allowed).
 
   Returns:
-    `[batch, q_len, heads, v_dim]` in `query.dtype`. Memory beyond inputs and
-    outputs is O(block_q * block_kv) per (batch, head) in both passes, plus any
-    dense `mask`/`bias` the caller passes.
+    `[batch, q_len, heads, v_dim]` in `query.dtype` (and float32 lse `[batch, heads, q_len]`
+    with `return_lse`). Memory beyond inputs and outputs is O(block_q * block_kv) per row in
+    both passes, plus any dense `mask`/`bias` the caller passes.
   """
-  dims = shapes.check_qkv(query, key, value)
-  shapes.check_broadcastable('mask', mask, dims)
-  shapes.check_broadcastable('bias', bias, dims)
-  q_seg, kv_seg = shapes.split_segment_ids(segment_ids, dims)
-  window = masks_lib.normalize_window(local_window)
+  dims = check_qkv(query, key, value)
+  check_broadcastable('mask', mask, dims)
+  check_broadcastable('bias', bias, dims)
   if dropout_rate > 0.0 and dropout_rng is None:
     raise ValueError('dropout_rate > 0 needs dropout_rng')
-  if block_size is None:
-    block_size = DEFAULT_BLOCK
-  block_q, block_kv = (block_size, block_size) if isinstance(block_size, int) else block_size
-  if block_q <= 0 or block_kv <= 0:
-    raise ValueError(f'block sizes must be positive, got {block_size}')
-  block_q, block_kv = min(block_q, dims.q_len), min(block_kv, dims.kv_len)
-  st = _Static(dims=dims, block_q=block_q, block_kv=block_kv, is_causal=bool(is_causal),
-               window=window, dropout_rate=float(dropout_rate),
-               bias_fn=bias_fn, precision=precision)
-  t_pad, s_pad = st.num_q_blocks * block_q, st.num_kv_blocks * block_kv
-  b, kh, g = dims.batch, dims.kv_heads, dims.groups
+  if block_mask is not None:
+    check_block_mask_call(block_mask, dims, mask=mask, is_causal=is_causal,
+                          local_window=local_window, segment_ids=segment_ids,
+                          mask_mod=mask_mod, q_offset=q_offset, block_size=block_size)
+    bm = block_mask
+  else:
+    combined = combined_mask_mod(mask=mask, is_causal=is_causal, local_window=local_window,
+                                 segment_ids=segment_ids, mask_mod=mask_mod, q_offset=q_offset,
+                                 dims=dims)
+    bm = block_mask_lib.block_mask(combined, batch=dims.batch, heads=dims.heads,
+                                   q_len=dims.q_len, kv_len=dims.kv_len, block_size=block_size,
+                                   q_offset=q_offset)
+  # Built-in position biases first, then the user's function (which may cap the sum).
+  score_fn = score_mods.chain(
+      _bias_fn_score(bias_fn, bias_params) if bias_fn is not None else None, score_mod)
+  score, consts = (None, ()) if score_fn is None else Mod.of_score(score_fn)
+  score_diff = tuple(jnp.issubdtype(jnp.asarray(c).dtype, jnp.inexact) for c in consts)
 
-  # Scaling q once (outside the custom VJP, so autodiff scales dq) saves a pass
-  # over every block of logits.
+  st = _Static(dims=dims, block_q=bm.block_q, block_kv=bm.block_kv,
+               batch_groups=bm.batch_groups, head_groups=bm.head_groups, score=score,
+               score_diff=score_diff, has_bias=bias is not None, has_sinks=sinks is not None,
+               dropout_rate=float(dropout_rate), precision=precision)
+  t_pad, s_pad = bm.num_q_blocks * st.block_q, bm.num_kv_blocks * st.block_kv
+  b, t, h = dims.batch, dims.q_len, dims.heads
+
+  # Scaling q once (outside the custom VJP, so autodiff scales dq) saves a pass over every
+  # block of logits.
   scale = 1.0 / math.sqrt(dims.head_dim) if scale is None else scale
-  query = (query.astype(jnp.float32) * scale).astype(query.dtype)
-  # [B, T, N, D] -> [B, K, G, Tp, D]; k/v [B, S, K, D] -> [B, K, Sp, D].
-  q = _pad_axis(query.reshape(b, dims.q_len, kh, g, dims.head_dim), 1, t_pad)
-  q = q.transpose(0, 2, 3, 1, 4)
-  k = _pad_axis(key, 1, s_pad).transpose(0, 2, 1, 3)
-  v = _pad_axis(value, 1, s_pad).transpose(0, 2, 1, 3)
-  if mask is not None:
-    mask = _pad_axis(_pad_axis(shapes.to_grouped(mask.astype(bool), dims), 3,
-                               t_pad if mask.shape[2] > 1 else 1), 4,
-                     s_pad if mask.shape[3] > 1 else 1)
+  q = (query.astype(jnp.float32) * scale).astype(query.dtype)
+  q = _to_groups(st, _pad_axis(q, 1, t_pad).transpose(0, 2, 1, 3))  # [G, rows, Tp, D]
+  k = _kv_to_groups(st, _pad_axis(key, 1, s_pad).transpose(0, 2, 1, 3))
+  v = _kv_to_groups(st, _pad_axis(value, 1, s_pad).transpose(0, 2, 1, 3))
+  bias_g = None
   if bias is not None:
-    bias = _pad_axis(_pad_axis(shapes.to_grouped(bias, dims), 3,
-                               t_pad if bias.shape[2] > 1 else 1), 4,
-                     s_pad if bias.shape[3] > 1 else 1)
-  if q_seg is not None:
-    q_seg, kv_seg = _pad_axis(q_seg, 1, t_pad), _pad_axis(kv_seg, 1, s_pad)
+    bias_g = _bias_to_groups(st, bias, t_pad, s_pad)
+  sinks_g = None
+  if sinks is not None:
+    sinks = jnp.asarray(sinks, jnp.float32)
+    if sinks.shape != (h,):
+      raise ValueError(f'sinks must be one logit per query head, [{h}], got {sinks.shape}')
+    sinks_g = _to_groups(st, jnp.broadcast_to(sinks[None, :], (b, h)))  # [G, rows]
   if dropout_rate > 0.0 and not jnp.issubdtype(dropout_rng.dtype, jax.dtypes.prng_key):
     dropout_rng = jax.random.wrap_key_data(dropout_rng)
-  q_offset = jnp.asarray(q_offset, jnp.int32)
+  diff = tuple(c for c, d in zip(consts, score_diff, strict=True) if d)
+  nondiff = tuple(c for c, d in zip(consts, score_diff, strict=True) if not d)
 
-  out = _blockwise_core(st, q, k, v, bias, bias_params, q_offset, q_seg, kv_seg, mask,
-                        dropout_rng if dropout_rate > 0.0 else None)
-  out = out.transpose(0, 3, 1, 2, 4)[:, :dims.q_len]  # [B, T, K, G, Dv]
-  return out.reshape(b, dims.q_len, dims.heads, dims.v_dim).astype(query.dtype)
+  out, lse = _blockwise_core(st, q, k, v, diff, nondiff, bias_g, sinks_g, bm,
+                             dropout_rng if dropout_rate > 0.0 else None)
+  out = _from_groups(st, out)[:, :, :t].transpose(0, 2, 1, 3)  # [B, T, H, Dv]
+  out = out.astype(query.dtype)
+  if not return_lse:
+    return out
+  lse = _from_groups(st, lse)[:, :, :t]
+  return out, jnp.where(jnp.isposinf(lse), -jnp.inf, lse)
+
+
+def _bias_to_groups(st: _Static, bias: jax.Array, t_pad: int, s_pad: int) -> jax.Array:
+  """A `[B|1, H|1, T|1, S|1]` bias -> `[groups, Bg|1, Hg|1, Tp|1, Sp|1]`."""
+  bias = _pad_axis(bias, 2, t_pad if bias.shape[2] > 1 else 1)
+  bias = _pad_axis(bias, 3, s_pad if bias.shape[3] > 1 else 1)
+  bm, hm = st.batch_groups, st.head_groups
+  if bm > 1 and bias.shape[0] == 1:
+    bias = jnp.broadcast_to(bias, (st.dims.batch, *bias.shape[1:]))
+  if hm > 1 and bias.shape[1] == 1:
+    bias = jnp.broadcast_to(bias, (bias.shape[0], st.dims.heads, *bias.shape[2:]))
+  (bsz, hsz), rest = bias.shape[:2], bias.shape[2:]
+  bias = bias.reshape(bm, bsz // bm, hm, hsz // hm, *rest)
+  return jnp.swapaxes(bias, 1, 2).reshape(bm * hm, bsz // bm, hsz // hm, *rest)
+
+
+def check_block_mask_call(bm, dims: Dims, *, mask, is_causal, local_window, segment_ids,
+                          mask_mod, q_offset, block_size) -> None:
+  """A block mask already holds the whole mask, its sizes and `q_offset`: the call must not
+  give them again, and must have the shapes it was built for."""
+  others = {'mask': mask is not None, 'is_causal': is_causal,
+            'local_window': local_window is not None, 'segment_ids': segment_ids is not None,
+            'mask_mod': mask_mod is not None}
+  if any(others.values()):
+    given = [name for name, present in others.items() if present]
+    raise ValueError(f'block_mask already holds the mask; got {given} too: build one block '
+                     'mask from and_masks(...) of them')
+  if not (isinstance(q_offset, int) and q_offset == 0):
+    raise ValueError('with block_mask, give q_offset to ops.block_mask, not here')
+  got = (bm.batch, bm.heads, bm.q_len, bm.kv_len)
+  want = (dims.batch, dims.heads, dims.q_len, dims.kv_len)
+  if got != want:
+    raise ValueError(f'block_mask was built for (batch, heads, q_len, kv_len) = {got}, but the '
+                     f'call has {want}')
+  if block_size is not None:
+    sizes = (block_size, block_size) if isinstance(block_size, int) else tuple(block_size)
+    sizes = (min(sizes[0], dims.q_len), min(sizes[1], dims.kv_len))
+    if sizes != (bm.block_q, bm.block_kv):
+      raise ValueError(f'block_size {block_size} differs from the block mask\'s '
+                       f'{(bm.block_q, bm.block_kv)}; leave it out')

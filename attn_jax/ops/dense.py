@@ -13,6 +13,7 @@ import jax.numpy as jnp
 
 from attn_jax.ops import masks as masks_lib
 from attn_jax.ops import scores as scores_lib
+from attn_jax.ops.mods import Mod
 from attn_jax.ops.shapes import check_broadcastable, check_qkv, split_segment_ids, to_grouped
 
 
@@ -23,8 +24,9 @@ def masked_softmax(logits: jax.Array, mask: jax.Array | None,
   Masked logits become the float32 minimum (finite, so a fully masked row gives a
   uniform softmax rather than NaN) and such rows are then zeroed; going through
   `jax.nn.softmax` keeps its custom derivative, cheaper in the backward than
-  differentiating exp/sum/divide (`experiments/bench_attention.py --passes fwd+bwd`). `rows_may_be_empty=False` (e.g. a plain causal
-  mask, where every query sees key 0) skips the row check, a pass over the mask.
+  differentiating exp/sum/divide (`experiments/bench_attention.py --passes fwd+bwd`).
+  `rows_may_be_empty=False` (e.g. a plain causal mask, where every query sees key 0)
+  skips the row check, a pass over the mask.
   """
   logits = logits.astype(jnp.float32)
   if mask is None:
@@ -35,10 +37,42 @@ def masked_softmax(logits: jax.Array, mask: jax.Array | None,
   return weights * jnp.any(mask, axis=-1, keepdims=True)
 
 
+def _sink_softmax(logits, mask, sinks):
+  """Float32 softmax whose denominator also holds one logit per head, the sink (gpt-oss's
+  attention sinks): `exp(l_j) / (exp(s) + sum_j exp(l_j))`; the sink carries no value, so
+  the weights of a row sum to less than one and a row with no visible key gets zeros.
+
+  `logits` `[B, H, T, S]`, `mask` broadcasting to it or None, `sinks` `[H]`.
+  """
+  logits = logits.astype(jnp.float32)
+  if mask is not None:
+    logits = jnp.where(mask, logits, -jnp.inf)
+  sink = jnp.broadcast_to(sinks.astype(jnp.float32)[None, :, None, None],
+                          logits.shape[:3] + (1,))
+  return jax.nn.softmax(jnp.concatenate([sink, logits], axis=-1), axis=-1)[..., 1:]
+
+
+def _log_sum_exp(logits, mask, sinks):
+  """float32 `[B, H, T]` log of each row's softmax denominator (-inf: nothing visible)."""
+  logits = logits.astype(jnp.float32)
+  if mask is not None:
+    logits = jnp.where(mask, logits, -jnp.inf)
+  if sinks is not None:
+    sink = jnp.broadcast_to(sinks.astype(jnp.float32)[None, :, None, None],
+                            logits.shape[:3] + (1,))
+    logits = jnp.concatenate([sink, logits], axis=-1)
+  peak = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+  peak = jnp.where(jnp.isfinite(peak), peak, 0.0)
+  total = jnp.sum(jnp.exp(logits - peak), axis=-1)
+  seen = total > 0.0  # the where keeps an empty row's gradient 0, not NaN
+  return jnp.where(seen, jnp.log(jnp.where(seen, total, 1.0)) + peak[..., 0], -jnp.inf)
+
+
 def dense_attention(query, key, value, *, bias=None, mask=None, is_causal=False, scale=None,
                     segment_ids=None, local_window=None, q_offset=0, bias_fn=None,
-                    bias_params=None, dropout_rate=0.0, dropout_rng=None, return_weights=False,
-                    precision=None):
+                    bias_params=None, mask_mod=None, score_mod=None, block_mask=None,
+                    sinks=None, return_lse=False, dropout_rate=0.0, dropout_rng=None,
+                    return_weights=False, precision=None):
   """Materializes `[batch, heads, q_len, kv_len]` logits; see `dot_product_attention`."""
   dims = check_qkv(query, key, value)
   check_broadcastable('mask', mask, dims)
@@ -61,18 +95,45 @@ def dense_attention(query, key, value, *, bias=None, mask=None, is_causal=False,
     fn_bias = bias_fn(bias_params, q_pos, jnp.arange(s))[None]  # [1, heads|1, t, s]
     check_broadcastable('bias_fn output', fn_bias, dims)
     logits = logits + grouped(fn_bias)
+  b_idx, h_idx = jnp.arange(b), jnp.arange(dims.heads)
+  if block_mask is not None:
+    q_offset = block_mask.q_offset
+  q_pos, kv_pos = jnp.arange(t) + q_offset, jnp.arange(s)
+  if score_mod is not None:
+    mod, consts = Mod.of_score(score_mod)
+    flat = logits.reshape(b, dims.heads, t, s)
+    logits = grouped(mod.grid(consts, b_idx, h_idx, q_pos, kv_pos, score=flat)
+                     .astype(jnp.float32))
 
+  user_mask = None
+  if mask_mod is not None:
+    mod, consts = Mod.of_mask(mask_mod)
+    user_mask = mod.grid(consts, b_idx, h_idx, q_pos, kv_pos)
+  if block_mask is not None:
+    user_mask = block_mask.dense()  # [Bm, Hm, T, S]: hidden blocks are False already
   combined = masks_lib.combine_masks(
       mask,
       masks_lib.causal_mask(t, s, q_offset) if is_causal else None,
       masks_lib.local_mask(t, s, local_window, q_offset) if local_window is not None else None,
-      masks_lib.segment_mask(q_seg, kv_seg) if q_seg is not None else None)
+      masks_lib.segment_mask(q_seg, kv_seg) if q_seg is not None else None,
+      user_mask)
   # Only a plain causal mask with a non-negative static offset is known to leave
   # every query some key (key 0).
   only_causal = (is_causal and mask is None and local_window is None and q_seg is None
-                 and isinstance(q_offset, int) and q_offset >= 0)
-  weights = masked_softmax(logits, None if combined is None else grouped(combined),
-                           rows_may_be_empty=not only_causal)
+                 and user_mask is None and isinstance(q_offset, int) and q_offset >= 0)
+  grouped_mask = None if combined is None else grouped(combined)
+  if sinks is not None:
+    sinks = jnp.asarray(sinks)
+    if sinks.shape != (dims.heads,):
+      raise ValueError(f'sinks must be one logit per query head, [{dims.heads}], got '
+                       f'{sinks.shape}')
+    flat_mask = None if combined is None else combined
+    weights = grouped(_sink_softmax(logits.reshape(b, dims.heads, t, s), flat_mask, sinks))
+  else:
+    weights = masked_softmax(logits, grouped_mask, rows_may_be_empty=not only_causal)
+  lse = None
+  if return_lse:
+    lse = _log_sum_exp(logits.reshape(b, dims.heads, t, s), combined, sinks)
 
   if dropout_rate > 0.0:
     keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)
@@ -85,6 +146,6 @@ def dense_attention(query, key, value, *, bias=None, mask=None, is_causal=False,
                      value, precision=precision, preferred_element_type=jnp.float32)
     out = out.reshape(b, kh, g, t, dims.v_dim).transpose(0, 3, 1, 2, 4)
   out = out.reshape(b, t, dims.heads, dims.v_dim).astype(query.dtype)
-  if return_weights:
-    return out, weights.reshape(b, dims.heads, t, s)
-  return out
+  extras = ([weights.reshape(b, dims.heads, t, s)] if return_weights else []) + (
+      [lse] if return_lse else [])
+  return (out, *extras) if extras else out
