@@ -72,9 +72,17 @@ def model_section(kind: str, variant: str, **overrides: Any) -> ml_collections.C
     if name in DATA_FIELDS:
       continue
     if value is None:
-      value = config_dict.placeholder(int if 'int' in str(types[name]) else str)
+      value = config_dict.placeholder(_placeholder_type(str(types[name])))
     section[name] = value
   return section
+
+
+def _placeholder_type(annotation: str) -> type:
+  """The type an optional field takes from the command line: `int | None` -> int, etc."""
+  for name, kind in (('float', float), ('int', int), ('bool', bool)):
+    if name in annotation:
+      return kind
+  return str
 
 
 def default_eval() -> ml_collections.ConfigDict:

@@ -22,6 +22,7 @@ import ml_collections
 
 from attn_jax import models
 from attn_jax.experiment.config import DATA_FIELDS, MODEL_KINDS, check_model_kind
+from attn_jax.models.attention import resolve_mod
 from attn_jax.train import losses
 
 # kind -> module class; the config dataclass and data task of each kind are in `config`.
@@ -74,7 +75,10 @@ def build_model_config(model_config: Mapping[str, Any], meta: Mapping[str, Any])
     # Learned position tables (and decode caches) must cover the data's longest sequence.
     longest = max(int(meta.get('max_length', 0)), int(meta.get('max_target_length', 0))) + 2
     fields['max_len'] = max(int(fields.get('max_len', 0)), longest)
-  return cls(**fields, **data)
+  model_config = cls(**fields, **data)
+  for kind in ('mask_mod', 'score_mod'):  # Named functions must resolve before any compile.
+    resolve_mod(getattr(model_config, kind, ''), kind)
+  return model_config
 
 
 @dataclasses.dataclass

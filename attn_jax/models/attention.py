@@ -10,6 +10,7 @@ bookkeeping of positions. Parameters carry logical axis names (`embed`, `heads`,
 from __future__ import annotations
 
 import functools
+import importlib
 from typing import Any
 
 import flax.linen as nn
@@ -92,6 +93,14 @@ class MultiHeadAttention(nn.Module):
     positional: 'none', 'rope' (rotate q, k), 'alibi' or 't5' (logit biases).
     sliding_window: keys at most this many positions back (and ahead, unless causal).
     dropout_rate: attention-weight dropout (rng collection 'dropout').
+    logit_soft_cap: `c * tanh(logit / c)` on the scaled logits (Gemma 2), None = off.
+    sinks: a learned per-head logit, `sinks [num_heads]`, that joins every softmax
+      denominator (attention sinks, as in gpt-oss).
+    qk_norm: RMS-normalize each query and key head over `head_dim`, with learned scales,
+      before positions are applied (QK-norm, as in OLMo 2 and Gemma 3).
+    mask_mod / score_mod: user functions (see `attn_jax.ops.mods`), applied to self-attention
+      on top of the masks above, the score function before the soft cap. They see absolute
+      positions: sequence indices, and when decoding the tokens' stored positions.
     implementation: passed to `ops.dot_product_attention` (None lets it choose).
     capture_attention: sow float32 weights `[batch, heads, q, kv]` into 'intermediates'
       as `attention_weights` (also settable per call).
@@ -108,6 +117,11 @@ class MultiHeadAttention(nn.Module):
   t5_max_distance: int = 128
   sliding_window: int | None = None
   dropout_rate: float = 0.0
+  logit_soft_cap: float | None = None
+  sinks: bool = False
+  qk_norm: bool = False
+  mask_mod: Any = None
+  score_mod: Any = None
   use_bias: bool = True
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
@@ -119,6 +133,10 @@ class MultiHeadAttention(nn.Module):
     kv_heads = self.num_heads if self.num_kv_heads is None else self.num_kv_heads
     if self.positional not in POSITIONAL:
       raise ValueError(f'positional={self.positional!r} is not one of {POSITIONAL}')
+    if self.logit_soft_cap is not None and self.logit_soft_cap <= 0:
+      raise ValueError(f'logit_soft_cap={self.logit_soft_cap} must be positive (or None)')
+    if self.cross_attention and (self.mask_mod is not None or self.score_mod is not None):
+      raise ValueError('mask_mod/score_mod apply to self-attention; this layer is cross-attention')
     if kv_heads <= 0 or self.num_heads % kv_heads:
       raise ValueError(
           f'num_heads={self.num_heads} is not a multiple of num_kv_heads={kv_heads}')
@@ -191,30 +209,49 @@ class MultiHeadAttention(nn.Module):
         param_dtype=self.param_dtype)
     query = dense((self.num_heads, head_dim), ('embed', 'heads', 'kv'), ('heads', 'kv'),
                   name='query')(inputs_q)
-    key_proj = dense((kv_heads, head_dim), ('embed', 'kv_heads', 'kv'), ('kv_heads', 'kv'),
-                     name='key')
+    key_dense = dense((kv_heads, head_dim), ('embed', 'kv_heads', 'kv'), ('kv_heads', 'kv'),
+                      name='key')
     value_proj = dense((kv_heads, head_dim), ('embed', 'kv_heads', 'kv'), ('kv_heads', 'kv'),
                        name='value')
+    key_proj = key_dense
+    if self.qk_norm:
+      norm = functools.partial(nn.RMSNorm, epsilon=1e-6, dtype=self.dtype,
+                               param_dtype=self.param_dtype,
+                               scale_init=partitioned(nn.initializers.ones, ('kv',)))
+      query = norm(name='query_norm')(query)
+      key_norm = norm(name='key_norm')
+      key_proj = lambda x: key_norm(key_dense(x))  # noqa: E731
     if cross_decode:
       key, value = self._cross_cache(inputs_kv, key_proj, value_proj)
     else:
       key, value = key_proj(inputs_kv), value_proj(inputs_kv)
     bias_fn, bias_params = self._bias_fn()
+    sinks = None
+    if self.sinks:
+      sinks = self.param('sinks', partitioned(nn.initializers.zeros, ('heads',)),
+                         (self.num_heads,), self.param_dtype)
 
     window = None
     if self.sliding_window is not None:
       window = (self.sliding_window, 0 if self.is_causal else self.sliding_window)
-    kwargs: dict[str, Any] = dict(is_causal=self.is_causal, local_window=window, mask=mask)
+    kwargs: dict[str, Any] = dict(is_causal=self.is_causal, local_window=window, mask=mask,
+                                  sinks=sinks)
+    mask_mod, score_mod = self.mask_mod, self.score_mod
     if decode and not cross_decode:
       key, value, query, cache_kwargs = self._decode_cache(
           query, key, value, segment_ids, positions, bias_fn, bias_params)
       cache_mask = cache_kwargs.pop('mask', None)
+      q_positions, kv_positions = cache_kwargs.pop('positions')
       kwargs.update(cache_kwargs, mask=ops.combine_masks(mask, cache_mask))
+      mask_mod, score_mod = _at_positions(mask_mod, score_mod, q_positions, kv_positions,
+                                          cache_kwargs['q_offset'])
     else:
       if self.positional == 'rope':
         query = ops.rope(query, positions, self.rope_base)
         key = ops.rope(key, positions if is_self else None, self.rope_base)
       kwargs.update(segment_ids=segment_ids, bias_fn=bias_fn, bias_params=bias_params)
+    cap = None if self.logit_soft_cap is None else ops.score_mods.soft_cap(self.logit_soft_cap)
+    kwargs.update(mask_mod=mask_mod, score_mod=ops.score_mods.chain(score_mod, cap))
 
     dropout_rng = None
     if not deterministic and self.dropout_rate > 0.0:
@@ -280,7 +317,8 @@ class MultiHeadAttention(nn.Module):
     if not initialized:
       # The init call only creates the (max_len-sized) cache; attend within the input.
       return key, value, query, dict(q_offset=0, segment_ids=segment_ids,
-                                     bias_fn=bias_fn, bias_params=bias_params)
+                                     bias_fn=bias_fn, bias_params=bias_params,
+                                     positions=(positions, positions))
     max_len = cached_key.value.shape[1]
     if q_len > max_len:
       raise ValueError(f'{q_len} tokens do not fit a cache of {max_len}')
@@ -296,13 +334,27 @@ class MultiHeadAttention(nn.Module):
     # Causal masking against the cache: slot j is visible to query i iff j <= index + i;
     # unwritten slots lie in the future, padding slots carry segment 0.
     valid = (cached_segment.value != 0)[:, None, None, :]
-    kwargs: dict[str, Any] = dict(q_offset=index, mask=valid)
+    kwargs: dict[str, Any] = dict(q_offset=index, mask=valid,
+                                  positions=(positions, cached_position.value))
     if bias_fn is not None:
       # Biases from the stored positions rather than cache slots: a ragged prompt leaves
       # padding slots between the prompt and the generated tokens.
       bias = jax.vmap(lambda q, k: bias_fn(bias_params, q, k))(positions, cached_position.value)
       kwargs['bias'] = bias
     return cached_key.value, cached_value.value, query, kwargs
+
+
+def _at_positions(mask_mod, score_mod, q_positions, kv_positions, q_offset):
+  """User mask/score functions for a decoding call: the op indexes queries from the cache
+  index and keys by cache slot; the functions see the tokens' positions (`[batch, q]` and
+  `[batch, slots]`), which differ from slots after a ragged prompt's padding."""
+  def mask(b, h, q_idx, kv_idx):
+    return mask_mod(b, h, q_positions[b, q_idx - q_offset], kv_positions[b, kv_idx])
+
+  def score(s, b, h, q_idx, kv_idx):
+    return score_mod(s, b, h, q_positions[b, q_idx - q_offset], kv_positions[b, kv_idx])
+
+  return (None if mask_mod is None else mask), (None if score_mod is None else score)
 
 
 def _context(weights: jax.Array, values: jax.Array) -> jax.Array:
@@ -369,3 +421,36 @@ class LuongAttention(nn.Module):
       raise ValueError(f"score must be 'dot' or 'general', got {self.score!r}")
     weights = ops.masked_softmax(scores[:, 0, 0], mask)
     return _context(weights, keys if values is None else values), weights
+
+
+# Named mask / score functions a config can pick (`TransformerConfig.mask_mod`); a research
+# script may add its own entries, or a config may name 'package.module:function' instead.
+MASK_MODS: dict[str, Any] = {
+    'chunked_64': ops.mask_mods.chunked(64),  # Llama 4's chunked local attention, CPU size
+    'dilated_2': ops.mask_mods.dilated(2),
+    'global_1': ops.mask_mods.global_tokens(1),
+}
+SCORE_MODS: dict[str, Any] = {
+    'soft_cap_5': ops.score_mods.soft_cap(5.0),
+}
+
+
+def resolve_mod(name: str, kind: str) -> Any:
+  """`kind` ('mask_mod' | 'score_mod') named `name`: a registry key, 'module:function', or ''
+  (None). Raises ValueError naming what is not found."""
+  if not name:
+    return None
+  registry = MASK_MODS if kind == 'mask_mod' else SCORE_MODS
+  if name in registry:
+    return registry[name]
+  module_name, sep, attribute = name.partition(':')
+  if not sep:
+    raise ValueError(f'{kind}={name!r} is not one of {sorted(registry)} nor '
+                     "'package.module:function'")
+  try:
+    fn = getattr(importlib.import_module(module_name), attribute)
+  except (ImportError, AttributeError) as e:
+    raise ValueError(f'{kind}={name!r} cannot be imported: {e}') from None
+  if not callable(fn):
+    raise ValueError(f'{kind}={name!r} is not callable')
+  return fn

@@ -25,6 +25,10 @@ NORM_POSITIONS = ('pre', 'post')
 POSITIONALS = ('sinusoidal', 'learned', 'rope', 'alibi', 't5', 'none')
 POOLINGS = ('cls', 'mean')
 IMPLEMENTATIONS = (None, 'dense', 'blockwise', 'cudnn')
+# Per-layer self-attention kinds of `layer_pattern`: global, local (sliding_window), and
+# global without position information (NoPE: no RoPE/ALiBi/T5 in that layer).
+LAYER_KINDS = ('G', 'L', 'N')
+IN_ATTENTION_POSITIONALS = ('rope', 'alibi', 't5')
 DTYPES = ('float32', 'bfloat16', 'float16')
 
 
@@ -84,8 +88,19 @@ class TransformerConfig(_VocabAndDtype):
   t5_num_buckets: int = 32
   t5_max_distance: int = 128
   # Self-attention sliding window (keys at most this far in the past; and in the
-  # future for the encoder); None = full attention.
+  # future for the encoder); None = full attention. With `layer_pattern`, only 'L' layers.
   sliding_window: int | None = None
+  # Self-attention kind per layer, cycled over each stack: 'G' global, 'L' local (the
+  # sliding window), 'N' global with no position information (NoPE). '' = every layer 'L'
+  # when sliding_window is set, else 'G'. E.g. 'LLLLLG' is Gemma 3's five local to one global.
+  layer_pattern: str = ''
+  attn_logit_softcap: float | None = None  # c * tanh(logit / c) in every attention (Gemma 2)
+  attention_sinks: bool = False  # a learned per-head logit in every softmax (gpt-oss)
+  qk_norm: bool = False  # RMS-normalized query and key heads (OLMo 2, Gemma 3)
+  # User mask / score functions of self-attention: a key of `attn_jax.models.attention`'s
+  # MASK_MODS / SCORE_MODS, or 'package.module:function' (imported); '' = none.
+  mask_mod: str = ''
+  score_mod: str = ''
   dropout_rate: float = 0.1  # residual and embedding dropout
   attention_dropout_rate: float = 0.0
   # Source and target embeddings shared (EncoderDecoder, needs one vocabulary) and the
@@ -128,6 +143,21 @@ class TransformerConfig(_VocabAndDtype):
       raise ValueError(f'positional=sinusoidal needs an even d_model, got {self.d_model}')
     if self.sliding_window is not None and self.sliding_window < 0:
       raise ValueError(f'sliding_window must be >= 0, got {self.sliding_window}')
+    bad = sorted(set(self.layer_pattern) - set(LAYER_KINDS))
+    if bad:
+      raise ValueError(f'layer_pattern={self.layer_pattern!r} has {bad}; use {LAYER_KINDS}')
+    if 'L' in self.layer_pattern and self.sliding_window is None:
+      raise ValueError(f"layer_pattern={self.layer_pattern!r} has local 'L' layers but "
+                       'sliding_window is None')
+    if 'N' in self.layer_pattern and self.positional not in IN_ATTENTION_POSITIONALS:
+      raise ValueError(f"layer_pattern={self.layer_pattern!r} has NoPE 'N' layers, which need "
+                       f'positions inside attention, positional in {IN_ATTENTION_POSITIONALS}; '
+                       f'got {self.positional!r}')
+    if self.scan_layers and len(set(self.layer_pattern)) > 1:
+      raise ValueError(f'layer_pattern={self.layer_pattern!r} makes layers differ, which '
+                       'scan_layers=True cannot stack; use scan_layers=False')
+    if self.attn_logit_softcap is not None and self.attn_logit_softcap <= 0:
+      raise ValueError(f'attn_logit_softcap must be positive, got {self.attn_logit_softcap}')
     if (self.share_embeddings and self.output_vocab_size is not None
         and self.output_vocab_size != self.vocab_size):
       raise ValueError(
@@ -141,6 +171,12 @@ class TransformerConfig(_VocabAndDtype):
   @property
   def kv_heads(self) -> int:
     return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
+
+  def layer_kind(self, index: int) -> str:
+    """The self-attention kind of layer `index` of a stack: 'G', 'L' or 'N'."""
+    if self.layer_pattern:
+      return self.layer_pattern[index % len(self.layer_pattern)]
+    return 'L' if self.sliding_window is not None else 'G'
 
 
 TRANSFORMER_VARIANTS: dict[str, dict[str, Any]] = {

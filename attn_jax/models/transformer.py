@@ -16,32 +16,40 @@ import jax
 import jax.numpy as jnp
 
 from attn_jax.models import decoding
-from attn_jax.models.attention import MultiHeadAttention, partitioned
+from attn_jax.models.attention import MultiHeadAttention, partitioned, resolve_mod
 from attn_jax.models.configs import TransformerConfig
 from attn_jax.models.layers import Embedder, FeedForward, make_norm, shift_right
 from attn_jax.tokens import BOS_ID, PAD_ID
 
 
 def _attention(cfg: TransformerConfig, *, causal: bool, self_attention: bool, name: str,
-               capture: bool) -> MultiHeadAttention:
-  in_attention = cfg.positional in ('rope', 'alibi', 't5')
+               capture: bool, kind: str = 'G') -> MultiHeadAttention:
+  """The attention of a layer; `kind` ('G', 'L', 'N': see `layer_pattern`) shapes
+  self-attention only."""
+  in_attention = cfg.positional in ('rope', 'alibi', 't5') and kind != 'N'
   return MultiHeadAttention(
       num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, is_causal=causal,
       cross_attention=not self_attention,
       positional=cfg.positional if in_attention and self_attention else 'none',
       rope_base=cfg.rope_base, t5_num_buckets=cfg.t5_num_buckets,
       t5_max_distance=cfg.t5_max_distance,
-      sliding_window=cfg.sliding_window if self_attention else None,
-      dropout_rate=cfg.attention_dropout_rate, use_bias=cfg.use_bias, dtype=cfg.compute_dtype,
+      sliding_window=cfg.sliding_window if self_attention and kind == 'L' else None,
+      dropout_rate=cfg.attention_dropout_rate, logit_soft_cap=cfg.attn_logit_softcap,
+      sinks=cfg.attention_sinks, qk_norm=cfg.qk_norm,
+      mask_mod=resolve_mod(cfg.mask_mod, 'mask_mod') if self_attention else None,
+      score_mod=resolve_mod(cfg.score_mod, 'score_mod') if self_attention else None,
+      use_bias=cfg.use_bias, dtype=cfg.compute_dtype,
       implementation=cfg.implementation, capture_attention=capture, name=name)
 
 
 class _Block(nn.Module):
-  """Shared residual wiring of encoder and decoder layers."""
+  """Shared residual wiring of encoder and decoder layers; `kind` is the layer's
+  self-attention kind ('G', 'L', 'N': see `TransformerConfig.layer_pattern`)."""
   config: TransformerConfig
   deterministic: bool = True
   decode: bool = False
   capture: bool = False
+  kind: str = 'G'
 
   def residual(self, x: jax.Array, fn, name: str) -> jax.Array:
     """Pre-LN `x + drop(fn(norm(x)))` or the paper's post-LN `norm(x + drop(fn(x)))`."""
@@ -63,7 +71,7 @@ class EncoderLayer(_Block):
   @nn.compact
   def __call__(self, x, mask, segment_ids, positions):
     attn = _attention(self.config, causal=False, self_attention=True, name='encoder_self',
-                      capture=self.capture)
+                      capture=self.capture, kind=self.kind)
     x = self.residual(x, lambda h: attn(h, mask=mask, segment_ids=segment_ids,
                                         positions=positions,
                                         deterministic=self.deterministic), 'self')
@@ -87,7 +95,7 @@ class DecoderLayer(_Block):
       raise ValueError('a decoder layer with cross-attention needs encoded (or decode=True '
                        'after a prefill with encoded)')
     attn = _attention(cfg, causal=True, self_attention=True, name='decoder_self',
-                      capture=self.capture)
+                      capture=self.capture, kind=self.kind)
     y = self.residual(y, lambda h: attn(h, segment_ids=segment_ids, positions=positions,
                                         deterministic=self.deterministic,
                                         decode=self.decode), 'self')
@@ -113,10 +121,11 @@ def stack_layers(cfg: TransformerConfig, layer_cls, num_layers: int, x: jax.Arra
         cls, variable_axes={'params': 0, 'cache': 0, 'intermediates': 0},
         split_rngs={'params': True, 'dropout': True}, in_axes=(nn.broadcast,) * len(args),
         length=num_layers, metadata_params={nn.PARTITION_NAME: 'layers'})
-    x, _ = scanned(cfg, name='layers', **attrs)(x, *args)
+    # The config forbids scan with layers of different kinds: every layer is layer 0's kind.
+    x, _ = scanned(cfg, name='layers', kind=cfg.layer_kind(0), **attrs)(x, *args)
     return x
   for i in range(num_layers):
-    x, _ = cls(cfg, name=f'layer_{i}', **attrs)(x, *args)
+    x, _ = cls(cfg, name=f'layer_{i}', kind=cfg.layer_kind(i), **attrs)(x, *args)
   return x
 
 

@@ -20,11 +20,28 @@ from attn_jax import models
     (dict(dropout_rate=1.5), 'dropout_rate'),
     (dict(share_embeddings=True, output_vocab_size=7), 'share_embeddings'),
     (dict(dmodel=512), 'dmodel'),  # a typo'd field must fail, not be ignored
+    (dict(layer_pattern='LX', sliding_window=4), 'layer_pattern'),
+    (dict(layer_pattern='LG'), 'sliding_window is None'),
+    (dict(layer_pattern='GN', positional='sinusoidal'), 'NoPE'),
+    (dict(layer_pattern='LG', sliding_window=4, scan_layers=True), 'scan_layers'),
+    (dict(attn_logit_softcap=0.0), 'attn_logit_softcap'),
 ])
 def test_bad_transformer_config_raises_naming_the_field(overrides, field):
   # Raised by the (pure Python) config itself, so before any model is traced or compiled.
   with pytest.raises(ValueError, match=field):
     models.transformer_config('base', **overrides)
+
+
+def test_mask_and_score_mods_are_resolved_by_name_or_import_path():
+  from attn_jax.models.attention import resolve_mod
+  assert resolve_mod('', 'mask_mod') is None
+  assert resolve_mod('dilated_2', 'mask_mod') is models.attention.MASK_MODS['dilated_2']
+  causal = resolve_mod('attn_jax.ops.mask_mods:causal', 'mask_mod')
+  assert causal() == models.attention.ops.mask_mods.causal()
+  with pytest.raises(ValueError, match="mask_mod='dilated_3' is not one of"):
+    resolve_mod('dilated_3', 'mask_mod')
+  with pytest.raises(ValueError, match='cannot be imported'):
+    resolve_mod('attn_jax.ops.mask_mods:nope', 'mask_mod')
 
 
 def test_unknown_variants_and_rnn_fields_raise():

@@ -130,6 +130,13 @@ LM_CACHE_CASES = {
     'alibi_sliding_window': dict(positional='alibi', sliding_window=2),
     't5_untied': dict(positional='t5', tie_output=False),
     'learned_mha': dict(positional='learned'),
+    # Open attention options: every one must hold in the cached path too.
+    'softcap_sinks_qknorm': dict(positional='rope', attn_logit_softcap=2.0,
+                                 attention_sinks=True, qk_norm=True, num_kv_heads=2),
+    'local_global_nope': dict(positional='rope', sliding_window=2, layer_pattern='LN',
+                              num_decoder_layers=2),
+    'user_mask_and_score_mods': dict(positional='alibi', mask_mod='dilated_2',
+                                     score_mod='soft_cap_5'),
 }
 
 
@@ -154,8 +161,14 @@ def test_decoder_lm_cached_decoding_equals_full_forward(case):
   np.testing.assert_allclose(cached, full, atol=ATOL)
 
 
-def test_encoder_decoder_cached_decoding_equals_full_forward():
-  model = models.EncoderDecoder(_cfg(num_kv_heads=1))
+@pytest.mark.parametrize('options', [
+    dict(num_kv_heads=1),
+    # QK-norm is applied before the cross-attention keys are cached; sinks and the soft cap in
+    # self- and cross-attention alike.
+    dict(qk_norm=True, attention_sinks=True, attn_logit_softcap=3.0, num_kv_heads=1),
+])
+def test_encoder_decoder_cached_decoding_equals_full_forward(options):
+  model = models.EncoderDecoder(_cfg(**options))
   inputs, targets = _tokens(0, (2, 6), lengths=[4, 6]), _tokens(1, (2, 6))
 
   @jax.jit
