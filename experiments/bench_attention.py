@@ -17,6 +17,26 @@ same count for every implementation so GFLOP/s compare directly.
 
   python experiments/bench_attention.py --out bench_out/attention
   python experiments/bench_attention.py --lengths 512,1024,2048 --impls attn_dense,jax_nn
+
+`--suite patterns` measures open attention instead: cost against the mask's block density, one
+pattern per row, forward+backward, attn_jax's blockwise path with the pattern as a built-in
+keyword, a `mask_mod` or a `score_mod`, next to the peers that can express it:
+
+  full         no mask                           (reference of `documents`)
+  causal       is_causal=True                    (reference of the three below)
+  causal_mod   block_mask built once from `lambda b, h, q, kv: q >= kv`
+  window       causal + a 1,024-token sliding window
+  softcap      causal + score_mod soft_cap(30) (Gemma 2)
+  documents    block_mask of 16 equal packed documents (mask_mods.document)
+
+  jax_nn       jax.nn.dot_product_attention given the equivalent dense mask (no score mod)
+  torch_flex   PyTorch FlexAttention on CPU under torch.compile: forward only (it has no CPU
+               backward), block mask built once
+  attnax       attnax's memory_efficient_attention with the same score function (Python-
+               unrolled blocks, no block skipping, autodiff backward): compile time is shown
+
+  python experiments/bench_attention.py --suite patterns --lengths 4096,16384,32768 \
+      --max_peer_length 4096 --out bench_out/patterns
 """
 
 from __future__ import annotations
@@ -31,6 +51,12 @@ import sys
 import time
 
 IMPLS = ('attn_dense', 'attn_blockwise', 'jax_nn', 'flax_linen', 'torch_sdpa')
+PATTERNS = ('full', 'causal', 'causal_mod', 'window', 'softcap', 'documents')
+PATTERN_IMPLS = ('attn_blockwise', 'jax_nn', 'torch_flex', 'attnax')
+# Each pattern's cost is quoted against this one, the same kernel without the feature.
+PATTERN_REFERENCE = {'causal_mod': 'causal', 'window': 'causal', 'softcap': 'causal',
+                     'documents': 'full'}
+WINDOW, SOFT_CAP, DOCUMENTS = 1024, 30.0, 16
 BATCH, HEADS, HEAD_DIM = 1, 8, 64
 GiB = 1024 ** 3
 
@@ -118,6 +144,151 @@ def _torch_case(length: int, causal: bool, backward: bool):
   return run, 0.0
 
 
+def pattern_density(pattern: str, length: int) -> float:
+  """Fraction of the (query, key) pairs the pattern leaves visible."""
+  if pattern == 'full':
+    return 1.0
+  if pattern == 'documents':
+    return 1.0 / DOCUMENTS
+  causal = (length + 1) / (2 * length)
+  if pattern == 'window':
+    return min(causal, WINDOW / length)
+  return causal
+
+
+def _document_ids(length: int):
+  import numpy as np
+  return np.repeat(np.arange(DOCUMENTS), -(-length // DOCUMENTS))[:length][None]
+
+
+def _pattern_attn_jax(pattern, length, block, q):
+  """(attend(q, k, v), block-mask build seconds) for attn_jax's blockwise path."""
+  import functools
+
+  import jax
+
+  from attn_jax import ops
+  kw = dict(implementation='blockwise', block_size=block)
+  build_s = 0.0
+  if pattern == 'causal':
+    kw.update(is_causal=True)
+  elif pattern == 'window':
+    kw.update(is_causal=True, local_window=(WINDOW - 1, 0))
+  elif pattern == 'softcap':
+    kw.update(is_causal=True, score_mod=ops.score_mods.soft_cap(SOFT_CAP))
+  elif pattern in ('causal_mod', 'documents'):
+    mask_mod = ((lambda b, h, q_idx, kv_idx: q_idx >= kv_idx) if pattern == 'causal_mod'
+                else ops.mask_mods.document(_document_ids(length)))
+    build = jax.jit(lambda: ops.block_mask(mask_mod, batch=BATCH, heads=HEADS, q_len=length,
+                                           block_size=block))
+    start = time.perf_counter()
+    bm = jax.block_until_ready(build())
+    build_s = time.perf_counter() - start  # compile + run: what one use costs
+    kw = dict(implementation='blockwise', block_mask=bm)
+  return functools.partial(ops.dot_product_attention, **kw), build_s
+
+
+def _pattern_jax_case(impl, pattern, length, backward, block):
+  import functools
+
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  rng = np.random.default_rng(0)
+  q, k, v = (jnp.asarray(rng.standard_normal((BATCH, length, HEADS, HEAD_DIM)), jnp.float32)
+             for _ in range(3))
+  build_s = 0.0
+  if impl == 'attn_blockwise':
+    attend, build_s = _pattern_attn_jax(pattern, length, block, q)
+  elif impl == 'jax_nn':
+    if pattern == 'softcap':
+      return None, 'n/a (no score mod)'
+    kw = dict(implementation='xla', is_causal=pattern in ('causal', 'causal_mod', 'window'))
+    if pattern == 'window':
+      kw['local_window_size'] = (WINDOW - 1, 0)
+    if pattern == 'documents':
+      ids = jnp.asarray(_document_ids(length))
+      kw['mask'] = (ids[:, :, None] == ids[:, None, :])[:, None]
+    attend = functools.partial(jax.nn.dot_product_attention, **kw)
+  else:  # attnax: [B, H, L, D] layout, masks as score functions (the cap before the mask)
+    from attnax.kernels import compose_score_mods, memory_efficient_attention, score_mods
+
+    from attn_jax.ops import score_mods as ours
+    causal = score_mods.causal_mod()
+    mod = {'full': None, 'causal': causal, 'causal_mod': causal,
+           'window': score_mods.sliding_window_mod(WINDOW, causal=True),
+           'softcap': compose_score_mods(ours.soft_cap(SOFT_CAP), causal),
+           'documents': score_mods.document_mask_mod(jnp.asarray(_document_ids(length)))
+           }[pattern]
+
+    def attend(q, k, v):
+      t = lambda x: jnp.swapaxes(x, 1, 2)  # noqa: E731
+      return t(memory_efficient_attention(t(q), t(k), t(v), score_mod=mod,
+                                          block_size=block or 512))
+  if backward:
+    fn = jax.jit(jax.grad(lambda q, k, v: jnp.sum(attend(q, k, v)), argnums=(0, 1, 2)))
+  else:
+    fn = jax.jit(attend)
+  start = time.perf_counter()
+  compiled = fn.lower(q, k, v).compile()
+  compile_s = time.perf_counter() - start
+  return (lambda: jax.block_until_ready(compiled(q, k, v))), dict(compile_s=compile_s,
+                                                                  build_s=build_s)
+
+
+def _pattern_torch_case(pattern, length, backward, block):
+  if backward:
+    return None, 'n/a (no CPU backward)'
+  import torch
+  from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+  torch.set_num_threads(os.cpu_count())
+  gen = torch.Generator().manual_seed(0)
+  q, k, v = (torch.randn(BATCH, HEADS, length, HEAD_DIM, generator=gen) for _ in range(3))
+  ids = torch.as_tensor(_document_ids(length)[0])
+  masks = {'full': None, 'causal': lambda b, h, qi, ki: qi >= ki,
+           'causal_mod': lambda b, h, qi, ki: qi >= ki,
+           'softcap': lambda b, h, qi, ki: qi >= ki,
+           'window': lambda b, h, qi, ki: (qi >= ki) & (qi - ki < WINDOW),
+           'documents': lambda b, h, qi, ki: ids[qi] == ids[ki]}
+  score_mod = None
+  if pattern == 'softcap':
+    def score_mod(score, b, h, qi, ki):
+      return SOFT_CAP * torch.tanh(score / SOFT_CAP)
+  start = time.perf_counter()
+  bm = None
+  if masks[pattern] is not None:
+    size = block or 128
+    bm = create_block_mask(masks[pattern], None, None, length, length, device='cpu',
+                           BLOCK_SIZE=size)
+  build_s = time.perf_counter() - start
+  flex = torch.compile(flex_attention)
+  start = time.perf_counter()
+  with torch.inference_mode():
+    flex(q, k, v, block_mask=bm, score_mod=score_mod)  # compiles
+  compile_s = time.perf_counter() - start
+
+  def run():
+    with torch.inference_mode():
+      flex(q, k, v, block_mask=bm, score_mod=score_mod)
+  return run, dict(compile_s=compile_s, build_s=build_s)
+
+
+def run_pattern_case(impl, pattern, length, backward, block, budget_s, max_reps) -> dict:
+  """One pattern case in the child process."""
+  row = dict(suite='patterns', impl=impl, pattern=pattern, length=length, backward=backward)
+  if impl == 'torch_flex':
+    fn, info = _pattern_torch_case(pattern, length, backward, block)
+  else:
+    fn, info = _pattern_jax_case(impl, pattern, length, backward, block)
+  if fn is None:
+    return dict(row, status=info)
+  warmup, times = _time(fn, budget_s, max_reps)
+  return dict(row, status='ok', median_s=statistics.median(times), times_s=times,
+              warmup_s=warmup, peak_rss_gib=_peak_rss_bytes() / GiB, **info)
+
+
 def run_case(impl, length, causal, backward, block, budget_s, max_reps) -> dict:
   """Runs in the child process; returns one result row."""
   if impl == 'torch_sdpa':
@@ -151,6 +322,8 @@ def _child(argv):
   resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
   if args.pop('matmul', False):
     print(json.dumps(dict(matmul_gflops=matmul_ceiling())))
+  elif args.pop('suite', 'kernels') == 'patterns':
+    print(json.dumps(run_pattern_case(**args)))
   else:
     print(json.dumps(run_case(**args)))
 
@@ -210,6 +383,82 @@ def format_table(rows: list[dict], reference: str = 'jax_nn') -> str:
   return '\n'.join(lines)
 
 
+def format_pattern_table(rows: list[dict]) -> str:
+  """A row per (pattern, length): each implementation's time, peak RSS and (compile) seconds;
+  for attn_jax also the pattern's cost against its reference pattern and its density."""
+  keyed = {(r['impl'], r['pattern'], r['length'], r['backward']): r for r in rows}
+  impls = [i for i in PATTERN_IMPLS if any(r['impl'] == i for r in rows)]
+  header = (f"{'pattern':>10} {'len':>6} {'pass':>7} {'density':>7} {'vs ref':>7} | "
+            + ' | '.join(f'{i:>28}' for i in impls))
+  lines = [header, '-' * len(header)]
+  order = {p: i for i, p in enumerate(PATTERNS)}
+  for pattern, length, backward in sorted({k[1:] for k in keyed},
+                                           key=lambda k: (k[1], k[2], order[k[0]])):
+    ours = keyed.get(('attn_blockwise', pattern, length, backward))
+    ref = keyed.get(('attn_blockwise', PATTERN_REFERENCE.get(pattern), length, backward))
+    ratio = (f"{ours['median_s'] / ref['median_s']:.3f}" if ours and ref
+             and ours['status'] == ref['status'] == 'ok' else '')
+    cells = []
+    for impl in impls:
+      r = keyed.get((impl, pattern, length, backward))
+      if r is None:
+        cell = '-'
+      elif r['status'] != 'ok':
+        cell = r['status']
+      else:
+        cell = f"{r['median_s']:.4g}s {r['peak_rss_gib']:.2f}GiB ({r['compile_s']:.1f}s)"
+      cells.append(f'{cell:>28}')
+    lines.append(f"{pattern:>10} {length:>6} {'fwd+bwd' if backward else 'fwd':>7} "
+                 f"{pattern_density(pattern, length):>7.4f} {ratio:>7} | " + ' | '.join(cells))
+  return '\n'.join(lines)
+
+
+def run_patterns(args) -> None:
+  impls = [i for i in args.impls.split(',') if i in PATTERN_IMPLS] or list(PATTERN_IMPLS)
+  if 'torch_flex' in impls and not torch_available():
+    print("torch not installed: torch_flex skipped (pip install -e '.[bench]' to include it)")
+    impls.remove('torch_flex')
+  if 'attnax' in impls:
+    try:
+      import attnax  # noqa: F401
+    except ImportError:
+      print("attnax not installed: skipped (pip install -e '.[bench]' to include it)")
+      impls.remove('attnax')
+  lengths = [int(x) for x in args.lengths.split(',')]
+  passes = [{'fwd': False, 'fwd+bwd': True}[p] for p in args.passes.split(',')]
+  patterns = args.patterns.split(',')
+  os.makedirs(args.out, exist_ok=True)
+  ceiling = spawn(dict(matmul=True, mem_limit_gib=args.mem_limit_gib), 300).get('matmul_gflops')
+  print(f'matmul 2048^3 ceiling: {ceiling:.0f} GFLOP/s' if ceiling else 'matmul ceiling failed')
+  rows = []
+  for length in lengths:
+    for backward in passes:
+      for pattern in patterns:
+        for impl in impls:
+          payload = dict(suite='patterns', impl=impl, pattern=pattern, length=length,
+                         backward=backward, block=args.block, budget_s=args.budget_s,
+                         max_reps=args.max_reps, mem_limit_gib=args.mem_limit_gib)
+          if impl != 'attn_blockwise' and length > args.max_peer_length:
+            row = dict(payload, status=f'skipped(>{args.max_peer_length})')
+          else:
+            row = spawn(payload, args.case_timeout_s)
+          row.pop('mem_limit_gib', None)
+          rows.append(row)
+          shown = (f"{row['median_s']:.3f}s {row['peak_rss_gib']:.2f} GiB, compile "
+                   f"{row['compile_s']:.1f}s" if row['status'] == 'ok' else row['status'])
+          print(f"{impl:>15} {pattern:>10} L={length:>6} "
+                f"{'fwd+bwd' if backward else 'fwd':>7}: {shown}", flush=True)
+  table = format_pattern_table(rows)
+  print('\nvs ref = attn_jax time / its time on the reference pattern (causal, or full for '
+        'documents); cells: median time, peak RSS, (compile s)\n' + table)
+  with open(os.path.join(args.out, 'patterns.json'), 'w') as f:
+    json.dump(dict(matmul_gflops=ceiling, batch=BATCH, heads=HEADS, head_dim=HEAD_DIM,
+                   window=WINDOW, soft_cap=SOFT_CAP, documents=DOCUMENTS, rows=rows), f, indent=1)
+  with open(os.path.join(args.out, 'patterns.txt'), 'w') as f:
+    f.write(table + '\n')
+  print(f'wrote {args.out}/patterns.json, patterns.txt')
+
+
 def plot(rows: list[dict], ceiling: float, path: str) -> None:
   import matplotlib
   matplotlib.use('Agg')
@@ -257,10 +506,20 @@ def main():
   parser.add_argument('--max_dense_length', type=int, default=16384,
                       help='longest length tried for the implementations that store L^2 scores')
   parser.add_argument('--out', default='bench_out/attention')
+  parser.add_argument('--suite', default='kernels', choices=('kernels', 'patterns'))
+  parser.add_argument('--patterns', default=','.join(PATTERNS), help='--suite patterns only')
+  parser.add_argument('--max_peer_length', type=int, default=4096,
+                      help='--suite patterns: longest length tried for the peers')
   parser.add_argument('--_child', help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args._child:
     return _child(args._child)
+  if args.suite == 'patterns':
+    if args.impls == ','.join(IMPLS):
+      args.impls = ','.join(PATTERN_IMPLS)
+    if args.passes == 'fwd,fwd+bwd':
+      args.passes = 'fwd+bwd,fwd'
+    return run_patterns(args)
 
   impls = args.impls.split(',')
   unknown = sorted(set(impls) - set(IMPLS))

@@ -358,3 +358,63 @@ def plot_length_accuracy(results: Mapping[str, Sequence[Mapping[str, Any]]], tra
                          ) -> pathlib.Path:
   """Writes `length_accuracy_figure(...)` as a PNG at `path`; returns the path."""
   return _save(length_accuracy_figure(results, train_max, title=title), path, dpi)
+
+
+# --- Block masks --------------------------------------------------------------------------------
+
+
+def block_mask_figure(block_mask: Any, *, group: int = 0, title: str | None = None,
+                      max_pixels: int = 512) -> Figure:
+  """The attention pattern of an `ops.BlockMask` for one row group: every visible (query, key)
+  pair dark, on blocks shaded by what the attention loop does with them (fully visible: no mask
+  evaluated, partly visible: mask evaluated, hidden: never visited), with the visit counts.
+
+  Args:
+    block_mask: from `attn_jax.ops.block_mask(...)`.
+    group: the row group to draw (a batch row for per-row masks such as documents).
+    max_pixels: longer sequences are drawn at one pixel per `ceil(len / max_pixels)` positions
+      (a pixel is dark if any pair in it is visible).
+  """
+  dense = np.asarray(block_mask.dense()).reshape(-1, block_mask.q_len, block_mask.kv_len)[group]
+  full = np.zeros((block_mask.num_q_blocks, block_mask.num_kv_blocks), bool)
+  partial = np.zeros_like(full)
+  for counts, indices, out in ((block_mask.full_num, block_mask.full_idx, full),
+                               (block_mask.partial_num, block_mask.partial_idx, partial)):
+    counts, indices = np.asarray(counts)[group], np.asarray(indices)[group]
+    for i, n in enumerate(counts):
+      out[i, indices[i, :n]] = True
+  bq, bk = block_mask.block_q, block_mask.block_kv
+  shade = np.zeros(dense.shape, np.float32)  # 0 hidden, 1 partial, 2 full
+  shade += np.kron(partial, np.ones((bq, bk)))[:dense.shape[0], :dense.shape[1]]
+  shade += 2 * np.kron(full, np.ones((bq, bk)))[:dense.shape[0], :dense.shape[1]]
+  step = max(1, -(-max(dense.shape) // max_pixels))
+  if step > 1:
+    rows, cols = -(-dense.shape[0] // step) * step, -(-dense.shape[1] // step) * step
+    pad = lambda x: np.pad(x, ((0, rows - x.shape[0]), (0, cols - x.shape[1])))  # noqa: E731
+    pool = lambda x, f: f(pad(x).reshape(rows // step, step, cols // step, step), (1, 3))  # noqa: E731
+    dense, shade = pool(dense, np.any), pool(shade, np.max)
+  image = np.ones(dense.shape + (3,), np.float32)  # white: hidden
+  image[shade == 1] = (1.0, 0.87, 0.6)  # partial: orange
+  image[shade == 2] = (0.72, 0.9, 0.72)  # full: green
+  image[dense] = image[dense] * 0.35
+  fig, axes = _new_figure(1, 1, 4.6, 4.6)
+  ax = axes[0, 0]
+  ax.imshow(image, interpolation='nearest', aspect='equal',
+            extent=(0, block_mask.kv_len, block_mask.q_len, 0))
+  for x in range(0, block_mask.kv_len + 1, bk):
+    ax.axvline(x, color='0.6', lw=0.4)
+  for y in range(0, block_mask.q_len + 1, bq):
+    ax.axhline(y, color='0.6', lw=0.4)
+  ax.set_xlabel('key position')
+  ax.set_ylabel('query position')
+  visits = int(full.sum() + partial.sum())
+  ax.set_title(f'{title + chr(10) if title else ""}visited {visits} of {full.size} blocks '
+               f'({int(full.sum())} full, green; {int(partial.sum())} partial, orange)',
+               fontsize=8)
+  return fig
+
+
+def plot_block_mask(block_mask: Any, path: str | os.PathLike, *, group: int = 0,
+                    title: str | None = None, dpi: int = 100) -> pathlib.Path:
+  """Writes `block_mask_figure(...)` as a PNG at `path`; returns the path."""
+  return _save(block_mask_figure(block_mask, group=group, title=title), path, dpi)

@@ -235,3 +235,14 @@ def test_cli_writes_png(two_runs, tmp_path):
       capture_output=True, text=True, check=False)
   assert proc.returncode == 0, proc.stderr
   assert proc.stdout.strip() == str(out) and out.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_block_mask_picture_counts_the_visited_blocks(tmp_path):
+  bm = ops.block_mask(ops.and_masks(ops.mask_mods.causal(), ops.mask_mods.sliding_window(7)),
+                      batch=1, heads=1, q_len=40, block_size=8)
+  fig = plots.block_mask_figure(bm, title='window')
+  title = fig.axes[0].get_title()
+  visited = int(bm.visited().sum())
+  assert f'visited {visited} of 25 blocks' in title and visited < 25
+  path = plots.plot_block_mask(bm, tmp_path / 'bm.png')
+  assert matplotlib.image.imread(path).shape[:2][0] > 100

@@ -36,3 +36,21 @@ def test_bench_attention_reports_every_case(tmp_path):
   assert result['matmul_gflops'] > 0
   assert 'ratio = jax_nn time' in proc.stdout
   assert (tmp_path / 'attention.png').exists()
+
+
+def test_bench_attention_pattern_suite_reports_density_ratios(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, 'experiments/bench_attention.py', '--suite', 'patterns', '--lengths',
+       '256', '--impls', 'attn_blockwise,jax_nn', '--patterns', 'causal,causal_mod,softcap',
+       '--passes', 'fwd+bwd', '--block', '64', '--budget_s', '0.1', '--max_reps', '1',
+       '--out', str(tmp_path)],
+      cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  result = json.loads((tmp_path / 'patterns.json').read_text())
+  rows = {(r['impl'], r['pattern']): r for r in result['rows']}
+  for pattern in ('causal', 'causal_mod', 'softcap'):
+    assert rows[('attn_blockwise', pattern)]['status'] == 'ok'
+  assert rows[('jax_nn', 'causal_mod')]['status'] == 'ok'
+  assert rows[('jax_nn', 'softcap')]['status'] == 'n/a (no score mod)'
+  assert rows[('attn_blockwise', 'causal_mod')]['build_s'] > 0  # the block mask, timed apart
+  assert 'vs ref' in (tmp_path / 'patterns.txt').read_text()
