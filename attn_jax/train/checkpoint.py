@@ -8,12 +8,19 @@ Each step directory holds two items: 'state' (the TrainState pytree: params, opt
 RNG key) and 'data' (each process's iterator `get_state()` as JSON, keyed by process index;
 bytes states are base64-wrapped).
 Saves are async: arrays are copied to host before `save` returns (so the next step may donate
-them) and written in a background thread. A latest checkpoint that fails to restore (truncated
-or corrupt files) is moved aside with a warning and the previous one is used.
+them) and written in a background thread; a save killed before orbax commits it is a temporary
+directory that the next run deletes.
+
+Restore tells a checkpoint of another experiment from a damaged one. It first compares the
+step's metadata (tree structure, shapes and dtypes, read without any array) with the state the
+run builds: a difference raises `StateMismatchError` naming the arrays and changes nothing on
+disk. A step whose metadata or arrays do not read (truncated, missing, bad metadata) is moved
+aside to `corrupt_<step>` with a warning and the previous step is tried.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import logging
@@ -96,6 +103,81 @@ class Restored(NamedTuple):
   data_state: Any
 
 
+class StateMismatchError(ValueError):
+  """A checkpoint holds a train state of other structure, shapes or dtypes than the run builds:
+  another experiment's (a changed model size, optimizer...), not a damaged one. Nothing is
+  moved or rewritten.
+
+  Attributes:
+    step: the checkpoint's step.
+    differences: one string per differing array, `'<name> <checkpoint> -> <this run>'` where
+      each side is `'<shape> <dtype>'` or 'missing'.
+    summary: the message without its advice, for a caller that words the ways forward itself.
+  """
+
+  def __init__(self, message: str, *, step: int, differences: list[str], summary: str = ''):
+    super().__init__(message)
+    self.step, self.differences, self.summary = step, differences, summary or message
+
+
+def _key_name(key: Any) -> str:
+  for attr in ('key', 'name', 'idx'):  # DictKey / FlattenedIndexKey, GetAttrKey, SequenceKey
+    if hasattr(key, attr):
+      return str(getattr(key, attr))
+  return str(key)
+
+
+def _describe(spec: tuple[tuple[int, ...], np.dtype] | None) -> str:
+  return 'missing' if spec is None else f'{spec[0]} {spec[1]}'
+
+
+def state_differences(saved: Mapping[str, tuple[tuple[int, ...], np.dtype]],
+                      abstract_state: Any) -> list[str]:
+  """`'<name> <saved> -> <wanted>'` for each array whose shape or dtype differs between the
+  checkpoint's `{name: (shape, dtype)}` and `abstract_state`, or that only one of them has;
+  parameters first (the optimizer's moments repeat them).
+
+  Names are the dotted key paths orbax stores (`params.decoder.layer_0.kernel`,
+  `opt_state.1.0.mu.embedding`), so sharding and container classes do not count.
+  """
+  wanted = {'.'.join(_key_name(k) for k in path): (tuple(x.shape), np.dtype(x.dtype))
+            for path, x in jax.tree_util.tree_flatten_with_path(abstract_state)[0]}
+  names = sorted(set(saved) | set(wanted), key=lambda n: (not n.startswith('params.'), n))
+  return [f'{name} {_describe(saved.get(name))} -> {_describe(wanted.get(name))}'
+          for name in names if saved.get(name) != wanted.get(name)]
+
+
+def _run_and_drain(coro: Any) -> Any:
+  """orbax's `asyncio_utils._run_sync_via_new_loop`, except that the loop is closed only once
+  every task started on it has finished.
+
+  When one array of a restore fails, `asyncio.gather` returns the error while the reads of the
+  other arrays are still in flight; orbax then closes the loop under them and TensorStore's
+  threads, finishing those reads, call into the closed loop ('RuntimeError: Event loop is
+  closed' tracebacks, 'Task exception was never retrieved'), long after the failure was handled.
+  """
+  loop = asyncio.new_event_loop()
+  try:
+    asyncio.set_event_loop(loop)
+    try:
+      return loop.run_until_complete(coro)
+    finally:
+      pending = asyncio.all_tasks(loop)
+      if pending:  # Only after a failure: a finished coroutine has awaited all it started.
+        loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+  finally:
+    asyncio.set_event_loop(None)
+    loop.close()
+
+
+def _drain_orbax_event_loops() -> None:
+  """Makes orbax's synchronous calls use `_run_and_drain` (once per process; a no-op if this
+  orbax version has no such function, which tests/train/test_checkpoint.py would notice)."""
+  from orbax.checkpoint._src import asyncio_utils
+  if getattr(asyncio_utils, '_run_sync_via_new_loop', _run_and_drain) is not _run_and_drain:
+    asyncio_utils._run_sync_via_new_loop = _run_and_drain
+
+
 def with_shardings(abstract_state: Any, shardings: Any | None) -> Any:
   """Attaches shardings to a `jax.eval_shape` tree so orbax restores arrays in place.
 
@@ -152,8 +234,13 @@ class Checkpointer:
         cleanup_tmp_directories=True,  # Half-written saves of a killed run.
         create=True,
     )
-    self._manager = ocp.CheckpointManager(self.directory, options=options,
-                                          item_names=('state', 'data'))
+    _drain_orbax_event_loops()
+    # Handlers named up front (not inferred from the first save/restore's args), so a fresh
+    # process can read a step's metadata before restoring it.
+    self._manager = ocp.CheckpointManager(
+        self.directory, options=options,
+        item_handlers={'state': ocp.StandardCheckpointHandler(),
+                       'data': ocp.JsonCheckpointHandler()})
     self._requested: set[int] = set()  # Includes saves still being written asynchronously.
 
   def all_steps(self) -> list[int]:
@@ -204,7 +291,12 @@ class Checkpointer:
       step: a specific step; it must exist and load (no fallback).
 
     Returns:
-      `Restored(step, state, data_state)` or None if the directory has no checkpoint.
+      `Restored(step, state, data_state)` or None if the directory has no checkpoint (or
+      none that reads).
+
+    Raises:
+      StateMismatchError: the latest readable step (or `step`) holds a state of other
+        structure, shapes or dtypes than `abstract_state`; nothing was moved or rewritten.
     """
     if any(getattr(x, 'sharding', None) is None
            for x in jax.tree_util.tree_leaves(abstract_state)):
@@ -213,21 +305,55 @@ class Checkpointer:
       if step not in self._manager.all_steps():
         raise ValueError(f'no checkpoint for step {step} in {self.directory}; '
                          f'have {self.all_steps()}')
+      self._check_state(step, self._saved_arrays(step), abstract_state)
       return self._restore(step, abstract_state)
     for candidate in sorted(self._manager.all_steps(), reverse=True):
       try:
+        saved = self._saved_arrays(candidate)
+      except Exception as e:  # noqa: BLE001 - whatever the reason, its metadata is unusable.
+        self._set_aside_corrupt(candidate, 'has unreadable metadata', e)
+        continue
+      # A mismatch is refused before any array is read, so nothing is quarantined for it.
+      self._check_state(candidate, saved, abstract_state)
+      try:
         return self._restore(candidate, abstract_state)
-      except Exception as e:  # noqa: BLE001 - any failure to read means "unusable".
-        logging.warning('checkpoint step %d in %s does not restore (%s: %s); moving it aside '
-                        'and falling back to the previous one', candidate, self.directory,
-                        type(e).__name__, str(e)[:300])
-        self._quarantine(candidate)
+      except Exception as e:  # noqa: BLE001 - the metadata matched: its files are damaged.
+        self._set_aside_corrupt(candidate, 'does not restore', e)
     return None
+
+  def _saved_arrays(self, step: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """`{dotted name: (shape, dtype)}` of the step's state, from its metadata alone."""
+    metadata = self._manager.item_metadata(step)['state']
+    if metadata is None or not hasattr(metadata, 'tree'):
+      raise ValueError(f'no state metadata in {self.directory / str(step)}')
+    flat = ocp.tree.to_flat_dict(metadata.tree)
+    if not flat:
+      raise ValueError(f'empty state metadata in {self.directory / str(step)}')
+    return {'.'.join(str(k) for k in key): (tuple(x.shape), np.dtype(x.dtype))
+            for key, x in flat.items()}
+
+  def _check_state(self, step: int, saved: Mapping[str, Any], abstract_state: Any) -> None:
+    differences = state_differences(saved, abstract_state)
+    if not differences:
+      return
+    shown = '; '.join(differences[:3]) + ('; ...' if len(differences) > 3 else '')
+    summary = (f'checkpoint step {step} in {self.directory} holds a train state that differs '
+               f"from this run's in {len(differences)} arrays (checkpoint -> this run: {shown})")
+    raise StateMismatchError(
+        f"{summary}. It was left as it is: train in a new workdir, or set "
+        "config.train.on_mismatch='restart' to move the old run aside and start over.",
+        step=step, differences=differences, summary=summary)
 
   def _restore(self, step: int, abstract_state: Any) -> Restored:
     out = self._manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
     return Restored(step, out['state'], _data_state_from_item(out['data']))
+
+  def _set_aside_corrupt(self, step: int, what: str, error: Exception) -> None:
+    logging.warning('checkpoint step %d in %s %s (%s: %s); moving it aside to corrupt_%d and '
+                    'falling back to the previous one', step, self.directory, what,
+                    type(error).__name__, str(error)[:300], step)
+    self._quarantine(step)
 
   def _quarantine(self, step: int) -> None:
     # Renamed, not deleted: the files may help debugging, and orbax ignores non-step names.

@@ -46,6 +46,11 @@ def default_train() -> ml_collections.ConfigDict:
   c.best_metric = ''  # e.g. 'valid/loss': that checkpoint is kept too.
   c.best_mode = 'min'
   c.async_checkpoint = True
+  # A workdir whose checkpoint holds a state of other shapes than this config builds (a changed
+  # model size, optimizer...): 'error' stops before anything is written; 'restart' moves the
+  # old run whole into workdir/replaced_<n>/ and trains from step 0. Either way the old run
+  # stays intact; changes that keep the state's shapes (steps, eval, learning rate) resume.
+  c.on_mismatch = 'error'
   c.nonfinite = 'skip'  # 'skip' the update, or 'raise' (stop naming the step).
   c.max_eval_batches = 0  # 0 = whole eval iterable.
   c.tensorboard = True

@@ -15,7 +15,11 @@ its own rows of each global batch; use `parallel.mode='sharded'`.
 
 Resume: if `workdir/checkpoints` holds a checkpoint, the state (params, optimizer, step, RNG)
 and the iterator position are restored, so a killed run continues with exactly the batches
-and dropout masks it would have seen. SIGTERM saves a checkpoint and returns early.
+and dropout masks it would have seen; `metrics.jsonl` is cut back to the restored step only
+then. A checkpoint whose state has other shapes than this config builds is refused before
+anything is written (`checkpoint.StateMismatchError`), unless `config.train.on_mismatch` is
+'restart': the old run then moves whole into `workdir/replaced_<n>/`, as it does when every
+checkpoint is damaged. SIGTERM saves a checkpoint and returns early.
 """
 
 from __future__ import annotations
@@ -41,6 +45,8 @@ from attn_jax.train.metrics import MetricWriter
 
 EvalHook = Callable[[state_lib.TrainState, int], Mapping[str, float]]
 CHECKPOINTS_DIR = 'checkpoints'  # Under the workdir, beside metrics.METRICS_FILE.
+REPLACED_PREFIX = 'replaced_'  # workdir/replaced_<n>/: a run moved aside to start over.
+ON_MISMATCH = ('error', 'restart')
 
 
 @dataclasses.dataclass
@@ -68,6 +74,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       raise ValueError(f'config.train.{field}={t[field]!r} must be an int >= 0')
   validate_choices(config, 'train.nonfinite', step_lib.NONFINITE_MODES)
   validate_choices(config, 'train.best_mode', ckpt_lib.BEST_MODES)
+  validate_choices(config, 'train.on_mismatch', ON_MISMATCH)
   if 'parallel' in config:
     validate_choices(config, 'parallel.mode', parallel.PARALLEL_MODES)
 
@@ -133,6 +140,73 @@ class _Runner:
     return parallel.unreplicate(metrics) if self.mode == 'pmap' else metrics
 
 
+def set_aside(workdir: str | os.PathLike, keep: Sequence[str] = ()) -> pathlib.Path:
+  """Moves everything in `workdir` but the names in `keep` and earlier set-asides into a new
+  `workdir/replaced_<n>/` (n = 1, 2, ...), which reads as a workdir of its own; returns it.
+
+  Renames only, nothing is deleted or copied. Process 0 moves; every process waits for it.
+  """
+  workdir = pathlib.Path(workdir)
+  _sync('set_aside_start')
+  n = 1
+  while (workdir / f'{REPLACED_PREFIX}{n}').exists():
+    n += 1
+  target = workdir / f'{REPLACED_PREFIX}{n}'
+  if jax.process_index() == 0:
+    entries = [e for e in sorted(workdir.iterdir())
+               if e.name not in keep and not e.name.startswith(REPLACED_PREFIX)]
+    target.mkdir()
+    for entry in entries:
+      entry.rename(target / entry.name)
+  _sync('set_aside_done')
+  return target
+
+
+def _sync(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+
+
+def _restore_or_start_over(config, workdir: pathlib.Path, runner: _Runner,
+                           keep_on_restart: Sequence[str]
+                           ) -> tuple[ckpt_lib.Checkpointer, ckpt_lib.Restored | None]:
+  """The open Checkpointer and the restored checkpoint (None: train from step 0).
+
+  Only renames happen here (damaged steps to `corrupt_<step>`, or the old run to
+  `replaced_<n>/`); nothing is written or cut back. A refusal closes the Checkpointer, so that
+  the process exits cleanly.
+  """
+  t = config.train
+
+  def open_checkpointer():
+    return ckpt_lib.Checkpointer(workdir / CHECKPOINTS_DIR, max_to_keep=t.keep_checkpoints,
+                                 best_metric=t.best_metric or None, best_mode=t.best_mode,
+                                 async_save=t.async_checkpoint)
+
+  ckpt = open_checkpointer()
+  try:
+    had_checkpoints = bool(ckpt.all_steps())
+    try:
+      restored = ckpt.restore(runner.abstract_for_restore())
+    except ckpt_lib.StateMismatchError as e:
+      if t.on_mismatch != 'restart':
+        raise
+      reason = f"{e.summary}, and config.train.on_mismatch='restart'"
+    else:
+      if restored is not None or not had_checkpoints:
+        return ckpt, restored
+      # Its metrics describe steps that can no longer be resumed: keep them with the run.
+      reason = 'no checkpoint in the workdir restores (see the warnings above)'
+  except BaseException:
+    ckpt.close()
+    raise
+  ckpt.close()
+  aside = set_aside(workdir, keep_on_restart)
+  logging.warning('%s: moved the old run to %s and training from step 0', reason, aside)
+  return open_checkpointer(), None
+
+
 def _iterate(source: Any) -> Iterator[Any]:
   return iter(source() if callable(source) else source)
 
@@ -166,6 +240,8 @@ def train_loop(
     eval_iters: Mapping[str, Iterable[Any] | Callable[[], Iterable[Any]]] | None = None,
     eval_hooks: Sequence[EvalHook] = (),
     validated: bool = False,
+    on_start: Callable[[int], None] | None = None,
+    keep_on_restart: Sequence[str] = (),
 ) -> LoopResult:
   """Trains until `config.train.num_steps`, resuming from `workdir` if it has checkpoints.
 
@@ -186,10 +262,17 @@ def train_loop(
       with the unreplicated state.
     validated: the caller has already run `validate_config` on `config` (the experiment
       layer validates every section once, up front).
+    on_start: `on_start(start_step)`, called on every process once the state is restored (or
+      the run starts over) and before the loop writes anything: where a caller writes its own
+      run files, so that a refused re-run leaves them as they were.
+    keep_on_restart: names in `workdir` that stay when the old run is moved aside (e.g. a log
+      file being written by a parent process).
 
   Returns:
     LoopResult. Raises FloatingPointError naming the step when `nonfinite='raise'` and a
-    step's loss or gradient was NaN/Inf.
+    step's loss or gradient was NaN/Inf, and `checkpoint.StateMismatchError` (nothing written)
+    when the workdir's checkpoint holds a state of other shapes and
+    `config.train.on_mismatch='error'`.
   """
   if not validated:
     validate_config(config)
@@ -200,24 +283,27 @@ def train_loop(
   runner = _Runner(config, init_params, loss_fn, tx, schedule)
   logging.info('model has %d parameters', state_lib.param_count(runner.abstract.params))
 
-  ckpt = ckpt_lib.Checkpointer(workdir / CHECKPOINTS_DIR, max_to_keep=t.keep_checkpoints,
-                               best_metric=t.best_metric or None, best_mode=t.best_mode,
-                               async_save=t.async_checkpoint)
-  restored = ckpt.restore(runner.abstract_for_restore())
-  if restored is None:
-    state = runner.init()
-    start = 0
-  else:
-    state, start = runner.place(restored.state), restored.step
-    if restored.data_state is not None and hasattr(train_iter, 'set_state'):
-      train_iter.set_state(restored.data_state)
+  ckpt, restored = _restore_or_start_over(config, workdir, runner, keep_on_restart)
+  try:
+    if restored is None:
+      state = runner.init()
+      start = 0
     else:
-      logging.warning('resumed at step %d but the train iterator state was not restored '
-                      '(iterator has no set_state or checkpoint has none)', start)
-    logging.info('resumed from checkpoint step %d', start)
-
-  writer = MetricWriter(workdir, total_steps=t.num_steps, start_step=start,
-                        tensorboard=t.tensorboard, progress=t.progress)
+      state, start = runner.place(restored.state), restored.step
+      if restored.data_state is not None and hasattr(train_iter, 'set_state'):
+        train_iter.set_state(restored.data_state)
+      else:
+        logging.warning('resumed at step %d but the train iterator state was not restored '
+                        '(iterator has no set_state or checkpoint has none)', start)
+      logging.info('resumed from checkpoint step %d', start)
+    if on_start is not None:
+      on_start(start)
+    # Cuts metrics.jsonl back to `start`: only now that the restore has succeeded.
+    writer = MetricWriter(workdir, total_steps=t.num_steps, start_step=start,
+                          tensorboard=t.tensorboard, progress=t.progress)
+  except BaseException:
+    ckpt.close()
+    raise
   result = LoopResult(state=None, step=start, start_step=start)
   check_every = 1 if jax.process_count() == 1 else t.preemption_check_every
 

@@ -1,44 +1,40 @@
 """A tiny training run for the SIGKILL/resume test: `python -m tests.train.loop_worker DIR K`.
 
-With K >= 0 the process SIGKILLs itself when the loop asks for batch K (after the checkpoint
-at step CHECKPOINT_EVERY has had time to land); K = -1 trains to the end.
+With K >= 0 the process SIGKILLs itself in the background thread that writes the asynchronous
+checkpoint of step K, once the arrays are written and before orbax commits them (renames the
+temporary directory to the step number): a partial step is left on disk beside the committed
+ones, and the metrics of the steps trained meanwhile are in metrics.jsonl. K = -1 trains to
+the end.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import pathlib
 import signal
 import sys
-import time
 
 from attn_jax.train import config as train_config
 from attn_jax.train import loop
 from tests.train import tiny
 
 NUM_STEPS = 8
-CHECKPOINT_EVERY = 3
-KILL_AT = 5
+CHECKPOINT_EVERY = 2
+KILL_AT = 3 * CHECKPOINT_EVERY  # Steps 2 and 4 are committed by then.
 
 
-class _KillingIterator(tiny.BatchIterator):
+def kill_when_committing(step: int) -> None:
+  """SIGKILLs this process when orbax starts committing the checkpoint of `step`."""
+  from orbax.checkpoint._src.path import atomicity
 
-  def __init__(self, workdir: str, kill_at: int):
-    super().__init__(seed=1)
-    self.workdir, self.kill_at = pathlib.Path(workdir), kill_at
+  commit = atomicity.AtomicRenameTemporaryPath.finalize
 
-  def __next__(self):
-    if self.index == self.kill_at:
-      # Die only once the async checkpoint of step CHECKPOINT_EVERY is committed (orbax
-      # renames the finished temporary directory to its step number), so the restart has
-      # something to resume from; metrics of later steps are already in metrics.jsonl.
-      done = self.workdir / 'checkpoints' / str(CHECKPOINT_EVERY)
-      deadline = time.time() + 60
-      while not done.is_dir() and time.time() < deadline:
-        time.sleep(0.05)
+  async def finalize(self, *args, **kwargs):
+    if self.get().name.startswith(f'{step}.'):  # '<step>.orbax-checkpoint-tmp-<time>'
       os.kill(os.getpid(), signal.SIGKILL)
-    return super().__next__()
+    return await commit(self, *args, **kwargs)
+
+  atomicity.AtomicRenameTemporaryPath.finalize = finalize
 
 
 def config():
@@ -50,12 +46,14 @@ def config():
   return c
 
 
-def run(workdir, kill_at: int = -1):
+def run(workdir):
   init_params, loss_fn = tiny.make_task(dropout_rate=0.2)
   return loop.train_loop(config(), workdir, init_params=init_params, loss_fn=loss_fn,
-                         train_iter=_KillingIterator(workdir, kill_at))
+                         train_iter=tiny.BatchIterator(seed=1))
 
 
 if __name__ == '__main__':
   logging.basicConfig(level=logging.INFO)
-  print(f'start_step={run(sys.argv[1], int(sys.argv[2])).start_step}')
+  if int(sys.argv[2]) >= 0:
+    kill_when_committing(int(sys.argv[2]))
+  print(f'start_step={run(sys.argv[1]).start_step}')

@@ -1,7 +1,9 @@
-"""Checkpoint save/restore, retention, corrupt-latest fallback, SIGTERM and SIGKILL resume."""
+"""Checkpoint save/restore, retention, corrupt-latest fallback, mismatch refusal, SIGTERM and
+SIGKILL resume."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import signal
@@ -94,6 +96,60 @@ def test_corrupt_latest_falls_back_with_warning(tmp_path, caplog):
   ck.close()
 
 
+def _truncate_array_data(step_dir):
+  """Halves the OCDBT data files the state's arrays are read from (`state/d/`); _METADATA,
+  _sharding and the manifests stay whole, so the step still looks restorable."""
+  data = [p for p in (step_dir / 'state' / 'd').iterdir() if p.is_file()]
+  assert data
+  for p in data:
+    p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+
+
+def test_truncated_array_data_falls_back_to_previous(tmp_path):
+  state, abstract = _state()
+  ck = ckpt_lib.Checkpointer(tmp_path, max_to_keep=3, async_save=False)
+  ck.save(1, state, data_state={'index': 1})
+  ck.save(2, state.replace(step=jnp.int32(8)), data_state={'index': 2})
+  ck.close()
+  _truncate_array_data(tmp_path / '2')
+  ck = ckpt_lib.Checkpointer(tmp_path, max_to_keep=3)
+  got = ck.restore(abstract)
+  ck.close()
+  assert got.step == 1 and got.data_state == {'index': 1}
+  chex.assert_trees_all_equal(got.state, state)
+  assert (tmp_path / 'corrupt_2').is_dir() and ck.all_steps() == [1]
+
+
+def _checksums(root):
+  return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+          for p in sorted(root.rglob('*')) if p.is_file()}
+
+
+def test_state_mismatch_is_refused_and_changes_nothing(tmp_path):
+  state, _ = _state()
+  ck = ckpt_lib.Checkpointer(tmp_path, async_save=False)
+  ck.save(1, state)
+  ck.save(2, state)
+  ck.close()
+  before = _checksums(tmp_path)
+  # One parameter wider and one more: 6 arrays differ (each with its two Adam moments).
+  init = lambda r: {'w': jnp.zeros((3, 5)), 'b': jnp.zeros(4), 'c': jnp.zeros(2)}  # noqa: E731
+  other = jax.eval_shape(lambda: state_lib.init_state(init, optax.adam(1e-3),
+                                                      jax.random.PRNGKey(0)))
+  ck = ckpt_lib.Checkpointer(tmp_path)
+  with pytest.raises(ckpt_lib.StateMismatchError) as e:
+    ck.restore(other)
+  with pytest.raises(ckpt_lib.StateMismatchError):
+    ck.restore(other, step=1)
+  ck.close()
+  message = str(e.value)
+  assert e.value.step == 2 and len(e.value.differences) == 6, e.value.differences
+  assert 'step 2' in message and 'params.w (3, 4) float32 -> (3, 5) float32' in message
+  assert 'params.c missing' in message and "on_mismatch='restart'" in message
+  assert '\n' not in message  # One line for the command line.
+  assert _checksums(tmp_path) == before  # Nothing quarantined, nothing rewritten.
+
+
 def test_sigterm_sets_flag_and_handler_is_restored():
   before = signal.getsignal(signal.SIGTERM)
   with ckpt_lib.PreemptionHandler() as p:
@@ -125,13 +181,25 @@ def _losses(workdir):
 
 
 @pytest.mark.slow
-def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
-  killed = tmp_path / 'killed'
+def test_sigkill_during_async_write_and_truncated_latest_resume_exactly(tmp_path):
+  """Killed while the checkpoint of step 6 is being written (2 and 4 committed), then step 4's
+  array data is cut short: the restart ignores the partial step, moves 4 aside, resumes from
+  2 without asyncio teardown errors, and ends bitwise where an uninterrupted run does."""
+  killed, ckpts = tmp_path / 'killed', tmp_path / 'killed' / 'checkpoints'
   first = _run_worker(killed, loop_worker.KILL_AT, tmp_path / 'jax_cache')
   assert first.returncode == -signal.SIGKILL, first.stderr[-3000:]
+  every = loop_worker.CHECKPOINT_EVERY
+  assert sorted(p.name for p in ckpts.iterdir() if p.name.isdigit()) == [str(every),
+                                                                         str(2 * every)]
+  assert any(p.name.startswith(f'{loop_worker.KILL_AT}.') for p in ckpts.iterdir())  # Partial.
+  assert max(_losses(killed)) >= loop_worker.KILL_AT  # Logged before the kill; cut back later.
+  _truncate_array_data(ckpts / str(2 * every))
   second = _run_worker(killed, -1, tmp_path / 'jax_cache')
   assert second.returncode == 0, second.stderr[-3000:]
-  assert f'start_step={loop_worker.CHECKPOINT_EVERY}' in second.stdout, second.stdout
+  assert f'start_step={every}' in second.stdout, second.stdout
+  assert (ckpts / f'corrupt_{2 * every}').is_dir()
+  for noise in ('Event loop is closed', 'never retrieved', 'Exception ignored'):
+    assert noise not in second.stderr, second.stderr[-3000:]
   # The uninterrupted reference runs here, in-process, with the worker's exact config.
   reference = tmp_path / 'reference'
   loop_worker.run(reference)

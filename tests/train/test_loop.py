@@ -1,8 +1,9 @@
 """train_loop end to end on the tiny task: metrics, eval, checkpoints, resume across
-parallel modes, SIGTERM, non-finite handling, config errors."""
+parallel modes, SIGTERM, state mismatch, non-finite handling, config errors."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import time
@@ -11,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from attn_jax.train import checkpoint as ckpt_lib
 from attn_jax.train import config as train_config
 from attn_jax.train import loop
 from attn_jax.train.metrics import read_metrics
@@ -146,10 +148,51 @@ def test_steps_per_second_leaves_out_eval_time(tmp_path):
   assert _by_step(tmp_path, 'train/steps_per_second')[4] > 4.0
 
 
+def _checksums(root):
+  return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+          for p in sorted(root.rglob('*')) if p.is_file()}
+
+
+def test_state_mismatch_is_refused_unless_restart_moves_the_run_aside(tmp_path):
+  def wide_task(rng):
+    return {'w': jnp.ones((3, 2))}
+
+  config = _config(num_steps=2, eval_every=0, checkpoint_every=1, best_metric='',
+                   log_every=1, tensorboard=False)
+  batches = lambda: iter([{'scale': np.float32(1.0)}] * 2)  # noqa: E731
+  init_params, loss_fn = _scalar_task()
+  loop.train_loop(config, tmp_path, init_params=init_params, loss_fn=loss_fn,
+                  train_iter=batches())
+  before = _checksums(tmp_path)
+  with pytest.raises(ckpt_lib.StateMismatchError, match=r'params.w \(2, 2\) float32 -> \(3, 2\)'):
+    loop.train_loop(config, tmp_path, init_params=wide_task, loss_fn=loss_fn,
+                    train_iter=batches())
+  assert _checksums(tmp_path) == before
+  config.train.on_mismatch = 'restart'
+  started = []
+  result = loop.train_loop(config, tmp_path, init_params=wide_task, loss_fn=loss_fn,
+                           train_iter=batches(), on_start=started.append)
+  assert result.start_step == 0 and result.step == 2 and started == [0]
+  assert _checksums(tmp_path / 'replaced_1') == before  # The old run, whole, beside the new.
+  assert [r['step'] for r in read_metrics(tmp_path)] == [1, 2]
+  assert result.state.params['w'].shape == (3, 2)
+  # Every checkpoint damaged: nothing restores, so the metrics are not cut back to step 0 but
+  # move aside with the run they describe.
+  for step_dir in (tmp_path / 'checkpoints').iterdir():
+    (step_dir / 'state' / '_METADATA').unlink()
+  again = loop.train_loop(config, tmp_path, init_params=wide_task, loss_fn=loss_fn,
+                          train_iter=batches())
+  assert again.start_step == 0
+  assert [r['step'] for r in read_metrics(tmp_path / 'replaced_2')] == [1, 2]
+  assert sorted(p.name for p in (tmp_path / 'replaced_2' / 'checkpoints').iterdir()) == [
+      'corrupt_1', 'corrupt_2']
+
+
 @pytest.mark.parametrize('section,field,value,match', [
     ('train', 'num_steps', 0, r'config.train.num_steps=0 must be an int >= 1'),
     ('train', 'eval_every', -1, r'config.train.eval_every=-1'),
     ('train', 'nonfinite', 'warn', r"config.train.nonfinite='warn' is not one of"),
+    ('train', 'on_mismatch', 'ignore', r"config.train.on_mismatch='ignore' is not one of"),
     ('parallel', 'mode', 'dp', r"config.parallel.mode='dp' is not one of"),
     ('optim', 'name', 'lion', r"config.optim.name='lion' is not one of"),
 ])
