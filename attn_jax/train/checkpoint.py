@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import logging
 import math
 import os
 import signal
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -76,11 +77,15 @@ def _gather_strings(text: str) -> list[str]:
   return [bytes(row[:int(n)]).decode() for row, n in zip(rows, lengths.reshape(-1), strict=True)]
 
 
-def _data_item(data_state: Any) -> dict[str, Any]:
-  """The JSON item holding every process's iterator state (each process reads its shard)."""
+def _data_item(data_state: Any, eval_pending: bool = False) -> dict[str, Any]:
+  """The JSON item holding every process's iterator state (each process reads its shard), and
+  whether the eval of this step was interrupted (the resumed run does it first)."""
   states = _gather_strings(json.dumps(encode_data_state(data_state)))
-  return {'num_processes': len(states),
+  item = {'num_processes': len(states),
           'per_process': {str(i): json.loads(x) for i, x in enumerate(states)}}
+  if eval_pending:
+    item['eval_pending'] = True
+  return item
 
 
 def _data_state_from_item(item: Mapping[str, Any] | None) -> Any:
@@ -101,6 +106,7 @@ class Restored(NamedTuple):
   step: int
   state: Any
   data_state: Any
+  eval_pending: bool = False  # Saved by a SIGTERM during this step's eval.
 
 
 class StateMismatchError(ValueError):
@@ -261,17 +267,19 @@ class Checkpointer:
     return min(ranked)[1] if ranked else None
 
   def save(self, step: int, state: Any, *, data_state: Any = None,
-           metrics: Mapping[str, float] | None = None, force: bool = False) -> bool:
+           metrics: Mapping[str, float] | None = None, force: bool = False,
+           eval_pending: bool = False) -> bool:
     """Starts saving `state` (and the iterator state) as checkpoint `step`.
 
     Returns False if `step` is already saved (e.g. a preemption save right after a periodic
-    one). `metrics` (Python floats) rank the checkpoint for `best_metric`.
+    one). `metrics` (Python floats) rank the checkpoint for `best_metric`; `eval_pending`
+    records that the eval of `step` was interrupted (see `Restored`).
     """
     if step in self._requested or step in self._manager.all_steps():
       return False
     self._requested.add(step)
     args = ocp.args.Composite(state=ocp.args.StandardSave(state),
-                              data=ocp.args.JsonSave(_data_item(data_state)))
+                              data=ocp.args.JsonSave(_data_item(data_state, eval_pending)))
     metrics = {k: float(v) for k, v in metrics.items()} if metrics else None
     return bool(self._manager.save(step, args=args, metrics=metrics, force=force))
 
@@ -291,8 +299,8 @@ class Checkpointer:
       step: a specific step; it must exist and load (no fallback).
 
     Returns:
-      `Restored(step, state, data_state)` or None if the directory has no checkpoint (or
-      none that reads).
+      `Restored(step, state, data_state, eval_pending)` or None if the directory has no
+      checkpoint (or none that reads).
 
     Raises:
       StateMismatchError: the latest readable step (or `step`) holds a state of other
@@ -347,7 +355,8 @@ class Checkpointer:
   def _restore(self, step: int, abstract_state: Any) -> Restored:
     out = self._manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
-    return Restored(step, out['state'], _data_state_from_item(out['data']))
+    return Restored(step, out['state'], _data_state_from_item(out['data']),
+                    bool((out['data'] or {}).get('eval_pending')))
 
   def _set_aside_corrupt(self, step: int, what: str, error: Exception) -> None:
     logging.warning('checkpoint step %d in %s %s (%s: %s); moving it aside to corrupt_%d and '
@@ -370,8 +379,17 @@ class Checkpointer:
     self._manager.reload()
 
 
+class Preempted(BaseException):
+  """Raised inside `PreemptionHandler.interruptible()` by a stop request.
+
+  A BaseException, like KeyboardInterrupt, so that an eval hook's `except Exception` does not
+  swallow it.
+  """
+
+
 class PreemptionHandler:
-  """Turns SIGTERM into a flag the loop polls, so it can save and exit cleanly.
+  """Turns SIGTERM into a flag the loop polls, so it can save and exit cleanly; inside
+  `interruptible()` (an eval) it raises `Preempted` at once instead.
 
   Multi-host runs also consult orbax's preemption sync point (the JAX coordination service
   agrees on one step across hosts). Use as a context manager to restore the old handler.
@@ -381,6 +399,7 @@ class PreemptionHandler:
     self._event = threading.Event()
     self._signals = signals
     self._previous: dict[int, Any] = {}
+    self._interruptible = False
 
   def __enter__(self) -> PreemptionHandler:
     if threading.current_thread() is threading.main_thread():
@@ -397,8 +416,32 @@ class PreemptionHandler:
 
   def _handle(self, signum, frame) -> None:
     del frame
-    logging.warning('received signal %d: will checkpoint and stop after this step', signum)
     self._event.set()
+    if self._interruptible:
+      self._interruptible = False  # A second signal, while this one unwinds, only sets the flag.
+      logging.warning('received signal %d: stopping the eval to checkpoint and stop', signum)
+      raise Preempted(signum)
+    logging.warning('received signal %d: will checkpoint and stop after this step', signum)
+
+  @contextlib.contextmanager
+  def interruptible(self) -> Iterator[None]:
+    """A section (an eval, which can outlast a scheduler's grace period) that a stop request
+    ends at once by raising `Preempted`, also if it came before the section began.
+
+    With one process only, and only while the handler is installed: with several processes, one
+    leaving an eval early would leave the others waiting in its collectives, so the stop is
+    taken after the section as usual.
+    """
+    if not self._previous or jax.process_count() > 1:
+      yield
+      return
+    self._interruptible = True
+    try:
+      if self._event.is_set():
+        raise Preempted(signal.SIGTERM)
+      yield
+    finally:
+      self._interruptible = False
 
   def trigger(self) -> None:
     """Requests a stop as SIGTERM would (tests, external schedulers)."""

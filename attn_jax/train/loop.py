@@ -19,7 +19,8 @@ and dropout masks it would have seen; `metrics.jsonl` is cut back to the restore
 then. A checkpoint whose state has other shapes than this config builds is refused before
 anything is written (`checkpoint.StateMismatchError`), unless `config.train.on_mismatch` is
 'restart': the old run then moves whole into `workdir/replaced_<n>/`, as it does when every
-checkpoint is damaged. SIGTERM saves a checkpoint and returns early.
+checkpoint is damaged. SIGTERM saves a checkpoint and returns early; during an eval, at once
+(the eval is done again on resume).
 """
 
 from __future__ import annotations
@@ -304,16 +305,19 @@ def train_loop(
   except BaseException:
     ckpt.close()
     raise
+  eval_pending = restored is not None and restored.eval_pending and (eval_iters or eval_hooks)
   result = LoopResult(state=None, step=start, start_step=start)
   check_every = 1 if jax.process_count() == 1 else t.preemption_check_every
 
   def data_state():
     return train_iter.get_state() if hasattr(train_iter, 'get_state') else None
 
-  def run_eval(step):
-    scalars = evaluate(runner, state, eval_iters, t.max_eval_batches) if eval_iters else {}
-    for hook in eval_hooks:
-      scalars.update(hook(runner.host_state(state), step))
+  def run_eval(step, preempt):
+    # A stop request ends the eval itself at once (raising Preempted), not what it writes.
+    with preempt.interruptible():
+      scalars = evaluate(runner, state, eval_iters, t.max_eval_batches) if eval_iters else {}
+      for hook in eval_hooks:
+        scalars.update(hook(runner.host_state(state), step))
     if scalars:
       writer.write(step, scalars, prefix='')
     result.last_eval = scalars
@@ -322,7 +326,13 @@ def train_loop(
   step, acc, pending, t0, t0_step, paused = start, {}, None, time.time(), start, 0.0
   try:
     with ckpt_lib.PreemptionHandler() as preempt:
-      while step < t.num_steps:
+      if eval_pending:
+        logging.info('step %d: doing the eval that a stop interrupted', step)
+        try:
+          run_eval(step, preempt)
+        except ckpt_lib.Preempted:
+          result.preempted = True  # Its checkpoint still records the eval as pending.
+      while step < t.num_steps and not result.preempted:
         try:
           batch = next(train_iter)
         except StopIteration:
@@ -350,13 +360,22 @@ def train_loop(
         eval_scalars = None
         pause_start = time.time()
         if (t.eval_every and step % t.eval_every == 0) or last:
-          eval_scalars = run_eval(step)
+          try:
+            eval_scalars = run_eval(step, preempt)
+          except ckpt_lib.Preempted:
+            logging.warning('preempted during the eval at step %d: saving a checkpoint that '
+                            'asks the resumed run to evaluate first, and stopping', step)
+            ckpt.save(step, runner.host_state(state), data_state=data_state(), force=True,
+                      eval_pending=True)
+            result.preempted = True
+            break
           logging.info('eval at step %d took %.1fs', step, time.time() - pause_start)
         if (t.checkpoint_every and step % t.checkpoint_every == 0) or last:
           ckpt.save(step, runner.host_state(state), data_state=data_state(),
                     metrics=eval_scalars)
         paused += time.time() - pause_start
-        if step % check_every == 0 and preempt.reached(step):
+        # At the last step the run is complete (evaluated and saved): nothing to stop.
+        if not last and step % check_every == 0 and preempt.reached(step):
           logging.warning('preempted: saving checkpoint at step %d and stopping', step)
           ckpt.save(step, runner.host_state(state), data_state=data_state(), force=True)
           result.preempted = True

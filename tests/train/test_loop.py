@@ -1,5 +1,6 @@
 """train_loop end to end on the tiny task: metrics, eval, checkpoints, resume across
-parallel modes, SIGTERM, state mismatch, non-finite handling, config errors."""
+parallel modes, SIGTERM (also during an eval), state mismatch, non-finite handling, config
+errors."""
 
 from __future__ import annotations
 
@@ -122,6 +123,36 @@ def _scalar_run(tmp_path, scales, nonfinite):
   batches = iter([{'scale': np.float32(s)} for s in scales])
   return loop.train_loop(config, tmp_path, init_params=init_params, loss_fn=loss_fn,
                          train_iter=batches)
+
+
+def test_sigterm_during_eval_checkpoints_at_once_and_resume_evaluates(tmp_path):
+  """A SIGTERM while an eval hook runs (as a long decode would) stops the eval at once: the
+  step is checkpointed and the loop returns; the re-run does that eval before training on."""
+  signalled, finished = [], []
+
+  def slow_hook(state, step):
+    if not signalled:
+      signalled.append(step)
+      os.kill(os.getpid(), signal.SIGTERM)
+      deadline = time.time() + 30  # Longer than a scheduler's grace period.
+      while time.time() < deadline:
+        time.sleep(0.01)
+    finished.append(step)
+    return {'hook/step': float(step)}
+
+  init_params, loss_fn = _scalar_task()
+  config = _config(num_steps=4, eval_every=2, checkpoint_every=2, best_metric='',
+                   log_every=1, tensorboard=False)
+  run = lambda: loop.train_loop(  # noqa: E731
+      config, tmp_path, init_params=init_params, loss_fn=loss_fn,
+      train_iter=iter([{'scale': np.float32(1.0)}] * 4), eval_hooks=[slow_hook])
+  result = run()
+  assert result.preempted and result.step == 2 and finished == []
+  assert sorted(p.name for p in (tmp_path / 'checkpoints').iterdir()) == ['2']
+  assert _by_step(tmp_path, 'hook/step') == {}  # The interrupted eval wrote nothing.
+  again = run()
+  assert again.start_step == 2 and again.step == 4 and finished == [2, 4]
+  assert _by_step(tmp_path, 'hook/step') == {2: 2.0, 4: 4.0}
 
 
 def test_nonfinite_raise_names_the_step(tmp_path):
