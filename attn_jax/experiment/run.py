@@ -8,6 +8,12 @@ It writes the workdir described in `attn_jax.experiment.workdir` (read by
 
 The config is validated once, by `validate_config`, before any data is generated or anything
 compiles; a bad value raises ValueError naming the field and the allowed values.
+
+A re-run on a workdir compares its config with the saved config.json. If the checkpoint holds a
+train state of other shapes (a changed model size, optimizer...), it stops with a
+`StateMismatchError` that names the changed fields, before anything is written (config.json
+included); `config.train.on_mismatch='restart'` moves the old run aside instead. Changes that
+keep the state's shapes resume, with a warning and a record in config_changes.jsonl.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import logging
 import os
 import pathlib
 import time
+from typing import Any
 
 import jax
 import ml_collections
@@ -26,7 +33,10 @@ from attn_jax.experiment import evaluation, tasks
 from attn_jax.experiment import workdir as workdir_lib
 from attn_jax.experiment.config import SECTIONS
 from attn_jax.train import loop, optim, parallel
+from attn_jax.train.checkpoint import StateMismatchError
 from attn_jax.train.metrics import best_values, read_metrics
+
+ABSENT = '<absent>'  # In config_changes: a field one config lacks (one added to the code since).
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
@@ -77,12 +87,74 @@ def write_run_files(config, bundle, workdir: pathlib.Path) -> None:
                                                      encoding='utf-8')
 
 
+def _flat(tree: dict[str, Any], prefix: str = '') -> dict[str, Any]:
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(_flat(value, f'{prefix}{key}.'))
+    else:
+      out[f'{prefix}{key}'] = value
+  return out
+
+
+def config_changes(config: ml_collections.ConfigDict, workdir: str | os.PathLike
+                   ) -> dict[str, tuple[Any, Any]]:
+  """`{'section.field': (saved value, value in config)}` for each leaf field in which `config`
+  differs from the workdir's config.json (compared as JSON), sorted; {} without one. ABSENT
+  stands for a field that one side lacks."""
+  path = pathlib.Path(workdir) / workdir_lib.CONFIG_FILE
+  if not path.exists():
+    return {}
+  try:
+    old = _flat(workdir_lib.read_json(path))
+  except ValueError as e:  # The checkpoint's own check still guards the run.
+    logging.warning('cannot compare the config with the saved one: %s', e)
+    return {}
+  new = _flat(json.loads(config.to_json_best_effort()))
+  return {k: (old.get(k, ABSENT), new.get(k, ABSENT)) for k in sorted(set(old) | set(new))
+          if old.get(k, ABSENT) != new.get(k, ABSENT)}
+
+
+def _describe(changes: dict[str, tuple[Any, Any]]) -> str:
+  return ', '.join(f'{k} {old!r} -> {new!r}' for k, (old, new) in changes.items())
+
+
+def _record_changes(changes: dict[str, tuple], workdir: pathlib.Path, step: int) -> None:
+  logging.warning('re-run of %s resumes at step %d with %d changed config field(s) (the train '
+                  'state keeps its shapes): %s', workdir, step, len(changes), _describe(changes))
+  record = {'time': time.time(), 'step': step, 'changes': {k: list(v) for k, v in changes.items()}}
+  with (workdir / workdir_lib.CONFIG_CHANGES_FILE).open('a', encoding='utf-8') as f:
+    f.write(json.dumps(record) + '\n')
+
+
+def _mismatch_message(error: StateMismatchError, changes: dict[str, tuple],
+                      workdir: pathlib.Path) -> str:
+  saved = workdir / workdir_lib.CONFIG_FILE
+  if changes:
+    what = f'this config differs from {saved} in {_describe(changes)}'
+  elif saved.exists():
+    what = f'this config equals {saved}, but the code that builds the model or optimizer changed'
+  else:
+    what = f'{workdir} holds checkpoints of another run'
+  return (f'{what}: {error.summary}. Nothing was changed. Train in another --workdir, or add '
+          f'--config.train.on_mismatch=restart to move the old run into '
+          f'{workdir / loop.REPLACED_PREFIX}<n>/ and start over.')
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike
                        ) -> loop.LoopResult:
   """Trains and evaluates the experiment `config` in `workdir` (resuming if it has
-  checkpoints); returns the loop's result. See the module docstring for the files."""
+  checkpoints); returns the loop's result. See the module docstring for the files and what a
+  re-run with a changed config does.
+
+  Raises:
+    ValueError: a bad config value (before anything runs), a bad data file.
+    StateMismatchError: the workdir's checkpoint holds a train state of other shapes than
+      `config` builds (and `config.train.on_mismatch='error'`); the workdir is unchanged.
+  """
   validate_config(config)  # Once: the layers below are told it is done (validated=True).
   workdir = pathlib.Path(workdir)
+  changes = config_changes(config, workdir)  # Read now: config.json is rewritten on start.
   t0 = time.time()
   bundle = data_lib.make_datasets(
       config.data, data_dir=config.data_dir or None, seed=config.train.seed,
@@ -93,12 +165,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                                                                'target_vocab_size',
                                                                'num_classes', 'num_examples')},
                time.time() - t0)
-  if parallel.is_primary():
-    write_run_files(config, bundle, workdir)
   hooks = evaluation.make_eval_hooks(config, task, bundle, workdir)
-  result = loop.train_loop(config, workdir, init_params=task.init_params, loss_fn=task.loss_fn,
-                           train_iter=bundle.train, eval_iters=bundle.eval, eval_hooks=hooks,
-                           validated=True)
+
+  def on_start(step: int) -> None:
+    # After the restore: a refused re-run leaves config.json and the rest as they were.
+    if not parallel.is_primary():
+      return
+    # Gone when the old run was moved aside (on_mismatch='restart'): nothing to compare with.
+    if changes and (workdir / workdir_lib.CONFIG_FILE).exists():
+      _record_changes(changes, workdir, step)
+    write_run_files(config, bundle, workdir)
+
+  try:
+    result = loop.train_loop(
+        config, workdir, init_params=task.init_params, loss_fn=task.loss_fn,
+        train_iter=bundle.train, eval_iters=bundle.eval, eval_hooks=hooks, validated=True,
+        on_start=on_start, keep_on_restart=(workdir_lib.SWEEP_LOG,))
+  except StateMismatchError as e:
+    raise StateMismatchError(_mismatch_message(e, changes, workdir), step=e.step,
+                             differences=e.differences) from None
   counts = {name: dict(p.counts) for name, p in bundle.length_policies.items()}
   for name, c in counts.items():
     if c.get('truncated') or c.get('filtered'):

@@ -11,6 +11,10 @@
       samples/, attention/ LM samples and attention heatmaps (eval hooks)
       DONE                 JSON: final and best eval metrics, written      DONE_FILE
                            when training completes (not when preempted)
+      config_changes.jsonl one JSON record per re-run that changed the     CONFIG_CHANGES_FILE
+                           config: {time, step, changes: {field: [old, new]}}
+      replaced_<n>/        an earlier run, moved aside whole by            train.loop
+                           config.train.on_mismatch='restart' (a workdir of its own)
       FAILED, sweep.log    the sweep runner's record of a crashed run      FAILED_FILE, SWEEP_LOG
 
 `run.train_and_evaluate` writes them, `inference.load_run` and the sweep runner read them.
@@ -23,18 +27,19 @@ import os
 import pathlib
 from typing import Any
 
-from attn_jax.train.loop import CHECKPOINTS_DIR
+from attn_jax.train.loop import CHECKPOINTS_DIR, REPLACED_PREFIX
 from attn_jax.train.metrics import METRICS_FILE, TB_DIR
 
 CONFIG_FILE = 'config.json'
 DATA_META_FILE = 'data_meta.json'
 TOKENIZERS_FILE = 'tokenizers.json'
 DONE_FILE = 'DONE'
+CONFIG_CHANGES_FILE = 'config_changes.jsonl'
 FAILED_FILE = 'FAILED'
 SWEEP_LOG = 'sweep.log'
-__all__ = ['CHECKPOINTS_DIR', 'CONFIG_FILE', 'DATA_META_FILE', 'DONE_FILE', 'FAILED_FILE',
-           'METRICS_FILE', 'SWEEP_LOG', 'TB_DIR', 'TOKENIZERS_FILE', 'is_finished',
-           'read_done', 'read_json']
+__all__ = ['CHECKPOINTS_DIR', 'CONFIG_CHANGES_FILE', 'CONFIG_FILE', 'DATA_META_FILE',
+           'DONE_FILE', 'FAILED_FILE', 'METRICS_FILE', 'REPLACED_PREFIX', 'SWEEP_LOG', 'TB_DIR',
+           'TOKENIZERS_FILE', 'is_finished', 'read_done', 'read_json']
 
 
 def read_json(path: str | os.PathLike) -> Any:
