@@ -19,7 +19,7 @@ import sys
 
 from absl import app, flags
 
-from attn_jax.experiment import inference
+from attn_jax.experiment import cli, inference
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'A workdir written by experiments/train.py.')
@@ -70,4 +70,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

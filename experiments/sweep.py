@@ -20,7 +20,7 @@ import sys
 
 from absl import app, flags, logging
 
-from attn_jax.experiment import sweep
+from attn_jax.experiment import cli, sweep
 
 _CONFIG = flags.DEFINE_string('config', None, 'config file defining sweep()', required=True)
 _BASE = flags.DEFINE_string('base_workdir', None, 'runs go to BASE/NAME', required=True)
@@ -68,4 +68,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

@@ -5,10 +5,13 @@ r"""Trains and evaluates one experiment: a config file plus a work directory.
 
 `--config path.py:arg` selects the experiment (see each config's docstring for its `:key=value`
 arguments), `--config.<field>=value` overrides a number or string (unknown fields fail).
-Re-running with the same workdir resumes from its latest checkpoint. Multi-host: set
-`--config.parallel.coordinator_address=host:port`, `num_processes`, `process_id` (or the
-JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID environment variables) and
-`--config.parallel.mode=sharded` on every host, with a shared workdir.
+Re-running with the same workdir resumes from its latest checkpoint; a changed config that
+alters the train state's shapes is refused (`--config.train.on_mismatch=restart` moves the old
+run aside and starts over). A user error (bad flag or config value, bad data file, refused
+re-run) prints one line and exits with status 2; `--verbosity=1` adds the traceback.
+Multi-host: set `--config.parallel.coordinator_address=host:port`, `num_processes`,
+`process_id` (or the JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID environment
+variables) and `--config.parallel.mode=sharded` on every host, with a shared workdir.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import logging
 from absl import app, flags
 from ml_collections import config_flags
 
-from attn_jax.experiment import run
+from attn_jax.experiment import cli, run
 from attn_jax.train import parallel
 
 FLAGS = flags.FLAGS
@@ -39,4 +42,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)
