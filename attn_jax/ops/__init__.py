@@ -8,9 +8,17 @@
     bm = ops.block_mask(ops.and_masks(ops.mask_mods.causal(), doc), batch=b, heads=h, q_len=t)
     out = ops.dot_product_attention(q, k, v, block_mask=bm,
                                     score_mod=ops.score_mods.soft_cap(50.0))
+
+    # Variants with the same signature: linear-time baselines, Reformer's shared QK, and
+    # attention summed over queries instead of keys.
+    out = ops.linear_attention(q, k, v, is_causal=True)
+    out = ops.performer_attention(q, k, v, projection=ops.performer_projection(rng, 64, d))
+    out = ops.shared_qk_attention(q, v, is_causal=True)
+    per_key = ops.backward_aggregation(q, k, values_per_query)
 """
 
 from attn_jax.ops import mask_mods, score_mods
+from attn_jax.ops.aggregation import backward_aggregation
 from attn_jax.ops.attention import (
     BLOCKWISE_MIN_LOGITS,
     choose_implementation,
@@ -21,7 +29,16 @@ from attn_jax.ops.attention import (
 from attn_jax.ops.block_mask import BlockMask, block_mask
 from attn_jax.ops.blockwise import blockwise_attention
 from attn_jax.ops.dense import dense_attention, masked_softmax
+from attn_jax.ops.geometric import concat_geometric, geometric_positions
 from attn_jax.ops.heads import merge_heads, num_groups, repeat_kv, split_heads
+from attn_jax.ops.linear import (
+    elu_features,
+    kernel_attention,
+    linear_attention,
+    performer_attention,
+    performer_features,
+    performer_projection,
+)
 from attn_jax.ops.masks import (
     causal_mask,
     combine_masks,
@@ -45,15 +62,18 @@ from attn_jax.ops.positional import (
     sinusoidal,
 )
 from attn_jax.ops.scores import additive_scores, dot_scores, general_scores, scaled_dot_scores
+from attn_jax.ops.shared_qk import exclude_self, l2_normalize, shared_qk_attention
 
 __all__ = [
     'BLOCKWISE_MIN_LOGITS', 'add_sinusoidal', 'additive_scores', 'alibi_bias', 'alibi_slopes',
-    'and_masks', 'block_mask', 'BlockMask', 'blockwise_attention', 'causal_mask',
-    'choose_implementation', 'combine_masks', 'dense_attention', 'dot_product_attention',
-    'dot_scores', 'fused_attention', 'general_scores', 'learned_positional',
-    'learned_positional_init', 'local_mask', 'mask_mods', 'mask_to_bias', 'masked_softmax',
-    'merge_attention', 'merge_heads', 'num_groups', 'or_masks', 'padding_mask', 'query_key_mask',
-    'relative_position_bias', 'relative_position_buckets', 'repeat_kv', 'rope',
-    'scaled_dot_scores', 'score_mods', 'segment_mask', 'sinusoidal', 'split_heads',
-    'valid_positions',
+    'and_masks', 'backward_aggregation', 'block_mask', 'BlockMask', 'blockwise_attention',
+    'causal_mask', 'choose_implementation', 'combine_masks', 'concat_geometric',
+    'dense_attention', 'dot_product_attention', 'dot_scores', 'elu_features', 'exclude_self',
+    'fused_attention', 'general_scores', 'geometric_positions', 'kernel_attention',
+    'l2_normalize', 'learned_positional', 'learned_positional_init', 'linear_attention',
+    'local_mask', 'mask_mods', 'mask_to_bias', 'masked_softmax', 'merge_attention',
+    'merge_heads', 'num_groups', 'or_masks', 'padding_mask', 'performer_attention',
+    'performer_features', 'performer_projection', 'query_key_mask', 'relative_position_bias',
+    'relative_position_buckets', 'repeat_kv', 'rope', 'scaled_dot_scores', 'score_mods',
+    'segment_mask', 'shared_qk_attention', 'sinusoidal', 'split_heads', 'valid_positions',
 ]
