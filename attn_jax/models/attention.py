@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import zlib
 from typing import Any
 
 import flax.linen as nn
@@ -19,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from attn_jax import ops
+from attn_jax.models.configs import AGGREGATIONS, ATTENTION_KINDS
 
 POSITIONAL = ('none', 'rope', 'alibi', 't5')
 default_kernel_init = nn.initializers.lecun_normal()
@@ -104,6 +106,23 @@ class MultiHeadAttention(nn.Module):
     implementation: passed to `ops.dot_product_attention` (None lets it choose).
     capture_attention: sow float32 weights `[batch, heads, q, kv]` into 'intermediates'
       as `attention_weights` (also settable per call).
+    attention_kind: 'softmax', 'linear' (`ops.linear_attention`) or 'performer'
+      (`ops.performer_attention` with `performer_features` random features per head). The
+      Performer's projection is no parameter: it is drawn at trace time from
+      `performer_seed` folded with this module's path, so it is fixed during training and
+      the same at decoding (layers under `nn.scan` share one path, hence one projection).
+    shared_qk: self-attention keys are the L2-normalized queries, logits `q_i . k_j` unscaled,
+      and each position's own key gets `-1e5` so it counts only when nothing else is visible
+      (Reformer, `ops.shared_qk_attention`); there is no `key` projection.
+    value_projection / key_projection: False takes the values (keys) from the input itself,
+      split into heads (`x[..., h * d:(h + 1) * d]` for head h), instead of projecting it: the
+      layer computes `W_o concat_h softmax(q_h k_h^T / sqrt(d)) x_h`.
+    share_head_projections: one `[features, head_dim]` query/key/value projection for all
+      heads (each head gets the same vectors; heads differ only through per-head biases such
+      as ALiBi slopes or T5 tables).
+    aggregation: 'forward' (the usual `sum_j alpha_ij v_j` per query) or 'backward'
+      (`sum_i alpha_ij v_i` per key, `ops.backward_aggregation`): bidirectional self-attention
+      only; with a key padding mask, padding positions are hidden as queries too.
   """
   num_heads: int
   num_kv_heads: int | None = None
@@ -128,6 +147,49 @@ class MultiHeadAttention(nn.Module):
   kernel_init: Any = default_kernel_init
   implementation: str | None = None
   capture_attention: bool = False
+  attention_kind: str = 'softmax'
+  performer_features: int = 64
+  performer_seed: int = 0
+  shared_qk: bool = False
+  value_projection: bool = True
+  key_projection: bool = True
+  share_head_projections: bool = False
+  aggregation: str = 'forward'
+
+  def _check_variants(self, kv_heads: int) -> None:
+    if self.attention_kind not in ATTENTION_KINDS:
+      raise ValueError(f'attention_kind={self.attention_kind!r} is not one of {ATTENTION_KINDS}')
+    if self.aggregation not in AGGREGATIONS:
+      raise ValueError(f'aggregation={self.aggregation!r} is not one of {AGGREGATIONS}')
+    if self.attention_kind != 'softmax':
+      logits = {'positional': self.positional in ('alibi', 't5'),
+                'sliding_window': self.sliding_window is not None,
+                'logit_soft_cap': self.logit_soft_cap is not None, 'sinks': self.sinks,
+                'mask_mod': self.mask_mod is not None, 'score_mod': self.score_mod is not None,
+                'shared_qk': self.shared_qk, 'dropout_rate': self.dropout_rate > 0.0,
+                'aggregation': self.aggregation != 'forward'}
+      bad = [name for name, used in logits.items() if used]
+      if bad:
+        raise ValueError(f'attention_kind={self.attention_kind!r} has no logits, so it cannot '
+                         f'take {bad}')
+    if self.shared_qk and (self.cross_attention or kv_heads != self.num_heads
+                           or not self.key_projection):
+      raise ValueError('shared_qk=True needs self-attention (cross_attention=False), '
+                       'num_kv_heads == num_heads and key_projection=True')
+    if not self.key_projection and kv_heads != self.num_heads:
+      raise ValueError(f'key_projection=False needs num_kv_heads == num_heads, got {kv_heads}')
+    if self.aggregation == 'backward' and (self.is_causal or self.cross_attention
+                                           or self.dropout_rate > 0.0):
+      raise ValueError("aggregation='backward' sums over queries, which would leak the future "
+                       'into a causal decoder: it needs bidirectional self-attention '
+                       '(is_causal=False, cross_attention=False) and no dropout_rate')
+
+  def _performer_projection(self, head_dim: int) -> jax.Array:
+    """The fixed FAVOR+ projection of this layer, computed while tracing (a constant)."""
+    path = zlib.crc32('/'.join(self.scope.path).encode())
+    with jax.ensure_compile_time_eval():
+      rng = jax.random.fold_in(jax.random.key(self.performer_seed), np.uint32(path))
+      return ops.performer_projection(rng, self.performer_features, head_dim)
 
   def _check(self, features: int) -> tuple[int, int]:
     kv_heads = self.num_heads if self.num_kv_heads is None else self.num_kv_heads
@@ -143,6 +205,7 @@ class MultiHeadAttention(nn.Module):
     if self.head_dim is None and features % self.num_heads:
       raise ValueError(
           f'input features {features} are not divisible by num_heads={self.num_heads}')
+    self._check_variants(kv_heads)
     return kv_heads, self.head_dim or features // self.num_heads
 
   def _bias_fn(self):
@@ -202,26 +265,43 @@ class MultiHeadAttention(nn.Module):
     cross_decode = decode and not is_self
     if cross_decode and self.positional != 'none':
       raise ValueError(f'cross-attention decoding takes no positional={self.positional!r}')
+    if decode and self.aggregation == 'backward':
+      raise ValueError("aggregation='backward' has no incremental decoding")
     inputs_kv = inputs_q if is_self else inputs_kv
 
     dense = functools.partial(
         Projection, kernel_init=self.kernel_init, use_bias=self.use_bias, dtype=self.dtype,
         param_dtype=self.param_dtype)
-    query = dense((self.num_heads, head_dim), ('embed', 'heads', 'kv'), ('heads', 'kv'),
-                  name='query')(inputs_q)
-    key_dense = dense((kv_heads, head_dim), ('embed', 'kv_heads', 'kv'), ('kv_heads', 'kv'),
-                      name='key')
-    value_proj = dense((kv_heads, head_dim), ('embed', 'kv_heads', 'kv'), ('kv_heads', 'kv'),
-                       name='value')
+
+    def heads_projection(heads: int, axes: tuple[str, str, str], name: str):
+      if not self.share_head_projections:
+        return dense((heads, head_dim), axes, axes[1:], name=name)
+      shared = dense((head_dim,), (axes[0], axes[2]), (axes[2],), name=name)
+      return lambda x: jnp.broadcast_to(  # noqa: E731  one projection, every head
+          shared(x)[..., None, :], (*x.shape[:-1], heads, head_dim))
+
+    def split(x):  # the input itself as keys or values: [.., features] -> [.., kv_heads, f/h]
+      return ops.split_heads(x.astype(self.dtype), kv_heads)
+
+    query = heads_projection(self.num_heads, ('embed', 'heads', 'kv'), 'query')(inputs_q)
+    key_dense = split if not self.key_projection else (
+        None if self.shared_qk else heads_projection(kv_heads, ('embed', 'kv_heads', 'kv'),
+                                                     'key'))
+    value_proj = heads_projection(kv_heads, ('embed', 'kv_heads', 'kv'), 'value') if (
+        self.value_projection) else split
     key_proj = key_dense
     if self.qk_norm:
       norm = functools.partial(nn.RMSNorm, epsilon=1e-6, dtype=self.dtype,
                                param_dtype=self.param_dtype,
                                scale_init=partitioned(nn.initializers.ones, ('kv',)))
       query = norm(name='query_norm')(query)
-      key_norm = norm(name='key_norm')
-      key_proj = lambda x: key_norm(key_dense(x))  # noqa: E731
-    if cross_decode:
+      if not self.shared_qk:
+        key_norm = norm(name='key_norm')
+        key_proj = lambda x: key_norm(key_dense(x))  # noqa: E731
+    if self.shared_qk:
+      # Reformer: the keys are the (normed) queries, of unit length; self-attention only.
+      key, value = ops.l2_normalize(query), value_proj(inputs_kv)
+    elif cross_decode:
       key, value = self._cross_cache(inputs_kv, key_proj, value_proj)
     else:
       key, value = key_proj(inputs_kv), value_proj(inputs_kv)
@@ -237,6 +317,12 @@ class MultiHeadAttention(nn.Module):
     kwargs: dict[str, Any] = dict(is_causal=self.is_causal, local_window=window, mask=mask,
                                   sinks=sinks)
     mask_mod, score_mod = self.mask_mod, self.score_mod
+    cap = None if self.logit_soft_cap is None else ops.score_mods.soft_cap(self.logit_soft_cap)
+    if self.shared_qk:
+      # The self penalty comes last (a soft cap would bound it) and, when decoding, must see
+      # the tokens' positions like the user's functions: it joins them here.
+      score_mod, cap = ops.score_mods.chain(score_mod, cap, ops.exclude_self()), None
+      kwargs['scale'] = 1.0
     if decode and not cross_decode:
       key, value, query, cache_kwargs = self._decode_cache(
           query, key, value, segment_ids, positions, bias_fn, bias_params)
@@ -250,21 +336,43 @@ class MultiHeadAttention(nn.Module):
         query = ops.rope(query, positions, self.rope_base)
         key = ops.rope(key, positions if is_self else None, self.rope_base)
       kwargs.update(segment_ids=segment_ids, bias_fn=bias_fn, bias_params=bias_params)
-    cap = None if self.logit_soft_cap is None else ops.score_mods.soft_cap(self.logit_soft_cap)
     kwargs.update(mask_mod=mask_mod, score_mod=ops.score_mods.chain(score_mod, cap))
 
     dropout_rng = None
     if not deterministic and self.dropout_rate > 0.0:
       dropout_rng = self.make_rng('dropout')
-    result = ops.dot_product_attention(
-        query, key, value, dropout_rate=0.0 if dropout_rng is None else self.dropout_rate,
-        dropout_rng=dropout_rng, return_weights=capture,
-        implementation='dense' if capture else self.implementation, **kwargs)
-    if capture:
-      result, weights = result
-      self.sow('intermediates', 'attention_weights', weights)
+    if self.aggregation == 'backward':
+      result = self._backward_aggregation(query, key, value, kwargs, capture)
+    else:
+      attend = ops.dot_product_attention
+      if self.attention_kind == 'linear':
+        attend = ops.linear_attention
+      elif self.attention_kind == 'performer':
+        attend = functools.partial(ops.performer_attention,
+                                   projection=self._performer_projection(head_dim))
+      result = attend(
+          query, key, value, dropout_rate=0.0 if dropout_rng is None else self.dropout_rate,
+          dropout_rng=dropout_rng, return_weights=capture,
+          implementation='dense' if capture else self.implementation, **kwargs)
+      if capture:
+        result, weights = result
+        self.sow('intermediates', 'attention_weights', weights)
     return dense((self.out_features or features,), ('heads', 'kv', 'embed'), ('embed',),
                  contract=2, name='out')(result)
+
+  def _backward_aggregation(self, query, key, value, kwargs, capture):
+    """`sum_i alpha_ij v_i` at each key position j (one value per query position, per query
+    head); a key padding mask `[.., 1, kv]` hides padding as queries too, so padding sends
+    nothing to real tokens."""
+    mask = kwargs['mask']
+    if mask is not None and mask.shape[-2] == 1:
+      kwargs = dict(kwargs, mask=mask & jnp.swapaxes(mask, -1, -2))
+    if capture:  # The weights alpha are attention's; sow them from the dense path.
+      _, weights = ops.dot_product_attention(query, key, value, return_weights=True,
+                                             implementation='dense', **kwargs)
+      self.sow('intermediates', 'attention_weights', weights)
+    return ops.backward_aggregation(query, key, ops.repeat_kv(value, self.num_heads),
+                                    implementation=self.implementation, **kwargs)
 
   def _cross_cache(self, inputs_kv, key_proj, value_proj):
     """Cross-attention keys/values: projected from `inputs_kv` and stored, or read back.

@@ -20,9 +20,15 @@ from typing import Any
 ACTIVATIONS = ('relu', 'gelu', 'swiglu')
 NORMS = ('layernorm', 'rmsnorm')
 NORM_POSITIONS = ('pre', 'post')
-# Added to the token embeddings: 'sinusoidal', 'learned'. Inside attention: 'rope',
-# 'alibi', 't5' (relative bias). 'none' for neither (e.g. a bag-of-words ablation).
-POSITIONALS = ('sinusoidal', 'learned', 'rope', 'alibi', 't5', 'none')
+# Added to the token embeddings: 'sinusoidal', 'learned'. Appended to them (and projected
+# back to d_model): 'concat_geometric'. Inside attention: 'rope', 'alibi', 't5' (relative
+# bias). 'none' for neither (e.g. a bag-of-words ablation).
+POSITIONALS = ('sinusoidal', 'learned', 'concat_geometric', 'rope', 'alibi', 't5', 'none')
+# Softmax attention, or a linear-time kernelized baseline of the Long Range Arena.
+ATTENTION_KINDS = ('softmax', 'linear', 'performer')
+# How the encoder's self-attention aggregates: over keys for each query (the usual), or over
+# queries for each key (`ops.backward_aggregation`).
+AGGREGATIONS = ('forward', 'backward')
 POOLINGS = ('cls', 'mean')
 IMPLEMENTATIONS = (None, 'dense', 'blockwise', 'cudnn')
 # Per-layer self-attention kinds of `layer_pattern`: global, local (sliding_window), and
@@ -101,6 +107,28 @@ class TransformerConfig(_VocabAndDtype):
   # MASK_MODS / SCORE_MODS, or 'package.module:function' (imported); '' = none.
   mask_mod: str = ''
   score_mod: str = ''
+  # Variants (issue #13); the defaults are the standard Transformer.
+  # 'softmax', or the linear-time baselines 'linear' (Katharopoulos et al. 2020, elu + 1
+  # features) and 'performer' (FAVOR+, Choromanski et al. 2021) in every attention.
+  attention_kind: str = 'softmax'
+  # Performer: random features per head, and the seed of their fixed (non-trained) projection
+  # (each layer folds its module path into it; a layer stack under nn.scan shares one).
+  performer_features: int = 64
+  performer_seed: int = 0
+  # Self-attention keys are the L2-normalized queries (one projection) and a position attends
+  # to itself only when it sees no other key (Reformer's shared-QK attention).
+  shared_qk: bool = False
+  # False: the input itself (split into heads) is the attention's value (and key).
+  value_projection: bool = True
+  key_projection: bool = True
+  # One query/key/value projection for all heads of a layer (every head gets the same
+  # vectors), and one layer's weights for every layer of a stack (ALBERT).
+  share_head_projections: bool = False
+  share_layers: bool = False
+  # 'backward': encoder self-attention outputs sum_i alpha_ij v_i at each key position j.
+  encoder_aggregation: str = 'forward'
+  # positional='concat_geometric': m, the (sin, cos) pairs appended to each token embedding.
+  geometric_frequencies: int = 16
   dropout_rate: float = 0.1  # residual and embedding dropout
   attention_dropout_rate: float = 0.0
   # Source and target embeddings shared (EncoderDecoder, needs one vocabulary) and the
@@ -158,11 +186,50 @@ class TransformerConfig(_VocabAndDtype):
                        'scan_layers=True cannot stack; use scan_layers=False')
     if self.attn_logit_softcap is not None and self.attn_logit_softcap <= 0:
       raise ValueError(f'attn_logit_softcap must be positive, got {self.attn_logit_softcap}')
+    self._check_variants()
     if (self.share_embeddings and self.output_vocab_size is not None
         and self.output_vocab_size != self.vocab_size):
       raise ValueError(
           f'share_embeddings needs one vocabulary, but vocab_size={self.vocab_size} and '
           f'output_vocab_size={self.output_vocab_size}')
+
+  def _check_variants(self) -> None:
+    """The issue #13 options: values, and the combinations that have no meaning."""
+    _check_choice('attention_kind', self.attention_kind, ATTENTION_KINDS)
+    _check_choice('encoder_aggregation', self.encoder_aggregation, AGGREGATIONS)
+    _check_positive(self, 'performer_features', 'geometric_frequencies')
+    mha = self.num_kv_heads is None or self.num_kv_heads == self.num_heads
+    if self.attention_kind != 'softmax':
+      # A kernelized similarity has no logits to bias, cap, window or mask per block.
+      logits = {'positional': self.positional in ('alibi', 't5'),
+                'sliding_window': self.sliding_window is not None,
+                'attn_logit_softcap': self.attn_logit_softcap is not None,
+                'attention_sinks': self.attention_sinks, 'mask_mod': bool(self.mask_mod),
+                'score_mod': bool(self.score_mod), 'shared_qk': self.shared_qk,
+                'attention_dropout_rate': self.attention_dropout_rate > 0.0,
+                'encoder_aggregation': self.encoder_aggregation != 'forward'}
+      bad = [name for name, used in logits.items() if used]
+      if bad:
+        raise ValueError(f'attention_kind={self.attention_kind!r} has no logits, so it cannot '
+                         f'take {bad} (positional alibi/t5 are logit biases)')
+    if self.shared_qk and not mha:
+      raise ValueError(f'shared_qk=True makes the keys the queries, one per query head: '
+                       f'num_kv_heads={self.num_kv_heads} must be None or num_heads')
+    if self.shared_qk and not self.key_projection:
+      raise ValueError('shared_qk=True takes the keys from the query projection; '
+                       'key_projection=False would drop that projection too')
+    if not self.key_projection and not mha:
+      raise ValueError(f'key_projection=False splits the input into num_heads keys: '
+                       f'num_kv_heads={self.num_kv_heads} must be None or num_heads')
+    if self.encoder_aggregation == 'backward':
+      if self.num_encoder_layers == 0:
+        raise ValueError("encoder_aggregation='backward' applies to encoder self-attention, "
+                         'but num_encoder_layers=0')
+      if self.attention_dropout_rate > 0.0:
+        raise ValueError("encoder_aggregation='backward' takes no attention_dropout_rate")
+    if self.share_layers and len(set(self.layer_pattern)) > 1:
+      raise ValueError(f'share_layers=True gives every layer one set of weights, but '
+                       f'layer_pattern={self.layer_pattern!r} makes layers differ')
 
   @property
   def head_dim(self) -> int:

@@ -51,7 +51,9 @@ class FeedForward(nn.Module):
 
 
 class Embedder(nn.Module):
-  """Token embedding scaled by `sqrt(d_model)` (as in the 2017 paper), plus added positions.
+  """Token embedding scaled by `sqrt(d_model)` (as in the 2017 paper), plus added positions,
+  or with `positional='concat_geometric'` the geometric encoding appended to it and the
+  `d_model + 2m` channels projected back to `d_model` (`position_projection`).
 
   `attend` gives tied output logits `x E^T` `[..., vocab]` in float32.
   """
@@ -68,6 +70,11 @@ class Embedder(nn.Module):
       self.position_table = self.param(
           'position', partitioned(ops.learned_positional_init('normal'), (None, 'embed')),
           (cfg.max_len, cfg.d_model), jnp.float32)
+    if cfg.positional == 'concat_geometric':
+      self.position_projection = nn.Dense(
+          cfg.d_model, use_bias=cfg.use_bias, dtype=cfg.compute_dtype,
+          kernel_init=partitioned(nn.initializers.lecun_normal(), (None, 'embed')),
+          bias_init=partitioned(nn.initializers.zeros, ('embed',)))
 
   def __call__(self, tokens: jax.Array, positions: jax.Array | None = None) -> jax.Array:
     """`tokens` int `[batch, length]`, `positions` int `[batch, length]` (default 0..L-1)
@@ -85,6 +92,8 @@ class Embedder(nn.Module):
         raise ValueError(f'sequence length {tokens.shape[1]} exceeds the learned position '
                          f'table (max_len={cfg.max_len})')
       x = x + ops.learned_positional(self.position_table, positions).astype(x.dtype)
+    elif cfg.positional == 'concat_geometric':
+      x = self.position_projection(ops.concat_geometric(x, positions, cfg.geometric_frequencies))
     return x
 
   def attend(self, x: jax.Array) -> jax.Array:

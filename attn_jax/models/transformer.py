@@ -4,7 +4,9 @@ encoder classifier. All take int32 tokens (pad 0, BOS 1, EOS 2) and return float
 Layers stack either in a Python loop (`layer_0`, `layer_1`, ...) or, with
 `config.scan_layers`, as one `nn.scan` over a module named `layers` whose parameters (and
 cache, and sown attention weights) carry a leading `[num_layers]` axis with logical name
-`layers`. `config.remat` wraps each layer in `nn.remat`.
+`layers`. `config.remat` wraps each layer in `nn.remat`. With `config.share_layers` (ALBERT,
+Lan et al. 2020) the stack is an `nn.scan` whose parameters are broadcast, one layer's weights
+applied `num_layers` times, while its cache and sown weights keep one entry per application.
 """
 
 from __future__ import annotations
@@ -24,8 +26,9 @@ from attn_jax.tokens import BOS_ID, PAD_ID
 
 def _attention(cfg: TransformerConfig, *, causal: bool, self_attention: bool, name: str,
                capture: bool, kind: str = 'G') -> MultiHeadAttention:
-  """The attention of a layer; `kind` ('G', 'L', 'N': see `layer_pattern`) shapes
-  self-attention only."""
+  """The attention of a layer; `kind` ('G', 'L', 'N': see `layer_pattern`), `shared_qk` and
+  the encoder's aggregation shape self-attention only; `attention_kind`, the projections'
+  options apply to every attention."""
   in_attention = cfg.positional in ('rope', 'alibi', 't5') and kind != 'N'
   return MultiHeadAttention(
       num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, is_causal=causal,
@@ -39,7 +42,13 @@ def _attention(cfg: TransformerConfig, *, causal: bool, self_attention: bool, na
       mask_mod=resolve_mod(cfg.mask_mod, 'mask_mod') if self_attention else None,
       score_mod=resolve_mod(cfg.score_mod, 'score_mod') if self_attention else None,
       use_bias=cfg.use_bias, dtype=cfg.compute_dtype,
-      implementation=cfg.implementation, capture_attention=capture, name=name)
+      implementation=cfg.implementation, capture_attention=capture,
+      attention_kind=cfg.attention_kind, performer_features=cfg.performer_features,
+      performer_seed=cfg.performer_seed, shared_qk=cfg.shared_qk and self_attention,
+      value_projection=cfg.value_projection, key_projection=cfg.key_projection,
+      share_head_projections=cfg.share_head_projections,
+      aggregation=cfg.encoder_aggregation if self_attention and not causal else 'forward',
+      name=name)
 
 
 class _Block(nn.Module):
@@ -115,7 +124,16 @@ def stack_layers(cfg: TransformerConfig, layer_cls, num_layers: int, x: jax.Arra
   cls = layer_cls
   if cfg.remat:
     # Under scan, CSE across iterations cannot happen, so skip the barrier (faster).
-    cls = nn.remat(cls, prevent_cse=not cfg.scan_layers)
+    cls = nn.remat(cls, prevent_cse=not (cfg.scan_layers or cfg.share_layers))
+  if cfg.share_layers:
+    # ALBERT: the parameters are broadcast (created once, read by every iteration), the
+    # cache and the sown weights stacked, one per application of the shared layer.
+    shared = nn.scan(
+        cls, variable_broadcast='params', variable_axes={'cache': 0, 'intermediates': 0},
+        split_rngs={'params': False, 'dropout': True}, in_axes=(nn.broadcast,) * len(args),
+        length=num_layers)
+    x, _ = shared(cfg, name='shared_layer', kind=cfg.layer_kind(0), **attrs)(x, *args)
+    return x
   if cfg.scan_layers:
     scanned = nn.scan(
         cls, variable_axes={'params': 0, 'cache': 0, 'intermediates': 0},
@@ -284,6 +302,10 @@ class DecoderLM(nn.Module):
 
   def setup(self):
     cfg = self.config
+    if cfg.encoder_aggregation != 'forward':
+      raise ValueError(f'encoder_aggregation={cfg.encoder_aggregation!r} applies to an '
+                       "encoder's self-attention; DecoderLM has none (and summing a causal "
+                       "decoder's weights over queries would leak the future)")
     self.embed = Embedder(cfg, cfg.vocab_size)
     self.decoder = Decoder(cfg, self.embed, cfg.vocab_size)
 
