@@ -19,6 +19,10 @@ Then it writes `--workdir/summary.{csv,md}` (every run's final metrics) and, to 
     ablation.json  every run's metrics, parameters, steps/s and wall time; the aggregates
     ablation.png   accuracy per variant and task (bars: mean, dots: seeds), parameters, steps/s
 
+Time: the baseline's six runs took 36-72 s each with two jobs on the 2-core machine (the
+second seed of a variant 25-35% less, from the compilation cache), the Performer's about 1.5x;
+the 120 runs about an hour (see configs/ablation.py for the sizes).
+
 `--gather_only` only rewrites those from the runs there are; `--tasks`, `--variants`,
 `--seeds` select part of the sweep (e.g. one task per machine); `--arg=smoke` appends to every
 run's config argument (a seconds-long check, in its own --workdir); `--set field=value` is

@@ -10,11 +10,12 @@
                                     score_mod=ops.score_mods.soft_cap(50.0))
 
     # Variants with the same signature: linear-time baselines, Reformer's shared QK, and
-    # attention summed over queries instead of keys.
+    # attention summed over queries instead of keys (values [b, q_len, heads, d]).
     out = ops.linear_attention(q, k, v, is_causal=True)
-    out = ops.performer_attention(q, k, v, projection=ops.performer_projection(rng, 64, d))
+    w = ops.performer_projection(jax.random.key(0), 64, q.shape[-1])
+    out = ops.performer_attention(q, k, v, projection=w, is_causal=True)
     out = ops.shared_qk_attention(q, v, is_causal=True)
-    per_key = ops.backward_aggregation(q, k, values_per_query)
+    per_key = ops.backward_aggregation(q, k, values)
 """
 
 from attn_jax.ops import mask_mods, score_mods
