@@ -149,13 +149,15 @@ def _child_env(base: pathlib.Path, jobs: int) -> None:
     os.environ['XLA_FLAGS'] = f"{os.environ.get('XLA_FLAGS', '')} {SINGLE_THREAD_FLAG}".strip()
 
 
-def _run_shards(jobs: int) -> int:
+def _run_shards(jobs: int) -> tuple[int, int | None]:
   """Launches `jobs` copies of this script, each on its share (`--shard=k/n`), passing a
-  SIGTERM on to them; returns the worst exit code."""
+  SIGTERM on to them; returns the worst exit code and the signal received (or None)."""
   procs: list[subprocess.Popen] = []
+  received: list[int] = []
 
   def forward(signum, frame):
     del frame
+    received.append(signum)
     for proc in procs:
       proc.send_signal(signum)
 
@@ -170,7 +172,7 @@ def _run_shards(jobs: int) -> int:
     for proc in procs:
       if proc.poll() is None:
         proc.kill()
-  return max(codes, key=abs)
+  return max(codes, key=abs), (received[0] if received else None)
 
 
 # --- Gathering --------------------------------------------------------------------------------
@@ -199,7 +201,7 @@ def gather(runs: Sequence[sweep.Run], base: pathlib.Path,
            metrics: Mapping[str, Mapping[str, str]]) -> list[dict[str, Any]]:
   """One record per run: keys, status, final value of each task metric (None if absent),
   parameters, median steps/s, steps and the wall time this script measured."""
-  records = []
+  records, params = [], {}
   for run in runs:
     keys = run_keys(run)
     workdir = base / run.name
@@ -209,10 +211,13 @@ def gather(runs: Sequence[sweep.Run], base: pathlib.Path,
     timing_path = workdir / TIMING_FILE
     timing = json.loads(timing_path.read_text()) if timing_path.exists() else {}
     history = read_metrics(workdir) if workdir.exists() else []
+    model = (keys['task'], keys['variant'])
+    if done and params.get(model) is None:  # The seeds of a variant build the same model.
+      params[model] = num_params(workdir)
     records.append({
         'name': run.name, **keys, 'status': status, 'step': (done or {}).get('step'),
         'metrics': {label: final.get(key) for label, key in metrics[keys['task']].items()},
-        'num_params': num_params(workdir) if done else None,
+        'num_params': params.get(model) if done else None,
         'steps_per_second': _median_steps_per_second(history),
         'wall_s': timing.get('wall_s'), 'resumed': timing.get('resumed'),
     })
@@ -380,18 +385,24 @@ def main(argv):
   if not _GATHER_ONLY.value:
     jobs = max(1, _JOBS.value)
     _child_env(base, jobs)
-    if _SHARD.value:
-      k, n = (int(x) for x in _SHARD.value.split('/'))
-      train_runs(shard(runs, k, n), config_path=config_path, base=base,
-                 train_script=_TRAIN_SCRIPT.value, common=common)
-      return 0
-    if jobs > 1:
-      code = _run_shards(jobs)
-      if code:
-        logging.warning('a job share exited with %d; gathering what finished', code)
-    else:
-      train_runs(runs, config_path=config_path, base=base, train_script=_TRAIN_SCRIPT.value,
-                 common=common)
+    try:
+      if _SHARD.value:
+        k, n = (int(x) for x in _SHARD.value.split('/'))
+        train_runs(shard(runs, k, n), config_path=config_path, base=base,
+                   train_script=_TRAIN_SCRIPT.value, common=common)
+        return 0
+      if jobs > 1:
+        code, signum = _run_shards(jobs)
+        if signum is not None:
+          raise sweep.SweepInterrupted(signum, {})
+        if code:
+          logging.warning('a job share exited with %d; gathering what finished', code)
+      else:
+        train_runs(runs, config_path=config_path, base=base, train_script=_TRAIN_SCRIPT.value,
+                   common=common)
+    except sweep.SweepInterrupted as e:  # The running trainings have checkpointed.
+      logging.warning('%s', e)
+      return 128 + e.signum
   sweep.write_summary(runs, base)
   variants = [v for v in module.VARIANTS if not _VARIANTS.value or v in _VARIANTS.value]
   metrics = {t: m for t, m in module.METRICS.items() if not _TASKS.value or t in _TASKS.value}
