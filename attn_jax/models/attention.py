@@ -116,10 +116,13 @@ class MultiHeadAttention(nn.Module):
       (Reformer, `ops.shared_qk_attention`); there is no `key` projection.
     value_projection / key_projection: False takes the values (keys) from the input itself,
       split into heads (`x[..., h * d:(h + 1) * d]` for head h), instead of projecting it: the
-      layer computes `W_o concat_h softmax(q_h k_h^T / sqrt(d)) x_h`.
+      layer computes `W_o concat_h softmax(q_h k_h^T / sqrt(d)) x_h` (the value projection
+      set to the identity, as He & Hofmann 2024, "Simplifying Transformer Blocks", do; the
+      output projection stays).
     share_head_projections: one `[features, head_dim]` query/key/value projection for all
       heads (each head gets the same vectors; heads differ only through per-head biases such
-      as ALiBi slopes or T5 tables).
+      as ALiBi slopes or T5 tables): do the heads need subspaces of their own (Michel et al.
+      2019, "Are Sixteen Heads Really Better than One?")?
     aggregation: 'forward' (the usual `sum_j alpha_ij v_j` per query) or 'backward'
       (`sum_i alpha_ij v_i` per key, `ops.backward_aggregation`): bidirectional self-attention
       only; with a key padding mask, padding positions are hidden as queries too.
