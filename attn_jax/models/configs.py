@@ -122,7 +122,8 @@ class TransformerConfig(_VocabAndDtype):
   value_projection: bool = True
   key_projection: bool = True
   # One query/key/value projection for all heads of a layer (every head gets the same
-  # vectors), and one layer's weights for every layer of a stack (ALBERT).
+  # vectors), and one layer's weights for every layer of a stack (ALBERT; the stack is then
+  # always an nn.scan over the shared layer, whatever scan_layers says).
   share_head_projections: bool = False
   share_layers: bool = False
   # 'backward': encoder self-attention outputs sum_i alpha_ij v_i at each key position j.
