@@ -225,6 +225,21 @@ AXIS_NAMES = {  # kind -> (query axis, key axis) labels
 }
 
 
+def run_labels(workdirs: list[str], labels: list[str] | None) -> dict[str, str]:
+  """`{label: workdir}`: the given labels, else the workdir names (full paths if they clash)."""
+  if labels is not None:
+    if len(labels) != len(workdirs):
+      raise ValueError(f'--labels has {len(labels)} names for {len(workdirs)} --workdirs')
+    names = labels
+  else:
+    names = [pathlib.Path(w).name or w for w in workdirs]
+    if len(set(names)) < len(names):
+      names = list(workdirs)
+  if len(set(names)) < len(names):
+    raise ValueError(f'labels must be distinct, got {names}')
+  return dict(zip(names, workdirs, strict=True))
+
+
 def attention_grid_figure(rows: Sequence[Mapping[str, Any]], *, title: str | None = None,
                           max_cols: int | None = None) -> Figure:
   """Heatmaps of several attention maps of one model: a row per map, a column per head, on

@@ -7,7 +7,6 @@ written by `MetricWriter`, the producer of the JSONL format, not by the reader u
 from __future__ import annotations
 
 import functools
-import importlib.util
 import json
 import math
 import os
@@ -206,16 +205,8 @@ def test_malformed_jsonl_names_file_and_line(tmp_path):
 # --- Command line -----------------------------------------------------------------------------
 
 
-def _plot_metrics_module():
-  spec = importlib.util.spec_from_file_location(
-      'plot_metrics', REPO / 'experiments' / 'plot_metrics.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
 def test_cli_labels():
-  run_labels = _plot_metrics_module().run_labels
+  run_labels = plots.run_labels
   assert run_labels(['x/a', 'y/b'], None) == {'a': 'x/a', 'b': 'y/b'}
   assert run_labels(['x/a', 'y/a'], None) == {'x/a': 'x/a', 'y/a': 'y/a'}  # Names clash.
   assert run_labels(['x/a', 'y/b'], ['A', 'B']) == {'A': 'x/a', 'B': 'y/b'}
