@@ -12,10 +12,14 @@ and the same parameters always reuse the cached one.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import json
 import logging
+import os
+from collections.abc import Iterator
 from typing import Any
 
 import tensorflow_datasets as tfds
@@ -153,13 +157,46 @@ class AttnJaxLocalCorpus(_ParamsBuilder):
 BUILDERS = {'algorithmic': AttnJaxAlgorithmic, 'listops': AttnJaxListops}
 
 
-def prepare(kind: str, params: dict, data_dir: str, **builder_kwargs: Any):
-  """Builds (once) and returns the TFDS builder for `params` under `data_dir`."""
-  builder = BUILDERS[kind](config=make_config(kind, params), data_dir=data_dir, **builder_kwargs)
-  if not builder.is_prepared():
-    logging.info('Generating %s (%s) under %s', builder.name, builder.builder_config.name,
-                 builder.data_dir)
-    builder.download_and_prepare()
-  else:
-    logging.info('Reusing %s at %s', builder.name, builder.data_dir)
+@contextlib.contextmanager
+def exclusive(path: str | os.PathLike) -> Iterator[None]:
+  """Holds an exclusive lock on the file `path` (created if missing) for the block.
+
+  Processes that prepare the same dataset at once (a sweep's parallel jobs, the processes of
+  one host) take turns: TFDS itself fails the second with FileExistsError when it moves its
+  finished directory into place.
+  """
+  os.makedirs(os.path.dirname(os.fspath(path)) or '.', exist_ok=True)
+  with open(path, 'a') as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def prepare_once(make_builder, what: str = ''):
+  """`make_builder()`, prepared: the first process to get here generates the data, the
+  others wait for it and reuse them (the builder is made again after the wait, so it reads
+  the finished dataset's info)."""
+  builder = make_builder()
+  if builder.is_prepared():
+    logging.info('Reusing %s at %s', what or builder.name, builder.data_dir)
+    return builder
+  with exclusive(f'{os.fspath(builder.data_dir).rstrip("/")}.lock'):
+    builder = make_builder()
+    if builder.is_prepared():
+      logging.info('Reusing %s at %s (prepared by another process)', what or builder.name,
+                   builder.data_dir)
+    else:
+      logging.info('Generating %s under %s', what or builder.name, builder.data_dir)
+      builder.download_and_prepare()
   return builder
+
+
+def prepare(kind: str, params: dict, data_dir: str, **builder_kwargs: Any):
+  """Builds (once, also across concurrent processes) and returns the TFDS builder for
+  `params` under `data_dir`."""
+  config = make_config(kind, params)
+  return prepare_once(
+      lambda: BUILDERS[kind](config=config, data_dir=data_dir, **builder_kwargs),
+      f'{BUILDERS[kind].name} ({config.name})')

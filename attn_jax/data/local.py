@@ -279,25 +279,39 @@ def prepare_corpus(cfg, data_dir: str, seed: int):
   params['files'] = _fingerprint(cfg)
   config = builders.make_config('local', params)
   meta_path = os.path.join(data_dir, builders.AttnJaxLocalCorpus.name, f'{config.name}.json')
-  if os.path.isfile(meta_path):
-    with open(meta_path, encoding='utf-8') as f:
-      info = json.load(f)
-    builder = builders.AttnJaxLocalCorpus(config=config, corpus_info=info, data_dir=data_dir)
-    if builder.is_prepared():
-      logging.info('Reusing converted corpus at %s', builder.data_dir)
-      if info['skipped']:
-        logging.warning('Local corpus (cached): skipped bad examples %s', info['skipped'])
-      return builder, info
-  splits, label_names, skipped = read_corpus(cfg, seed)
-  for s, exs in splits.items():
-    if not exs:
-      raise ValueError(f'local corpus split {s!r} is empty after reading.')
-  info = {'task': cfg.task, 'label_names': label_names, 'splits': sorted(splits),
-          'skipped': skipped, 'num_examples': {s: len(e) for s, e in splits.items()}}
-  builder = builders.AttnJaxLocalCorpus(config=config, corpus_info=info, examples=splits,
-                                        data_dir=data_dir)
-  builder.download_and_prepare()
-  with open(meta_path + '.tmp', 'w', encoding='utf-8') as f:
-    json.dump(info, f)
-  os.replace(meta_path + '.tmp', meta_path)
+  cached = _cached_corpus(config, meta_path, data_dir)
+  if cached is not None:
+    return cached
+  # Parallel jobs of a sweep convert the same files: the first does, the others reuse it.
+  with builders.exclusive(meta_path + '.lock'):
+    cached = _cached_corpus(config, meta_path, data_dir)
+    if cached is not None:
+      return cached
+    splits, label_names, skipped = read_corpus(cfg, seed)
+    for s, exs in splits.items():
+      if not exs:
+        raise ValueError(f'local corpus split {s!r} is empty after reading.')
+    info = {'task': cfg.task, 'label_names': label_names, 'splits': sorted(splits),
+            'skipped': skipped, 'num_examples': {s: len(e) for s, e in splits.items()}}
+    builder = builders.AttnJaxLocalCorpus(config=config, corpus_info=info, examples=splits,
+                                          data_dir=data_dir)
+    builder.download_and_prepare()
+    with open(meta_path + '.tmp', 'w', encoding='utf-8') as f:
+      json.dump(info, f)
+    os.replace(meta_path + '.tmp', meta_path)
+  return builder, info
+
+
+def _cached_corpus(config, meta_path: str, data_dir: str):
+  """(builder, info) of an already converted corpus, or None."""
+  if not os.path.isfile(meta_path):
+    return None
+  with open(meta_path, encoding='utf-8') as f:
+    info = json.load(f)
+  builder = builders.AttnJaxLocalCorpus(config=config, corpus_info=info, data_dir=data_dir)
+  if not builder.is_prepared():
+    return None
+  logging.info('Reusing converted corpus at %s', builder.data_dir)
+  if info['skipped']:
+    logging.warning('Local corpus (cached): skipped bad examples %s', info['skipped'])
   return builder, info

@@ -93,13 +93,14 @@ def load_builder(name: str, data_dir: str | None):
   """`tfds.builder(name)`, downloading and preparing it if needed, with clear errors."""
   import tensorflow_datasets as tfds
 
+  from attn_jax.data import builders
+
   if _WMT.match(name) and importlib.util.find_spec('tensorflow') is None:
     raise ValueError(f'{name} needs TensorFlow for its TFDS builder: '
                      "pip install 'attn_jax[tf]' (tensorflow>=2.16).")
   try:
-    builder = tfds.builder(name, data_dir=data_dir, file_format='array_record')
+    tfds.builder(name, data_dir=data_dir, file_format='array_record')
   except Exception as e:  # TFDS raises several types (DatasetNotFoundError, ...)
     raise ValueError(f'TFDS could not load {name!r} (data_dir={data_dir!r}): {e}') from e
-  if not builder.is_prepared():
-    builder.download_and_prepare()
-  return builder
+  return builders.prepare_once(
+      lambda: tfds.builder(name, data_dir=data_dir, file_format='array_record'), name)
