@@ -32,7 +32,7 @@ from attn_jax import data as data_lib
 from attn_jax.experiment import evaluation, tasks
 from attn_jax.experiment import workdir as workdir_lib
 from attn_jax.experiment.config import SECTIONS
-from attn_jax.train import loop, optim, parallel
+from attn_jax.train import loop, optim, parallel, throughput
 from attn_jax.train.checkpoint import StateMismatchError
 from attn_jax.train.metrics import best_values, read_metrics
 
@@ -180,7 +180,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     result = loop.train_loop(
         config, workdir, init_params=task.init_params, loss_fn=task.loss_fn,
         train_iter=bundle.train, eval_iters=bundle.eval, eval_hooks=hooks, validated=True,
-        on_start=on_start, keep_on_restart=(workdir_lib.SWEEP_LOG,))
+        on_start=on_start, keep_on_restart=(workdir_lib.SWEEP_LOG,),
+        count_tokens=throughput.count_tokens)
   except StateMismatchError as e:
     raise StateMismatchError(_mismatch_message(e, changes, workdir), step=e.step,
                              differences=e.differences) from None

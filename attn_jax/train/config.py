@@ -56,6 +56,14 @@ def default_train() -> ml_collections.ConfigDict:
   c.tensorboard = True
   c.progress = True
   c.preemption_check_every = 10  # Multi-process only (a collective); 1 process polls every step.
+  # The utilisation logged beside steps/s and tokens/s is the step's FLOPs (XLA's count) per
+  # second over this peak, in FLOP/s per device; 0 = measure a float32 matmul at start (on CPU
+  # the host's rate, shared by all its devices).
+  c.peak_flops = 0.0
+  # > 0: a jax.profiler trace of that many steps, after profile_skip steps (compilation), into
+  # workdir/profile/ (TensorBoard's profile plugin, or its .trace.json.gz in ui.perfetto.dev).
+  c.profile_steps = 0
+  c.profile_skip = 3
   return c
 
 

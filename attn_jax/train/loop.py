@@ -38,7 +38,7 @@ import ml_collections
 import numpy as np
 
 from attn_jax.train import checkpoint as ckpt_lib
-from attn_jax.train import losses, optim, parallel
+from attn_jax.train import losses, optim, parallel, throughput
 from attn_jax.train import state as state_lib
 from attn_jax.train import step as step_lib
 from attn_jax.train.config import default_parallel, validate_choices
@@ -139,6 +139,22 @@ class _Runner:
 
   def metrics(self, metrics):
     return parallel.unreplicate(metrics) if self.mode == 'pmap' else metrics
+
+  def step_flops(self, state, batch) -> float | None:
+    """FLOPs of one train step on this placed state and batch (all devices together)."""
+    if self.mode == 'sharded':
+      with jax.set_mesh(self.mesh):
+        return throughput.step_flops(self.train_step.jitted, state, batch)
+    return throughput.step_flops(self.train_step, state, batch,
+                                 per_device_program=self.mode == 'pmap')
+
+
+def _peak_flops(config_peak: float) -> float:
+  """FLOP/s the utilisation is measured against, for all devices together."""
+  if jax.default_backend() == 'cpu':  # CPU devices (also fake ones) share the host's cores
+    per_process = config_peak or throughput.matmul_flops_per_second()
+    return per_process * jax.process_count()
+  return (config_peak or throughput.matmul_flops_per_second()) * jax.device_count()
 
 
 def set_aside(workdir: str | os.PathLike, keep: Sequence[str] = ()) -> pathlib.Path:
@@ -243,6 +259,7 @@ def train_loop(
     validated: bool = False,
     on_start: Callable[[int], None] | None = None,
     keep_on_restart: Sequence[str] = (),
+    count_tokens: Callable[[Mapping[str, np.ndarray]], int] | None = None,
 ) -> LoopResult:
   """Trains until `config.train.num_steps`, resuming from `workdir` if it has checkpoints.
 
@@ -261,6 +278,8 @@ def train_loop(
       (weights zero on padding). Metrics are written as `<name>/<metric>`.
     eval_hooks: `hook(state, step) -> {name: value}` run after eval (e.g. decoding + BLEU),
       with the unreplicated state.
+    count_tokens: `batch -> int`, the real (non-pad) tokens of a host batch: then
+      `train/tokens_per_second` (all processes) is logged beside `steps_per_second`.
     validated: the caller has already run `validate_config` on `config` (the experiment
       layer validates every section once, up front).
     on_start: `on_start(start_step)`, called on every process once the state is restored (or
@@ -324,6 +343,8 @@ def train_loop(
     return scalars
 
   step, acc, pending, t0, t0_step, paused = start, {}, None, time.time(), start, 0.0
+  tokens, flops, peak = 0, None, None
+  profiler = throughput.Profiler(workdir, t.profile_steps, t.profile_skip)
   try:
     with ckpt_lib.PreemptionHandler() as preempt:
       if eval_pending:
@@ -339,9 +360,19 @@ def train_loop(
           logging.warning('train iterator exhausted at step %d of %d', step, t.num_steps)
           result.data_exhausted = True
           break
-        state, metrics = runner.train_step(state, runner.batch(batch))
+        if count_tokens is not None:
+          tokens += count_tokens(batch)
+        placed = runner.batch(batch)
+        if step == start:  # XLA's FLOP count of the step, from its first batch shape
+          flops = runner.step_flops(state, placed)
+          peak = _peak_flops(t.peak_flops) if flops else None
+          if flops:
+            logging.info('train step: %.4g GFLOP (XLA count); peak %.4g GFLOP/s', flops / 1e9,
+                         peak / 1e9)
+        state, metrics = runner.train_step(state, placed)
         metrics = runner.metrics(metrics)
         step += 1
+        profiler.step(step - start, state)
         if t.nonfinite == 'raise':
           # Checked one step late so the host does not wait for every step to finish.
           _raise_if_nonfinite(pending)
@@ -352,11 +383,15 @@ def train_loop(
         if step % t.log_every == 0 or last:
           summary = losses.summarize(parallel.to_host(acc))
           # Training speed only: the time spent in eval and checkpoint saves is left out.
-          summary['steps_per_second'] = (step - t0_step) / max(time.time() - t0 - paused,
-                                                               1e-9)
+          train_s = max(time.time() - t0 - paused, 1e-9)
+          summary['steps_per_second'] = (step - t0_step) / train_s
+          if count_tokens is not None:  # Every process counts its own rows.
+            summary['tokens_per_second'] = tokens * jax.process_count() / train_s
+          if flops:
+            summary['flops_utilisation'] = flops * summary['steps_per_second'] / peak
           summary['nonfinite'] = float(parallel.to_host(acc['nonfinite'][0]))  # A count.
           writer.write(step, summary)
-          acc, t0, t0_step, paused = {}, time.time(), step, 0.0
+          acc, t0, t0_step, paused, tokens = {}, time.time(), step, 0.0, 0
         eval_scalars = None
         pause_start = time.time()
         if (t.eval_every and step % t.eval_every == 0) or last:
@@ -385,6 +420,7 @@ def train_loop(
       if result.data_exhausted and step > start:
         ckpt.save(step, runner.host_state(state), data_state=data_state())  # No-op if saved.
   finally:
+    profiler.stop()
     ckpt.wait()
     ckpt.close()
     writer.close()

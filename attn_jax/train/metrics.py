@@ -160,6 +160,10 @@ class MetricWriter:
       f.write(json.dumps(record) + '\n')
     if self._bar is not None and prefix == 'train':
       shown = {k: f'{v:.4g}' for k, v in scalars.items() if k in ('loss', 'accuracy')}
+      if 'tokens_per_second' in scalars:
+        shown['tok/s'] = f"{scalars['tokens_per_second']:.4g}"
+      if 'flops_utilisation' in scalars:
+        shown['util'] = f"{scalars['flops_utilisation']:.0%}"
       self._bar.set_postfix(shown, refresh=False)
     logging.info('step %d %s', step, ', '.join(
         f'{prefix}/{k}={float(v):.5g}' for k, v in scalars.items()))

@@ -9,13 +9,14 @@ import os
 import signal
 import time
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from attn_jax.train import checkpoint as ckpt_lib
 from attn_jax.train import config as train_config
-from attn_jax.train import loop
+from attn_jax.train import loop, throughput
 from attn_jax.train.metrics import read_metrics
 from tests.train import tiny
 
@@ -177,6 +178,38 @@ def test_steps_per_second_leaves_out_eval_time(tmp_path):
   loop.train_loop(config, tmp_path, init_params=init_params, loss_fn=loss_fn,
                   train_iter=batches, eval_hooks=[lambda state, step: time.sleep(1.0) or {}])
   assert _by_step(tmp_path, 'train/steps_per_second')[4] > 4.0
+
+
+def test_tokens_per_second_utilisation_and_a_profile_of_two_steps(tmp_path):
+  batches = [tiny.make_batch(5, i) for i in range(NUM_STEPS)]
+  config = _config(checkpoint_every=0, eval_every=0, best_metric='', tensorboard=False,
+                   profile_steps=2, profile_skip=3)
+  _run(tmp_path, config, train_iter=iter(batches), count_tokens=throughput.count_tokens)
+  records = {r['step']: r for r in read_metrics(tmp_path) if 'train/loss' in r}
+  for step in (2, 4, 6, 8):  # Same time window: tokens/s over steps/s is tokens per step.
+    real = sum(np.count_nonzero(b['inputs']) + np.count_nonzero(b['targets'])
+               for b in batches[step - 2:step])
+    r = records[step]
+    np.testing.assert_allclose(r['train/tokens_per_second'] / r['train/steps_per_second'],
+                               real / 2, rtol=1e-6)
+    assert 0.0 < r['train/flops_utilisation'] < 2.0
+  traces = list((tmp_path / throughput.PROFILE_DIR).rglob('*.xplane.pb'))
+  assert len(traces) == 1 and traces[0].stat().st_size > 0
+  assert list((tmp_path / throughput.PROFILE_DIR).rglob('*.trace.json.gz'))
+
+
+def test_step_flops_is_xlas_count_of_the_step():
+  n = 64
+  x = jnp.ones((n, n), jnp.float32)
+  flops = throughput.step_flops(jax.jit(lambda a, b: a @ b), x, x)
+  assert flops == 2 * n ** 3  # One matmul: 2 n^3, nothing else.
+  pmapped = jax.pmap(lambda a, b: a @ b)
+  per_device = jnp.ones((jax.device_count(), n, n), jnp.float32)
+  # A pmap's program is one device's share (plus a few flops of index arithmetic).
+  np.testing.assert_allclose(
+      throughput.step_flops(pmapped, per_device, per_device, per_device_program=True),
+      2 * n ** 3 * jax.device_count(), rtol=1e-4)
+  assert throughput.matmul_flops_per_second(size=128, reps=2) > 0
 
 
 def _checksums(root):
