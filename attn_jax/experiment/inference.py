@@ -83,12 +83,9 @@ def load_run(workdir: str | pathlib.Path, checkpoint: str = 'latest') -> Run:
              params=restored.state.params, step=restored.step)
 
 
-def encode(run: Run, texts: Sequence[str], role: str = 'inputs') -> np.ndarray:
-  """Texts -> int32 `[n, L]` ids ending in EOS, padded to a multiple of 8 (few compiles).
-
-  Texts longer than the run's `max_length` are truncated (keeping EOS) and counted in a
-  warning.
-  """
+def _token_rows(run: Run, texts: Sequence[str], role: str) -> list[list[int]]:
+  """Token ids of each text ending in EOS, truncated to the run's `max_length` (counted in a
+  warning)."""
   max_len = int(run.meta['max_length'])
   rows, truncated = [], 0
   for text in texts:
@@ -99,6 +96,11 @@ def encode(run: Run, texts: Sequence[str], role: str = 'inputs') -> np.ndarray:
   if truncated:
     logging.warning('%d of %d inputs truncated to max_length=%d tokens', truncated, len(texts),
                     max_len)
+  return rows
+
+
+def _pad_rows(rows: Sequence[Sequence[int]]) -> np.ndarray:
+  """int32 `[n, L]`, L the longest row rounded up to a multiple of 8 (few compiles)."""
   width = max(8, -(-max(len(r) for r in rows) // 8) * 8)
   out = np.zeros((len(rows), width), np.int32)
   for i, r in enumerate(rows):
@@ -106,10 +108,25 @@ def encode(run: Run, texts: Sequence[str], role: str = 'inputs') -> np.ndarray:
   return out
 
 
+def encode(run: Run, texts: Sequence[str], role: str = 'inputs') -> np.ndarray:
+  """Texts -> int32 `[n, L]` ids ending in EOS, padded to a multiple of 8 (few compiles).
+
+  Texts longer than the run's `max_length` are truncated (keeping EOS) and counted in a
+  warning.
+  """
+  return _pad_rows(_token_rows(run, texts, role))
+
+
 def predict(run: Run, texts: Sequence[str], *, batch_size: int = 32,
             max_decode_len: int = 0, seed: int = 0, **decode: Any) -> list[str]:
   """Translations / algorithmic outputs (seq2seq), label names (classification) or
-  continuations (LM, `texts` are prompts) for `texts`.
+  continuations (LM, `texts` are prompts) for `texts`, in their order.
+
+  The texts are decoded in batches of similar length (sorted by token count), which cuts the
+  padding every decoding step attends over and lets a batch of short inputs stop early;
+  greedy and beam outputs do not depend on the batching. Sampling keys are per batch
+  (`fold_in(seed, position of its first text in that order)`), so a sample depends on `seed`
+  and on the whole set of texts given.
 
   `decode` overrides `config.eval` decoding fields: method (as `decode_method`), beam_size,
   length_penalty, temperature, top_k, top_p. `max_decode_len` 0 = the run's target length.
@@ -123,26 +140,31 @@ def predict(run: Run, texts: Sequence[str], *, batch_size: int = 32,
     if value is not None:
       e[name] = value
   evaluation.validate_config(ml_collections.ConfigDict({'eval': e}))
-  task, outputs = run.task, []
+  task = run.task
   out_tok = run.tokenizers.get('targets', run.tokenizers['inputs'])
   length = max_decode_len or int(run.meta.get('max_target_length') or run.meta['max_length'])
   labels = run.meta.get('label_names') or []
-  for start in range(0, len(texts), batch_size):
-    chunk = list(texts[start:start + batch_size])
-    ids = encode(run, chunk)
+  rows = _token_rows(run, texts, 'inputs')
+  order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+  outputs: list[str | None] = [None] * len(rows)
+  for start in range(0, len(order), batch_size):
+    picked = order[start:start + batch_size]
+    ids = _pad_rows([rows[i] for i in picked])
     rng = jax.random.fold_in(jax.random.key(seed), start)
     if task.task == 'classification':
       logits = np.asarray(task.apply(run.params, {'inputs': ids}))
       pred = np.argmax(logits, axis=-1)
-      outputs += [labels[p] if p < len(labels) else str(p) for p in pred]
+      texts_out = [labels[p] if p < len(labels) else str(p) for p in pred]
     elif task.task == 'seq2seq':
       out = evaluation.generate(task, run.params, e, inputs=ids, max_decode_len=length, rng=rng)
-      outputs += [out_tok.decode(r) for r in out]
+      texts_out = [out_tok.decode(r) for r in out]
     else:
       prompt = np.where(ids == EOS_ID, 0, ids)  # continue the text, do not end it
       out = evaluation.generate(task, run.params, e, prompt=prompt, max_decode_len=length,
                                 rng=rng)
-      outputs += [out_tok.decode(r) for r in out]
+      texts_out = [out_tok.decode(r) for r in out]
+    for i, text in zip(picked, texts_out, strict=True):
+      outputs[i] = text
   return outputs
 
 

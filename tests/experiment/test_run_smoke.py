@@ -16,7 +16,7 @@ import sys
 import numpy as np
 import pytest
 
-from attn_jax.experiment import plots, run
+from attn_jax.experiment import inference, plots, run
 from attn_jax.train.metrics import read_metrics
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -246,3 +246,12 @@ def test_decode_script_reads_stdin(reverse_run):
   assert bad.returncode == 2 and 'Traceback' not in bad.stderr
   assert bad.stderr.strip().splitlines()[-1].startswith('error: ')
   assert 'config.json does not exist' in bad.stderr
+
+
+def test_predict_batches_by_length_and_returns_input_order(reverse_run):
+  workdir, _ = reverse_run
+  run = inference.load_run(workdir)
+  texts = ['3 1 4 1 5', '2', '7 1', '9 2 6 5', '3', '1 2 3 4 5 6']
+  one_by_one = [inference.predict(run, [t], batch_size=1, method='greedy')[0] for t in texts]
+  assert inference.predict(run, texts, batch_size=4, method='greedy') == one_by_one
+
