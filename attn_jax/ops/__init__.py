@@ -62,6 +62,7 @@ from attn_jax.ops.positional import (
     rope,
     sinusoidal,
 )
+from attn_jax.ops.prefix import prefix_attention
 from attn_jax.ops.scores import additive_scores, dot_scores, general_scores, scaled_dot_scores
 from attn_jax.ops.shared_qk import exclude_self, l2_normalize, shared_qk_attention
 
@@ -74,7 +75,8 @@ __all__ = [
     'l2_normalize', 'learned_positional', 'learned_positional_init', 'linear_attention',
     'local_mask', 'mask_mods', 'mask_to_bias', 'masked_softmax', 'merge_attention',
     'merge_heads', 'num_groups', 'or_masks', 'padding_mask', 'performer_attention',
-    'performer_features', 'performer_projection', 'query_key_mask', 'relative_position_bias',
-    'relative_position_buckets', 'repeat_kv', 'rope', 'scaled_dot_scores', 'score_mods',
+    'performer_features', 'performer_projection', 'prefix_attention', 'query_key_mask',
+    'relative_position_bias', 'relative_position_buckets', 'repeat_kv', 'rope',
+    'scaled_dot_scores', 'score_mods',
     'segment_mask', 'shared_qk_attention', 'sinusoidal', 'split_heads', 'valid_positions',
 ]
