@@ -1,6 +1,18 @@
-"""Greedy decoding speed: what the caches save.
+"""Decoding speed: what the caches save (`--suite=cache`), and beam search on a trained
+translation run against an earlier revision of the code (`--suite=beam`).
 
     PYTHONPATH=. python experiments/bench_decode.py --output_dir=/tmp/bench_decode
+    PYTHONPATH=. python experiments/bench_decode.py --suite=beam --workdir=runs/bible \
+        --texts=data/bible/test.en --baseline_rev=92f50e9 --output_dir=/tmp/bench_decode
+
+`--suite=beam` decodes `--sentences` lines of `--texts` with the run's beam search (beam 4)
+through `inference.predict`, in fresh processes, three ways: the code at `--baseline_rev`
+(checked out with `git worktree`) fed in input order as before (batches of `--batch_size`
+lines padded to their longest), today's code fed the same way, and today's code as
+`decode.py` feeds it (sorted by length). Each process decodes the set twice: the first pass
+includes compiling every shape it meets, the second is the steady state. It prints sentences/s
+and the speed-ups over the baseline, checks that the outputs are identical, and writes
+`beam_speed.json`.
 
 1. `DecoderLM`, KV cache (`models.generate`) vs recomputing the whole prefix: both are one
    jitted `lax.while_loop` generating exactly `n` tokens (`--lengths`) from a one-token
@@ -12,8 +24,8 @@
    `models.generate` does) vs projected again at every step (the same loop, with the
    encoder output passed to every step).
 
-Prints median tokens/s over `--repeats` runs (after a warm-up that compiles) and the
-speed-ups, checks that both ways generate the same tokens, and writes
+`--suite=cache`: prints median tokens/s over `--repeats` runs (after a warm-up that compiles)
+and the speed-ups, checks that both ways generate the same tokens, and writes
 `decode_speed.json` and `decode_speed.png` to `--output_dir`.
 """
 
@@ -22,16 +34,23 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import pathlib
+import random
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from absl import app, flags
+from flax import traverse_util
 
 from attn_jax import models
 from attn_jax.models import decoding
+from attn_jax.models.attention import CROSS_CACHE
 from attn_jax.models.decoding import BOS_ID, EOS_ID
 
 FLAGS = flags.FLAGS
@@ -45,6 +64,14 @@ flags.DEFINE_integer('repeats', 3, 'Timed runs per setting (median reported).')
 flags.DEFINE_integer('source_len', 512, 'EncoderDecoder source length.')
 flags.DEFINE_integer('cross_tokens', 128, 'EncoderDecoder generated tokens.')
 flags.DEFINE_integer('beam_size', 4, 'EncoderDecoder beam search width.')
+flags.DEFINE_enum('suite', 'cache', ['cache', 'beam'], 'Which benchmark (see the docstring).')
+flags.DEFINE_string('workdir', None, '--suite=beam: a trained seq2seq run.')
+flags.DEFINE_string('texts', None, '--suite=beam: source sentences, one per line.')
+flags.DEFINE_integer('sentences', 256, '--suite=beam: how many (a seeded sample; 0 = all).')
+flags.DEFINE_integer('batch_size', 32, '--suite=beam: sentences per decoding batch.')
+flags.DEFINE_string('baseline_rev', '92f50e9', '--suite=beam: git revision of the baseline.')
+flags.DEFINE_string('worker', None, 'Internal: run one beam measurement (input|sorted).')
+flags.DEFINE_string('result', None, 'Internal: where the worker writes its JSON.')
 
 
 def build(max_len: int):
@@ -128,7 +155,12 @@ class CrossRecomputed:
           tokens[:, None], targets_segmentation=jnp.ones((tokens.shape[0], 1), jnp.int32),
           targets_positions=state['position'][:, None], decode=True, method='decode',
           mutable=['cache'])
-      return logits[:, 0], dict(state, cache=mutated['cache'], position=state['position'] + 1)
+      # Drop the cross-attention keys/values: the next step projects them again (and beam
+      # search must not take them for the shared, per-source copy).
+      cache = {k: v for k, v in traverse_util.flatten_dict(mutated['cache']).items()
+               if k[-1] not in CROSS_CACHE}
+      return logits[:, 0], dict(state, cache=traverse_util.unflatten_dict(cache),
+                                position=state['position'] + 1)
 
     def start():
       encoded = model.apply({'params': params}, inputs, method='encode')
@@ -206,8 +238,109 @@ def plot(results: list[dict], cross: dict, path: str) -> None:
   fig.savefig(path, dpi=110)
 
 
+# --- --suite=beam -------------------------------------------------------------------------
+
+def beam_worker(order: str) -> dict:
+  """Decodes FLAGS.texts twice with whichever attn_jax is on the path; times both passes."""
+  import attn_jax
+  from attn_jax.experiment import inference
+  run = inference.load_run(FLAGS.workdir)
+  texts = pathlib.Path(FLAGS.texts).read_text(encoding='utf-8').splitlines()
+  options = dict(method='beam', beam_size=FLAGS.beam_size)
+
+  def one_pass():
+    if order == 'sorted':  # decode.py's way: predict sorts the whole set by length
+      return inference.predict(run, texts, batch_size=FLAGS.batch_size, **options)
+    outputs = []  # input order: each batch as it comes, padded to its longest line
+    for start in range(0, len(texts), FLAGS.batch_size):
+      outputs += inference.predict(run, texts[start:start + FLAGS.batch_size],
+                                   batch_size=FLAGS.batch_size, **options)
+    return outputs
+
+  times = []
+  for _ in range(2):
+    start = time.perf_counter()
+    outputs = one_pass()
+    times.append(time.perf_counter() - start)
+  return dict(order=order, first_pass_s=times[0], steady_s=times[1], outputs=outputs,
+              package=os.path.dirname(attn_jax.__file__))
+
+
+def _run_worker(tree: str, order: str, texts_file: str) -> dict:
+  with tempfile.TemporaryDirectory() as tmp:
+    result = os.path.join(tmp, 'result.json')
+    env = dict(os.environ, PYTHONPATH=tree)
+    cmd = [sys.executable, os.path.abspath(__file__), f'--worker={order}', f'--result={result}',
+           f'--workdir={os.path.abspath(FLAGS.workdir)}', f'--texts={texts_file}',
+           f'--batch_size={FLAGS.batch_size}', f'--beam_size={FLAGS.beam_size}']
+    subprocess.run(cmd, env=env, cwd=tree, check=True)
+    with open(result, encoding='utf-8') as f:
+      out = json.load(f)
+  if not out['package'].startswith(os.path.realpath(tree)):
+    raise RuntimeError(f"the worker for {tree} imported attn_jax from {out['package']}")
+  return out
+
+
+def measure_beam() -> dict:
+  """Today's beam search vs the code at --baseline_rev, on a trained run."""
+  if not FLAGS.workdir or not FLAGS.texts:
+    raise app.UsageError('--suite=beam needs --workdir (a trained seq2seq run) and --texts')
+  texts = pathlib.Path(FLAGS.texts).read_text(encoding='utf-8').splitlines()
+  if FLAGS.sentences and FLAGS.sentences < len(texts):
+    texts = random.Random(0).sample(texts, FLAGS.sentences)
+  repo = pathlib.Path(__file__).resolve().parent.parent
+  with tempfile.TemporaryDirectory() as tmp:
+    texts_file = os.path.join(tmp, 'texts.txt')
+    pathlib.Path(texts_file).write_text('\n'.join(texts) + '\n', encoding='utf-8')
+    baseline = os.path.join(tmp, 'baseline')
+    subprocess.run(['git', '-C', str(repo), 'worktree', 'add', '--detach', baseline,
+                    FLAGS.baseline_rev], check=True, capture_output=True)
+    try:
+      rows = {'baseline, input order': _run_worker(baseline, 'input', texts_file),
+              'today, input order': _run_worker(str(repo), 'input', texts_file),
+              'today, sorted (decode.py)': _run_worker(str(repo), 'sorted', texts_file)}
+    finally:
+      subprocess.run(['git', '-C', str(repo), 'worktree', 'remove', '--force', baseline],
+                     check=False, capture_output=True)
+  reference = rows['baseline, input order']
+  n = len(texts)
+  summary = []
+  for name, r in rows.items():
+    summary.append(dict(
+        path=name, sentences=n, first_pass_s=r['first_pass_s'], steady_s=r['steady_s'],
+        first_pass_sent_s=n / r['first_pass_s'], steady_sent_s=n / r['steady_s'],
+        speedup_first_pass=reference['first_pass_s'] / r['first_pass_s'],
+        speedup_steady=reference['steady_s'] / r['steady_s'],
+        same_outputs=r['outputs'] == reference['outputs']))
+  return dict(workdir=str(FLAGS.workdir), baseline_rev=FLAGS.baseline_rev,
+              beam_size=FLAGS.beam_size, batch_size=FLAGS.batch_size, rows=summary)
+
+
+def main_beam() -> None:
+  result = measure_beam()
+  print(f"beam {result['beam_size']} search, {result['rows'][0]['sentences']} sentences, "
+        f"batches of {result['batch_size']}, baseline = {result['baseline_rev']}, "
+        f'backend={jax.default_backend()}')
+  print(f"{'path':>28} {'1st pass sent/s':>16} {'steady sent/s':>14} {'x 1st':>7} "
+        f"{'x steady':>9} {'same':>5}")
+  for r in result['rows']:
+    print(f"{r['path']:>28} {r['first_pass_sent_s']:>16.2f} {r['steady_sent_s']:>14.2f} "
+          f"{r['speedup_first_pass']:>6.2f}x {r['speedup_steady']:>8.2f}x "
+          f"{str(r['same_outputs']):>5}")
+  os.makedirs(FLAGS.output_dir, exist_ok=True)
+  with open(os.path.join(FLAGS.output_dir, 'beam_speed.json'), 'w') as f:
+    json.dump(result, f, indent=2)
+
+
 def main(argv):
   del argv
+  if FLAGS.worker:
+    with open(FLAGS.result, 'w', encoding='utf-8') as f:
+      json.dump(beam_worker(FLAGS.worker), f)
+    return
+  if FLAGS.suite == 'beam':
+    main_beam()
+    return
   results = [measure(int(x)) for x in FLAGS.lengths]
   cross = measure_cross()
   print(f'greedy decoding, d={FLAGS.d_model} x {FLAGS.num_layers} layers, batch '

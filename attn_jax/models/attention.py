@@ -25,6 +25,29 @@ from attn_jax.models.configs import AGGREGATIONS, ATTENTION_KINDS
 POSITIONAL = ('none', 'rope', 'alibi', 't5')
 default_kernel_init = nn.initializers.lecun_normal()
 
+# Cache variables of a decoding self-attention layer that hold one entry per slot,
+# `[batch, slots, ...]`: decoding reads (and beam search reorders) only their filled slots.
+SLOT_CACHE = ('cached_key', 'cached_value', 'cached_segment', 'cached_position')
+# Cache variables of a decoding cross-attention layer, `[source batch, kv_len, ...]`: the
+# projected source, shared by every beam of a row (beam search neither copies nor reorders
+# them).
+CROSS_CACHE = ('cross_key', 'cross_value')
+# Slots per chunk of the decoding loop over the filled cache. Small enough that a short
+# sequence reads little past its end, big enough that the loop's per-chunk overhead stays
+# small against the chunk's attention (`experiments/bench_decode.py --beam`).
+DECODE_CHUNK = 64
+
+
+def slot_chunk(slots: int) -> int:
+  """Chunk size of a cache with `slots` slots (see `cache_slots`)."""
+  return DECODE_CHUNK if slots % DECODE_CHUNK == 0 else slots
+
+
+def cache_slots(max_len: int) -> int:
+  """Slots of a decoding cache asked to hold `max_len` tokens: up to `DECODE_CHUNK` as
+  asked (one chunk), beyond that rounded up to whole chunks."""
+  return max_len if max_len <= DECODE_CHUNK else -(-max_len // DECODE_CHUNK) * DECODE_CHUNK
+
 
 def partitioned(init, names: tuple[str | None, ...]):
   return nn.with_logical_partitioning(init, names)
@@ -344,22 +367,36 @@ class MultiHeadAttention(nn.Module):
     dropout_rng = None
     if not deterministic and self.dropout_rate > 0.0:
       dropout_rng = self.make_rng('dropout')
+    filled = kwargs.pop('length', None)
+    beams = 1
+    if cross_decode and query.shape[0] != key.shape[0]:
+      query, kwargs, beams = _group_beams(query, key, kwargs)
     if self.aggregation == 'backward':
       result = self._backward_aggregation(query, key, value, kwargs, capture)
     else:
-      attend = ops.dot_product_attention
+      attend, options = ops.dot_product_attention, dict(return_weights=capture)
       if self.attention_kind == 'linear':
         attend = ops.linear_attention
       elif self.attention_kind == 'performer':
         attend = functools.partial(ops.performer_attention,
                                    projection=self._performer_projection(head_dim))
+      elif filled is not None and not capture:
+        # Decoding: read the cache's filled slots only, chunk by chunk.
+        attend, options = ops.prefix_attention, dict(
+            length=filled, chunk_size=slot_chunk(key.shape[1]))
       result = attend(
           query, key, value, dropout_rate=0.0 if dropout_rng is None else self.dropout_rate,
-          dropout_rng=dropout_rng, return_weights=capture,
-          implementation='dense' if capture else self.implementation, **kwargs)
+          dropout_rng=dropout_rng, implementation='dense' if capture else self.implementation,
+          **options, **kwargs)
       if capture:
         result, weights = result
+        if beams > 1:  # [B, H, beams * q, S] -> [B * beams, H, q, S]
+          b, h, _, s_len = weights.shape
+          weights = jnp.swapaxes(weights.reshape(b, h, beams, -1, s_len), 1, 2)
+          weights = weights.reshape(b * beams, h, -1, s_len)
         self.sow('intermediates', 'attention_weights', weights)
+    if beams > 1:
+      result = result.reshape(result.shape[0] * beams, -1, *result.shape[2:])
     return dense((self.out_features or features,), ('heads', 'kv', 'embed'), ('embed',),
                  contract=2, name='out')(result)
 
@@ -380,37 +417,39 @@ class MultiHeadAttention(nn.Module):
   def _cross_cache(self, inputs_kv, key_proj, value_proj):
     """Cross-attention keys/values: projected from `inputs_kv` and stored, or read back.
 
-    The cache holds `cached_key`/`cached_value` `[batch, kv_len, kv_heads, head_dim]`. The
+    The cache holds `cross_key`/`cross_value` `[batch, kv_len, kv_heads, head_dim]`. The
     encoder output is the same at every decoding step, so projecting it once (at prefill)
     saves two `[batch, kv_len, features]` matmuls per layer and step.
     """
     if inputs_kv is not None:
       key, value = key_proj(inputs_kv), value_proj(inputs_kv)
-      cached_key = self.variable('cache', 'cached_key', jnp.zeros, key.shape, key.dtype)
-      cached_value = self.variable('cache', 'cached_value', jnp.zeros, value.shape,
-                                   value.dtype)
+      cached_key = self.variable('cache', 'cross_key', jnp.zeros, key.shape, key.dtype)
+      cached_value = self.variable('cache', 'cross_value', jnp.zeros, value.shape, value.dtype)
       cached_key.value, cached_value.value = key, value
       return key, value
-    if not self.has_variable('cache', 'cached_key'):
+    if not self.has_variable('cache', 'cross_key'):
       raise ValueError('cross-attention decoding without inputs_kv needs keys/values cached '
                        'by an earlier call with inputs_kv')
-    return self.get_variable('cache', 'cached_key'), self.get_variable('cache', 'cached_value')
+    return self.get_variable('cache', 'cross_key'), self.get_variable('cache', 'cross_value')
 
   def _decode_cache(self, query, key, value, segment_ids, positions, bias_fn, bias_params):
     """Writes this call's keys/values into the cache and returns what to attend to.
 
-    The cache holds `cached_key`/`cached_value` `[batch, max_len, kv_heads, head_dim]`,
-    `cached_segment` `[batch, max_len]` (0 = padding or not yet written),
-    `cached_position` `[batch, max_len]` and the write index `cache_index`.
+    The init call sizes the cache for its `max_len` tokens (`cache_slots`: whole chunks of
+    `DECODE_CHUNK` slots beyond one chunk). It holds `cached_key`/`cached_value`
+    `[batch, slots, kv_heads, head_dim]`, `cached_segment` `[batch, slots]` (0 = padding or
+    not yet written), `cached_position` `[batch, slots]` and the write index `cache_index`;
+    a call attends to the `cache_index` filled slots only.
     """
     batch, q_len = query.shape[:2]
     initialized = self.has_variable('cache', 'cached_key')
-    cached_key = self.variable('cache', 'cached_key', jnp.zeros, key.shape, key.dtype)
-    cached_value = self.variable('cache', 'cached_value', jnp.zeros, value.shape, value.dtype)
-    cached_segment = self.variable('cache', 'cached_segment', jnp.zeros, key.shape[:2],
-                                   jnp.int32)
-    cached_position = self.variable('cache', 'cached_position', jnp.zeros, key.shape[:2],
-                                    jnp.int32)
+    slots = (batch, cache_slots(key.shape[1]))
+    cached_key = self.variable('cache', 'cached_key', jnp.zeros, slots + key.shape[2:],
+                               key.dtype)
+    cached_value = self.variable('cache', 'cached_value', jnp.zeros, slots + value.shape[2:],
+                                 value.dtype)
+    cached_segment = self.variable('cache', 'cached_segment', jnp.zeros, slots, jnp.int32)
+    cached_position = self.variable('cache', 'cached_position', jnp.zeros, slots, jnp.int32)
     cache_index = self.variable('cache', 'cache_index', lambda: jnp.array(0, jnp.int32))
     index = cache_index.value
     if positions is None:
@@ -445,7 +484,7 @@ class MultiHeadAttention(nn.Module):
     # Causal masking against the cache: slot j is visible to query i iff j <= index + i;
     # unwritten slots lie in the future, padding slots carry segment 0.
     valid = (cached_segment.value != 0)[:, None, None, :]
-    kwargs: dict[str, Any] = dict(q_offset=index, mask=valid,
+    kwargs: dict[str, Any] = dict(q_offset=index, mask=valid, length=index + q_len,
                                   positions=(positions, cached_position.value))
     if bias_fn is not None:
       # Biases from the stored positions rather than cache slots: a ragged prompt leaves
@@ -453,6 +492,22 @@ class MultiHeadAttention(nn.Module):
       bias = jax.vmap(lambda q, k: bias_fn(bias_params, q, k))(positions, cached_position.value)
       kwargs['bias'] = bias
     return cached_key.value, cached_value.value, query, kwargs
+
+
+def _group_beams(query: jax.Array, key: jax.Array, kwargs: dict[str, Any]):
+  """Cross-attention of `beams` hypotheses per source row to that row's cached keys: query
+  rows `r * beams ... r * beams + beams - 1` (beam search's layout) become `beams * q_len`
+  queries of row `r`, so every beam reads the one copy of the row's keys/values."""
+  rows, sources = query.shape[0], key.shape[0]
+  mask = kwargs.get('mask')
+  if rows % sources or (mask is not None and (mask.shape[0] not in (1, sources)
+                                              or mask.shape[2] != 1)):
+    raise ValueError(f'cross-attention decoding of {rows} query rows against keys cached for '
+                     f'{sources} sources needs a whole number of beams per source and a mask '
+                     f'[sources|1, heads|1, 1, kv_len], got mask '
+                     f'{None if mask is None else mask.shape}')
+  beams = rows // sources
+  return query.reshape(sources, -1, *query.shape[2:]), kwargs, beams
 
 
 def _at_positions(mask_mod, score_mod, q_positions, kv_positions, q_offset):

@@ -9,8 +9,13 @@ Every model exposes `decoding_fns(params, inputs=, prompt=, max_decode_len=)` re
   step(state, tokens [batch]) -> (logits [batch, vocab] for the next token, state)
 The Transformers keep a KV cache in the state (a prompt prefills it in one call), the RNN
 model its recurrent state. State leaves hold the batch on axis 0, except leaves under a
-`layers` key (stacked by `nn.scan`) which hold it on axis 1; leaves with no such axis
-(the cache index) are shared. Beam search repeats and reorders the state on those axes.
+`layers` or `shared_layer` key (stacked by `nn.scan`) which hold it on axis 1; leaves with
+no such axis (the cache index) are shared. Beam search repeats and reorders the state on
+those axes, with two exceptions that keep its cost down:
+  - the cross-attention keys/values of the source (`attention.CROSS_CACHE`) stay one per
+    source row: the `beam_size` hypotheses of a row read the same copy;
+  - the slots of a self-attention cache (`attention.SLOT_CACHE`) are reordered only up to
+    the adapter's `filled_slots(state)`, chunk by chunk, as attention reads only those.
 
 The loops are `lax.while_loop`s inside one `jax.jit` (keyed on the model, which is a
 hashable flax module, and the static settings) and stop as soon as every sequence has
@@ -28,20 +33,32 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from attn_jax.models.attention import CROSS_CACHE, SLOT_CACHE, slot_chunk
 from attn_jax.tokens import BOS_ID, EOS_ID, PAD_ID
 
 METHODS = ('greedy', 'sample', 'beam')
+STACKED = ('layers', 'shared_layer')  # nn.scan stacks: the batch is on axis 1
 
 
 class DecodeFns(NamedTuple):
   start: Callable[[], tuple[jax.Array, Any]]
   step: Callable[[Any, jax.Array], tuple[jax.Array, Any]]
+  # Slots written so far in the self-attention caches (int32 scalar); None: reorder all.
+  filled_slots: Callable[[Any], jax.Array] | None = None
+
+
+def _names(path) -> list[str]:
+  return [getattr(k, 'key', None) for k in path]
 
 
 def batch_axes(state: Any) -> Any:
-  """Per-leaf batch axis of a decoding state (see the module docstring), or None."""
+  """Per-leaf batch axis of a decoding state (see the module docstring), or None for leaves
+  every hypothesis shares."""
   def axis(path, leaf):
-    a = 1 if any(getattr(k, 'key', None) == 'layers' for k in path) else 0
+    names = _names(path)
+    if names and names[-1] in CROSS_CACHE:
+      return None
+    a = 1 if any(n in STACKED for n in names) else 0
     return a if jnp.ndim(leaf) > a else None
   return jax.tree_util.tree_map_with_path(axis, state)
 
@@ -49,6 +66,36 @@ def batch_axes(state: Any) -> Any:
 def _map_batch(fn, state: Any) -> Any:
   axes = batch_axes(state)
   return jax.tree.map(lambda x, a: x if a is None else fn(x, a), state, axes)
+
+
+def _reorder_slots(x: jax.Array, source: jax.Array, axis: int, filled: jax.Array) -> jax.Array:
+  """`take(x, source, axis)` on the first `filled` slots (axis `axis + 1`) only, chunk by
+  chunk in place; the other slots are never read before being written again."""
+  slots = x.shape[axis + 1]
+  chunk = slot_chunk(slots)
+
+  def one_chunk(c, x):
+    block = jax.lax.dynamic_slice_in_dim(x, c * chunk, chunk, axis + 1)
+    return jax.lax.dynamic_update_slice_in_dim(x, jnp.take(block, source, axis=axis),
+                                               c * chunk, axis + 1)
+
+  count = (jnp.minimum(filled, slots) + chunk - 1) // chunk
+  return jax.lax.fori_loop(0, count, one_chunk, x)
+
+
+def reorder(state: Any, source: jax.Array, filled: jax.Array | None = None) -> Any:
+  """The state of hypotheses `source` (int `[rows]`, indices into the batch axis); with
+  `filled`, the self-attention caches' slots past it are left as they are."""
+  axes = batch_axes(state)
+
+  def one(path, x, a):
+    if a is None:
+      return x
+    if filled is not None and _names(path)[-1] in SLOT_CACHE and x.ndim > a + 1:
+      return _reorder_slots(x, source, a, filled)
+    return jnp.take(x, source, axis=a)
+
+  return jax.tree_util.tree_map_with_path(one, state, axes)
 
 
 # --- Model adapters ------------------------------------------------------------------------
@@ -70,7 +117,8 @@ def encoder_decoder_fns(model, params, inputs: jax.Array, max_decode_len: int) -
   """`EncoderDecoder`: encode `inputs` `[batch, Ls]` once, then decode with the cache.
 
   The first call caches the cross-attention keys/values of the encoder output besides the
-  BOS step's self-attention keys/values; the steps reuse them.
+  BOS step's self-attention keys/values; the steps reuse them. `inputs` (which only give
+  the cross-attention padding mask) stay out of the state: beams share them.
   """
   if inputs is None or inputs.ndim != 2:
     raise ValueError('EncoderDecoder decoding needs inputs [batch, length]')
@@ -82,24 +130,25 @@ def encoder_decoder_fns(model, params, inputs: jax.Array, max_decode_len: int) -
   def call(state, tokens, encoded=None):
     # `encoded` only at the first call: it caches the cross-attention keys/values.
     logits, mutated = model.apply(
-        {**variables, 'cache': state['cache']}, encoded, state['inputs'],
+        {**variables, 'cache': state['cache']}, encoded, inputs,
         tokens[:, None], targets_segmentation=jnp.ones((tokens.shape[0], 1), jnp.int32),
         targets_positions=state['position'][:, None], decode=True, method='decode',
         mutable=['cache'])
-    state = dict(state, cache=mutated['cache'], position=state['position'] + 1)
+    state = dict(state, cache=mutated['cache'], position=state['position'] + 1,
+                 filled=state['filled'] + 1)
     return logits[:, 0], state
 
   def start():
     encoded = model.apply(variables, inputs, method='encode')
     cache = _empty_cache(model, encoded, inputs, jnp.ones((batch, cache_len), jnp.int32),
                          decode=True, method='decode')
-    state = dict(cache=cache, inputs=inputs, position=jnp.zeros((batch,), jnp.int32))
+    state = dict(cache=cache, position=jnp.zeros((batch,), jnp.int32), filled=jnp.int32(0))
     return call(state, jnp.full((batch,), BOS_ID, jnp.int32), encoded)
 
   def step(state, tokens):
     return call(state, tokens)
 
-  return DecodeFns(start, step)
+  return DecodeFns(start, step, lambda state: state['filled'])
 
 
 def decoder_lm_fns(model, params, prompt: jax.Array | None, max_decode_len: int) -> DecodeFns:
@@ -126,7 +175,8 @@ def decoder_lm_fns(model, params, prompt: jax.Array | None, max_decode_len: int)
     logits, cache = call(state['cache'], tokens[:, None],
                          jnp.ones((tokens.shape[0], 1), jnp.int32),
                          state['position'][:, None])
-    return logits[:, 0], dict(cache=cache, position=state['position'] + 1)
+    return logits[:, 0], dict(cache=cache, position=state['position'] + 1,
+                              filled=state['filled'] + 1)
 
   def start():
     tokens = jnp.concatenate([jnp.full((batch, 1), BOS_ID, prompt.dtype), prompt], axis=1)
@@ -136,9 +186,9 @@ def decoder_lm_fns(model, params, prompt: jax.Array | None, max_decode_len: int)
     logits, cache = call(cache, tokens, segment_ids, positions)
     # The last real prompt token (or BOS) sits at slot `lengths`; it predicts the next one.
     first = jnp.take_along_axis(logits, lengths[:, None, None], axis=1)[:, 0]
-    return first, dict(cache=cache, position=lengths + 1)
+    return first, dict(cache=cache, position=lengths + 1, filled=jnp.int32(prompt_len + 1))
 
-  return DecodeFns(start, step)
+  return DecodeFns(start, step, lambda state: state['filled'])
 
 
 # --- Search --------------------------------------------------------------------------------
@@ -247,7 +297,8 @@ def beam_search(fns: DecodeFns, *, beam_size: int, max_decode_len: int,
     fin_scores, fin_idx = jax.lax.top_k(jnp.concatenate([fin_scores, new_scores], axis=1), k)
     fin_seqs = gather(jnp.concatenate([fin_seqs, seqs], axis=1), fin_idx)
 
-    state = _map_batch(lambda x, a: jnp.take(x, source, axis=a), state)
+    filled = None if fns.filled_slots is None else fns.filled_slots(state)
+    state = reorder(state, source, filled)
     logits, state = fns.step(state, alive_tokens.reshape(-1))
     return i + 1, alive_seqs, alive_logp, fin_seqs, fin_scores, logits, state
 

@@ -191,7 +191,7 @@ def test_encoder_decoder_cached_decoding_equals_full_forward(options):
   full, cached, cache = full_and_cached(inputs, targets)
   np.testing.assert_allclose(cached, full, atol=ATOL)
   cross = cache['decoder']['layer_0']['cross']
-  assert cross['cached_key'].shape == (2, 6, 1, model.config.head_dim)  # [b, Ls, kv_heads, d]
+  assert cross['cross_key'].shape == (2, 6, 1, model.config.head_dim)  # [b, Ls, kv_heads, d]
 
 
 def _stack_layers(params):
