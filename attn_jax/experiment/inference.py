@@ -99,22 +99,14 @@ def _token_rows(run: Run, texts: Sequence[str], role: str) -> list[list[int]]:
   return rows
 
 
-def _pad_rows(rows: Sequence[Sequence[int]]) -> np.ndarray:
-  """int32 `[n, L]`, L the longest row rounded up to a multiple of 8 (few compiles)."""
-  width = max(8, -(-max(len(r) for r in rows) // 8) * 8)
-  out = np.zeros((len(rows), width), np.int32)
-  for i, r in enumerate(rows):
-    out[i, :len(r)] = r
-  return out
-
-
 def encode(run: Run, texts: Sequence[str], role: str = 'inputs') -> np.ndarray:
-  """Texts -> int32 `[n, L]` ids ending in EOS, padded to a multiple of 8 (few compiles).
+  """Texts -> int32 `[n, L]` ids ending in EOS, padded to `evaluation.padded_width` (few
+  compiles).
 
   Texts longer than the run's `max_length` are truncated (keeping EOS) and counted in a
   warning.
   """
-  return _pad_rows(_token_rows(run, texts, role))
+  return evaluation.pad_rows(_token_rows(run, texts, role))
 
 
 def predict(run: Run, texts: Sequence[str], *, batch_size: int = 32,
@@ -149,7 +141,7 @@ def predict(run: Run, texts: Sequence[str], *, batch_size: int = 32,
   outputs: list[str | None] = [None] * len(rows)
   for start in range(0, len(order), batch_size):
     picked = order[start:start + batch_size]
-    ids = _pad_rows([rows[i] for i in picked])
+    ids = evaluation.pad_rows([rows[i] for i in picked])
     rng = jax.random.fold_in(jax.random.key(seed), start)
     if task.task == 'classification':
       logits = np.asarray(task.apply(run.params, {'inputs': ids}))

@@ -84,3 +84,47 @@ def test_classification_loss_ignores_padding_rows():
   naive = optax.softmax_cross_entropy_with_integer_labels(logits[:2], batch['label'][:2]).sum()
   np.testing.assert_allclose(objective, naive, rtol=1e-5)  # float32
   assert float(metrics['loss'][1]) == 2.0  # the all-pad row does not count
+
+
+class _CopyModel:
+  """Decodes each input row back (up to its EOS); records the input shapes it is given."""
+  shapes: list = []
+
+  def decoding_fns(self, params, *, inputs, prompt=None, max_decode_len):
+    from attn_jax.models.decoding import DecodeFns
+    _CopyModel.shapes.append(inputs.shape)
+    vocab = 16
+
+    def step(i, tokens):
+      del tokens
+      column = jnp.take(inputs, jnp.minimum(i, inputs.shape[1] - 1), axis=1)
+      return jax.nn.one_hot(jnp.where(i < inputs.shape[1], column, 2), vocab) * 10, i + 1
+
+    return DecodeFns(lambda: step(jnp.int32(0), None), step)
+
+
+def test_decode_split_decodes_sorted_by_length_and_answers_in_input_order():
+  """Rows of very different lengths over two batches: each prediction is its own row's
+  output, batches are formed by length (so a short row is padded to a short width) and keep
+  the batch size, and pad rows are skipped."""
+  rng = np.random.default_rng(0)
+  lengths = [30, 3, 25, 4, 5, 28, 6, 2]
+  rows = [list(rng.integers(3, 16, n)) + [2] for n in lengths]
+  batches = []
+  for start in (0, 4):
+    inputs = np.zeros((4, 40), np.int32)
+    for i, r in enumerate(rows[start:start + 4]):
+      inputs[i, :len(r)] = r
+    batches.append({'inputs': inputs, 'targets': inputs})
+  batches.append({'inputs': np.zeros((4, 40), np.int32), 'targets': np.zeros((4, 40), np.int32)})
+  task = type('Task', (), {'model': _CopyModel()})()
+  e = ml_collections.ConfigDict(dict(decode_method='greedy', beam_size=1, length_penalty=0.0,
+                                     temperature=1.0, top_k=0, top_p=1.0))
+  _CopyModel.shapes.clear()
+  srcs, preds, tgts = evaluation.decode_split(task, None, batches, e, max_decode_len=40)
+  assert srcs == [[int(t) for t in r] for r in rows] == tgts
+  assert preds == srcs  # the copy of each row, in input order
+  # Short rows together at width 8, long ones at 32; both batches keep 4 rows.
+  assert sorted(_CopyModel.shapes) == [(4, 8), (4, 32)]
+  assert [evaluation.padded_width(n) for n in (1, 8, 9, 64, 65, 80, 129, 250)] == [
+      8, 8, 16, 64, 80, 80, 160, 256]
