@@ -1,16 +1,10 @@
-"""experiments/bible_corpus.py: diatheke's plain output -> aligned verse pairs (no diatheke
-needed: the text below has the shapes diatheke prints, quirks included)."""
-
-import importlib.util
-from pathlib import Path
+"""attn_jax.data.bible (behind experiments/bible_corpus.py): diatheke's plain output ->
+aligned verse pairs (no diatheke needed: the text below has the shapes diatheke prints,
+quirks included)."""
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-_spec = importlib.util.spec_from_file_location('bible_corpus', ROOT / 'experiments' /
-                                               'bible_corpus.py')
-bible = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bible)
+from attn_jax.data import bible
 
 ENGLISH = """\
 Genesis 1:1: In the beginning God created the heaven and the earth.
