@@ -49,8 +49,7 @@ from absl import app, flags
 from flax import traverse_util
 
 from attn_jax import models
-from attn_jax.models import decoding
-from attn_jax.models.attention import CROSS_CACHE
+from attn_jax.models import attention, decoding
 from attn_jax.models.decoding import BOS_ID, EOS_ID
 
 FLAGS = flags.FLAGS
@@ -158,7 +157,7 @@ class CrossRecomputed:
       # Drop the cross-attention keys/values: the next step projects them again (and beam
       # search must not take them for the shared, per-source copy).
       cache = {k: v for k, v in traverse_util.flatten_dict(mutated['cache']).items()
-               if k[-1] not in CROSS_CACHE}
+               if k[-1] not in attention.CROSS_CACHE}
       return logits[:, 0], dict(state, cache=traverse_util.unflatten_dict(cache),
                                 position=state['position'] + 1)
 
