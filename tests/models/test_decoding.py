@@ -230,3 +230,24 @@ def test_beam_search_with_shared_cross_keys_and_filled_slots_equals_the_full_cac
   np.testing.assert_allclose(scores, ref_scores, rtol=1e-5)
   np.testing.assert_array_equal(out['new_greedy'], out['reference_greedy'])
   assert np.mean(np.asarray(seqs) != 0) > 0.5  # long hypotheses: most slots were filled
+
+
+def test_beam_search_over_a_shared_layer_stack():
+  """ALBERT-style sharing stacks the cache under `shared_layer` (layers on axis 0): beam
+  search must repeat and reorder the batch axis (1), or the stack's shapes break."""
+  model = models.EncoderDecoder(_tiny(share_layers=True, num_decoder_layers=2, d_ff=20))
+  inputs = jnp.array([[5, 6, 7, 2], [4, 9, 2, 0]], jnp.int32)
+
+  @jax.jit
+  def decode(inputs):
+    params = nn.unbox(model.init(jax.random.key(0), inputs, inputs))['params']
+    greedy = models.generate(model, params, inputs=inputs, max_decode_len=5)
+    one = models.generate(model, params, inputs=inputs, max_decode_len=5, method='beam',
+                          beam_size=1, length_penalty=0.0)
+    three = models.generate(model, params, inputs=inputs, max_decode_len=5, method='beam',
+                            beam_size=3)
+    return greedy, one, three
+
+  greedy, one, three = decode(inputs)
+  np.testing.assert_array_equal(one, greedy)
+  assert three.shape == (2, 5)
