@@ -77,14 +77,18 @@ def _gather_strings(text: str) -> list[str]:
   return [bytes(row[:int(n)]).decode() for row, n in zip(rows, lengths.reshape(-1), strict=True)]
 
 
-def _data_item(data_state: Any, eval_pending: bool = False) -> dict[str, Any]:
-  """The JSON item holding every process's iterator state (each process reads its shard), and
-  whether the eval of this step was interrupted (the resumed run does it first)."""
+def _data_item(data_state: Any, eval_pending: bool = False,
+               seconds_spent: float | None = None) -> dict[str, Any]:
+  """The JSON item holding every process's iterator state (each process reads its shard),
+  whether the eval of this step was interrupted (the resumed run does it first), and the
+  compute budget's seconds spent up to this step."""
   states = _gather_strings(json.dumps(encode_data_state(data_state)))
   item = {'num_processes': len(states),
           'per_process': {str(i): json.loads(x) for i, x in enumerate(states)}}
   if eval_pending:
     item['eval_pending'] = True
+  if seconds_spent is not None:
+    item['seconds_spent'] = float(seconds_spent)
   return item
 
 
@@ -107,6 +111,7 @@ class Restored(NamedTuple):
   state: Any
   data_state: Any
   eval_pending: bool = False  # Saved by a SIGTERM during this step's eval.
+  seconds_spent: float = 0.0  # Of the run's compute budget, up to this step.
 
 
 class StateMismatchError(ValueError):
@@ -268,18 +273,20 @@ class Checkpointer:
 
   def save(self, step: int, state: Any, *, data_state: Any = None,
            metrics: Mapping[str, float] | None = None, force: bool = False,
-           eval_pending: bool = False) -> bool:
+           eval_pending: bool = False, seconds_spent: float | None = None) -> bool:
     """Starts saving `state` (and the iterator state) as checkpoint `step`.
 
     Returns False if `step` is already saved (e.g. a preemption save right after a periodic
     one). `metrics` (Python floats) rank the checkpoint for `best_metric`; `eval_pending`
-    records that the eval of `step` was interrupted (see `Restored`).
+    records that the eval of `step` was interrupted (see `Restored`); `seconds_spent` is the
+    compute budget spent up to `step` (`loop.BudgetClock`).
     """
     if step in self._requested or step in self._manager.all_steps():
       return False
     self._requested.add(step)
     args = ocp.args.Composite(state=ocp.args.StandardSave(state),
-                              data=ocp.args.JsonSave(_data_item(data_state, eval_pending)))
+                              data=ocp.args.JsonSave(
+                                  _data_item(data_state, eval_pending, seconds_spent)))
     metrics = {k: float(v) for k, v in metrics.items()} if metrics else None
     return bool(self._manager.save(step, args=args, metrics=metrics, force=force))
 
@@ -355,8 +362,9 @@ class Checkpointer:
   def _restore(self, step: int, abstract_state: Any) -> Restored:
     out = self._manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
-    return Restored(step, out['state'], _data_state_from_item(out['data']),
-                    bool((out['data'] or {}).get('eval_pending')))
+    item = out['data'] or {}
+    return Restored(step, out['state'], _data_state_from_item(item),
+                    bool(item.get('eval_pending')), float(item.get('seconds_spent', 0.0)))
 
   def _set_aside_corrupt(self, step: int, what: str, error: Exception) -> None:
     logging.warning('checkpoint step %d in %s %s (%s: %s); moving it aside to corrupt_%d and '

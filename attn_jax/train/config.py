@@ -37,6 +37,16 @@ def default_train() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.num_steps = 1000
+  # > 0: a compute budget in wall-clock minutes (compilation and periodic evals included; the
+  # final eval not). Training stops at whichever of the budget and num_steps comes first,
+  # with a checkpoint and the final eval, and the learning-rate schedule runs on the fraction
+  # of the run done, max(time spent / budget, step / num_steps), so its warmup
+  # (optim.warmup_fraction) and decay complete inside the budget. The time spent is stored in
+  # each checkpoint: a resumed run (even after kill -9) spends only what is left.
+  c.budget_minutes = 0.0
+  # > 1: at the end of training, also evaluate the mean of the parameters of the last N
+  # checkpoints (Vaswani et al. 2017), as 'averaged/<metric>'; needs keep_checkpoints >= N.
+  c.average_last = 0
   c.log_every = 100
   c.eval_every = 1000  # 0 = only at the end.
   # 0 = only at the end (and on SIGTERM / data exhaustion). Best-checkpoint tracking ranks
@@ -74,6 +84,7 @@ def default_optim() -> ml_collections.ConfigDict:
   c.learning_rate = 1e-3
   c.schedule = 'warmup_rsqrt'
   c.warmup_steps = 1000
+  c.warmup_fraction = 0.05  # Warmup length as a fraction of the run: with train.budget_minutes.
   c.total_steps = 0  # Cosine/linear decay length in updates; 0 = train_loop fills it in.
   c.end_lr_factor = 0.0  # Final lr = learning_rate * end_lr_factor for cosine/linear.
   c.b1 = 0.9

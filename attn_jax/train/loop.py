@@ -48,6 +48,7 @@ EvalHook = Callable[[state_lib.TrainState, int], Mapping[str, float]]
 CHECKPOINTS_DIR = 'checkpoints'  # Under the workdir, beside metrics.METRICS_FILE.
 REPLACED_PREFIX = 'replaced_'  # workdir/replaced_<n>/: a run moved aside to start over.
 ON_MISMATCH = ('error', 'restart')
+_now = time.monotonic  # The budget's clock; tests replace it with a deterministic one.
 
 
 @dataclasses.dataclass
@@ -59,6 +60,8 @@ class LoopResult:
   start_step: int = 0  # > 0 when the run resumed from a checkpoint.
   preempted: bool = False
   data_exhausted: bool = False
+  budget_exhausted: bool = False  # Stopped by config.train.budget_minutes.
+  seconds_spent: float = 0.0  # Of the compute budget (0 without one).
   last_eval: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
@@ -73,11 +76,65 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   for field in ('eval_every', 'checkpoint_every', 'max_eval_batches'):
     if not isinstance(t[field], int) or t[field] < 0:
       raise ValueError(f'config.train.{field}={t[field]!r} must be an int >= 0')
+  budget = t.get('budget_minutes', 0.0)
+  if isinstance(budget, bool) or not isinstance(budget, int | float) or budget < 0:
+    raise ValueError(f'config.train.budget_minutes={budget!r} must be a number >= 0 (0 = off)')
+  average = t.get('average_last', 0)
+  if isinstance(average, bool) or not isinstance(average, int) or average < 0:
+    raise ValueError(f'config.train.average_last={average!r} must be an int >= 0 (0 = off)')
+  if average > t.keep_checkpoints:
+    raise ValueError(f'config.train.average_last={average} needs config.train.keep_checkpoints '
+                     f'>= {average} (it is {t.keep_checkpoints})')
   validate_choices(config, 'train.nonfinite', step_lib.NONFINITE_MODES)
   validate_choices(config, 'train.best_mode', ckpt_lib.BEST_MODES)
   validate_choices(config, 'train.on_mismatch', ON_MISMATCH)
   if 'parallel' in config:
     validate_choices(config, 'parallel.mode', parallel.PARALLEL_MODES)
+
+
+def schedule_clock(config: ml_collections.ConfigDict) -> str:
+  """'progress' when the run has a compute budget (the schedule follows the fraction done),
+  else 'steps'."""
+  return 'progress' if config.train.get('budget_minutes', 0.0) > 0 else 'steps'
+
+
+class BudgetClock:
+  """The fraction of a run done: `max(seconds spent / budget, step / num_steps)`, in [0, 1].
+
+  `spent` counts wall-clock seconds from `start(already_spent)` (the seconds a checkpoint
+  recorded), so a resumed run spends only what is left. With several processes every reading
+  is process 0's, so all of them see the same progress and stop at the same step.
+  """
+
+  def __init__(self, budget_minutes: float, num_steps: int, now: Callable[[], float] = None):
+    self.budget_s = float(budget_minutes) * 60.0
+    self.num_steps = num_steps
+    self._now = now or time.monotonic
+    self._origin, self._already, self.spent = 0.0, 0.0, 0.0
+
+  @property
+  def enabled(self) -> bool:
+    return self.budget_s > 0
+
+  def start(self, already_spent: float = 0.0) -> None:
+    self._origin, self._already = self._now(), float(already_spent)
+    self.spent = self._already
+
+  def read(self) -> float:
+    """Updates and returns `spent` (one clock reading)."""
+    spent = self._already + self._now() - self._origin
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      spent = float(multihost_utils.broadcast_one_to_all(np.float64(spent)))
+    self.spent = spent
+    return spent
+
+  def progress(self, step: int) -> np.float32:
+    done = max(self.spent / self.budget_s if self.enabled else 0.0, step / self.num_steps)
+    return np.float32(min(1.0, done))
+
+  def exhausted(self) -> bool:
+    return self.enabled and self.spent >= self.budget_s
 
 
 def optim_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -93,6 +150,7 @@ class _Runner:
   def __init__(self, config, init_params, loss_fn, tx, schedule):
     pc = config.get('parallel', default_parallel())
     self.mode = pc.mode
+    self.clock = schedule_clock(config)
     step_fn = step_lib.make_train_step(
         loss_fn, tx, schedule, grad_accum_steps=config.optim.grad_accum_steps,
         nonfinite=config.train.nonfinite)
@@ -140,12 +198,17 @@ class _Runner:
   def metrics(self, metrics):
     return parallel.unreplicate(metrics) if self.mode == 'pmap' else metrics
 
-  def step_flops(self, state, batch) -> float | None:
+  def step(self, state, batch, progress):
+    """One compiled train step; `progress` reaches it only on the 'progress' clock."""
+    return self.train_step(state, batch, progress if self.clock == 'progress' else None)
+
+  def step_flops(self, state, batch, progress) -> float | None:
     """FLOPs of one train step on this placed state and batch (all devices together)."""
+    args = (state, batch, progress if self.clock == 'progress' else None)
     if self.mode == 'sharded':
       with jax.set_mesh(self.mesh):
-        return throughput.step_flops(self.train_step.jitted, state, batch)
-    return throughput.step_flops(self.train_step, state, batch,
+        return throughput.step_flops(self.train_step.jitted, *args)
+    return throughput.step_flops(self.train_step, *args,
                                  per_device_program=self.mode == 'pmap')
 
 
@@ -299,11 +362,12 @@ def train_loop(
   t = config.train
   workdir = pathlib.Path(workdir)
   eval_iters = dict(eval_iters or {})
-  tx, schedule = optim.make_optimizer(optim_config(config))
+  tx, schedule = optim.make_optimizer(optim_config(config), schedule_clock(config))
   runner = _Runner(config, init_params, loss_fn, tx, schedule)
   logging.info('model has %d parameters', state_lib.param_count(runner.abstract.params))
 
   ckpt, restored = _restore_or_start_over(config, workdir, runner, keep_on_restart)
+  clock = BudgetClock(t.get('budget_minutes', 0.0), t.num_steps, now=_now)
   try:
     if restored is None:
       state = runner.init()
@@ -343,7 +407,17 @@ def train_loop(
     return scalars
 
   step, acc, pending, t0, t0_step, paused = start, {}, None, time.time(), start, 0.0
-  tokens, flops, peak = 0, None, None
+  tokens, flops, peak, in_flight = 0, None, None, None
+  clock.start(restored.seconds_spent if restored is not None else 0.0)
+  if clock.enabled:
+    logging.info('compute budget: %.1f of %.1f minutes spent, stopping at the budget or step %d',
+                 clock.spent / 60, clock.budget_s / 60, t.num_steps)
+  finished = clock.exhausted()  # A resumed run whose budget was already spent.
+
+  def save(step, **kw):
+    return ckpt.save(step, runner.host_state(state), data_state=data_state(),
+                     seconds_spent=clock.spent if clock.enabled else None, **kw)
+
   profiler = throughput.Profiler(workdir, t.profile_steps, t.profile_skip)
   try:
     with ckpt_lib.PreemptionHandler() as preempt:
@@ -353,7 +427,7 @@ def train_loop(
           run_eval(step, preempt)
         except ckpt_lib.Preempted:
           result.preempted = True  # Its checkpoint still records the eval as pending.
-      while step < t.num_steps and not result.preempted:
+      while step < t.num_steps and not result.preempted and not finished:
         try:
           batch = next(train_iter)
         except StopIteration:
@@ -363,15 +437,27 @@ def train_loop(
         if count_tokens is not None:
           tokens += count_tokens(batch)
         placed = runner.batch(batch)
+        progress = clock.progress(step)
         if step == start:  # XLA's FLOP count of the step, from its first batch shape
-          flops = runner.step_flops(state, placed)
+          flops = runner.step_flops(state, placed, progress)
           peak = _peak_flops(t.peak_flops) if flops else None
           if flops:
             logging.info('train step: %.4g GFLOP (XLA count); peak %.4g GFLOP/s', flops / 1e9,
                          peak / 1e9)
-        state, metrics = runner.train_step(state, placed)
+        state, metrics = runner.step(state, placed, progress)
         metrics = runner.metrics(metrics)
         step += 1
+        if clock.enabled:
+          # The clock counts finished steps: wait for the previous one (the queue of
+          # dispatched steps stays one deep, as it does anyway).
+          if in_flight is not None:
+            jax.block_until_ready(in_flight)
+          in_flight = metrics['loss']
+          clock.read()
+          finished = clock.exhausted()
+          if finished:
+            logging.info('compute budget of %.1f minutes spent at step %d',
+                         clock.budget_s / 60, step)
         profiler.step(step - start, state)
         if t.nonfinite == 'raise':
           # Checked one step late so the host does not wait for every step to finish.
@@ -379,7 +465,7 @@ def train_loop(
           pending = (step, metrics['nonfinite'][0])
         acc = losses.add_metrics(acc, metrics)
         writer.advance(step)
-        last = step == t.num_steps
+        last = step == t.num_steps or finished
         if step % t.log_every == 0 or last:
           summary = losses.summarize(parallel.to_host(acc))
           # Training speed only: the time spent in eval and checkpoint saves is left out.
@@ -400,32 +486,63 @@ def train_loop(
           except ckpt_lib.Preempted:
             logging.warning('preempted during the eval at step %d: saving a checkpoint that '
                             'asks the resumed run to evaluate first, and stopping', step)
-            ckpt.save(step, runner.host_state(state), data_state=data_state(), force=True,
-                      eval_pending=True)
+            save(step, force=True, eval_pending=True)
             result.preempted = True
             break
           logging.info('eval at step %d took %.1fs', step, time.time() - pause_start)
         if (t.checkpoint_every and step % t.checkpoint_every == 0) or last:
-          ckpt.save(step, runner.host_state(state), data_state=data_state(),
-                    metrics=eval_scalars)
+          save(step, metrics=eval_scalars)
         paused += time.time() - pause_start
         # At the last step the run is complete (evaluated and saved): nothing to stop.
         if not last and step % check_every == 0 and preempt.reached(step):
           logging.warning('preempted: saving checkpoint at step %d and stopping', step)
-          ckpt.save(step, runner.host_state(state), data_state=data_state(), force=True)
+          save(step, force=True)
           result.preempted = True
           break
       if t.nonfinite == 'raise':
         _raise_if_nonfinite(pending)
       if result.data_exhausted and step > start:
-        ckpt.save(step, runner.host_state(state), data_state=data_state())  # No-op if saved.
+        save(step)  # No-op if saved.
+      if t.get('average_last', 0) > 1 and step > start and not result.preempted:
+        try:
+          with preempt.interruptible():
+            averaged = _evaluate_average(runner, ckpt, state, step, t.average_last, eval_iters,
+                                         eval_hooks, t.max_eval_batches)
+        except ckpt_lib.Preempted:
+          logging.warning('preempted during the eval of the averaged checkpoints; the run is '
+                          'saved: decode with experiments/decode.py --average_last %d',
+                          t.average_last)
+          result.preempted = True
+        else:
+          writer.write(step, averaged, prefix='')
+          result.last_eval.update(averaged)
   finally:
     profiler.stop()
     ckpt.wait()
     ckpt.close()
     writer.close()
   result.state, result.step = runner.host_state(state), step
+  result.budget_exhausted, result.seconds_spent = clock.exhausted(), clock.spent
   return result
+
+
+def _evaluate_average(runner: _Runner, ckpt: ckpt_lib.Checkpointer, state, step: int,
+                      last_n: int, eval_iters, eval_hooks, max_batches: int) -> dict[str, float]:
+  """Evaluates the mean parameters of the last `last_n` checkpoints: `{'averaged/<key>'}`."""
+  from attn_jax.train import averaging  # Only runs that average need it.
+  ckpt.wait()
+  kept = ckpt.all_steps()
+  if len(kept) < last_n:
+    logging.warning('train.average_last=%d but only %d checkpoint(s) were saved (%s): '
+                    'averaging those', last_n, len(kept), sorted(kept))
+  params, steps = averaging.average_checkpoints(ckpt, runner.abstract_for_restore(),
+                                                min(last_n, len(kept)))
+  host = runner.host_state(state).replace(params=params)
+  scalars = evaluate(runner, runner.place(host), eval_iters, max_batches) if eval_iters else {}
+  for hook in eval_hooks:
+    scalars.update(hook(host, step))
+  logging.info('step %d: evaluated the mean of checkpoints %s', step, list(steps))
+  return {f'averaged/{k}': v for k, v in scalars.items()}
 
 
 def _raise_if_nonfinite(pending: tuple[int, Any] | None) -> None:

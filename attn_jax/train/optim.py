@@ -42,43 +42,56 @@ def _num(config: Any, field: str, *, low: float, high: float | None = None,
   return value
 
 
-def make_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
-  """Learning-rate schedule `step -> lr` (step counts optimizer updates, from 0).
+CLOCKS = ('steps', 'progress')
+
+
+def make_schedule(config: ml_collections.ConfigDict, clock: str = 'steps') -> optax.Schedule:
+  """Learning-rate schedule `t -> lr`, on one of two clocks.
+
+  clock='steps': `t` counts optimizer updates from 0; warmup lasts `warmup_steps` and a
+  cosine/linear decay ends at `total_steps`. clock='progress': `t` is the fraction of the
+  run done, in [0, 1] (a compute budget: `attn_jax.train.loop`); warmup lasts
+  `warmup_fraction` and the decay ends at 1, so both complete inside the budget whatever
+  the step rate turns out to be.
 
   - constant: `lr`.
-  - warmup_constant: linear warmup from 0 over `warmup_steps`, then `lr`.
-  - warmup_rsqrt: linear warmup, then `lr * sqrt(warmup / step)` (the Transformer schedule,
-    continuous at `step == warmup`).
-  - warmup_cosine: linear warmup, then cosine decay to `lr * end_lr_factor` at `total_steps`.
-  - warmup_linear: linear warmup, then linear decay to `lr * end_lr_factor` at `total_steps`.
+  - warmup_constant: linear warmup from 0, then `lr`.
+  - warmup_rsqrt: linear warmup, then `lr * sqrt(warmup / t)` (the Transformer schedule,
+    continuous at `t == warmup`).
+  - warmup_cosine: linear warmup, then cosine decay to `lr * end_lr_factor` at the end.
+  - warmup_linear: linear warmup, then linear decay to `lr * end_lr_factor` at the end.
   """
+  if clock not in CLOCKS:
+    raise ValueError(f'schedule clock={clock!r} is not one of {CLOCKS}')
   kind = validate_choices(config, 'schedule', SCHEDULES, where='config.optim')
   lr = _num(config, 'learning_rate', low=0.0, low_inclusive=False)
   if kind == 'constant':
     return optax.constant_schedule(lr)
-  warmup = int(_num(config, 'warmup_steps', low=0))
+  if clock == 'steps':
+    warmup, total = float(int(_num(config, 'warmup_steps', low=0))), None
+    floor = 1.0  # rsqrt's reference point when there is no warmup: the first update
+  else:
+    warmup, total = float(_num(config, 'warmup_fraction', low=0.0, high=1.0)), 1.0
+    floor = 1e-3
   if kind in ('warmup_cosine', 'warmup_linear'):
-    total = int(_num(config, 'total_steps', low=1))
+    if clock == 'steps':
+      total = float(int(_num(config, 'total_steps', low=1)))
     if total <= warmup:
+      what = ('total_steps', 'warmup_steps') if clock == 'steps' else ('(end)', 'warmup_fraction')
       raise ValueError(
-          f'config.optim.total_steps={total} must exceed config.optim.warmup_steps={warmup} '
+          f'config.optim.{what[0]}={total:g} must exceed config.optim.{what[1]}={warmup:g} '
           f'for schedule {kind!r}')
     end = lr * _num(config, 'end_lr_factor', low=0.0, high=1.0)
 
-  def warmup_factor(step):
-    if warmup == 0:
-      return jnp.ones_like(step, dtype=jnp.float32)
-    return jnp.minimum(1.0, step.astype(jnp.float32) / warmup)
-
-  def schedule(step):
-    step = jnp.asarray(step)
-    w = warmup_factor(step)
-    s = step.astype(jnp.float32)
+  def schedule(t):
+    t = jnp.asarray(t).astype(jnp.float32)
+    w = jnp.ones_like(t) if warmup == 0 else jnp.minimum(1.0, t / warmup)
     if kind == 'warmup_constant':
       return lr * w
     if kind == 'warmup_rsqrt':
-      return lr * w * jax.lax.rsqrt(jnp.maximum(s, max(warmup, 1)) / max(warmup, 1))
-    frac = jnp.clip((s - warmup) / (total - warmup), 0.0, 1.0)
+      ref = max(warmup, floor)
+      return lr * w * jax.lax.rsqrt(jnp.maximum(t, ref) / ref)
+    frac = jnp.clip((t - warmup) / (total - warmup), 0.0, 1.0)
     if kind == 'warmup_cosine':
       decay = end + (lr - end) * 0.5 * (1.0 + jnp.cos(jnp.pi * frac))
     else:
@@ -101,21 +114,33 @@ def decay_mask(params: Any) -> Any:
 
 
 def make_optimizer(
-    config: ml_collections.ConfigDict,
+    config: ml_collections.ConfigDict, clock: str = 'steps',
 ) -> tuple[optax.GradientTransformation, Callable[[Any], Any]]:
   """Builds `(tx, schedule)` from a `config.optim` section (`config.default_optim()`).
+
+  Args:
+    config: the `config.optim` section.
+    clock: 'steps' (the schedule reads optax's update count) or 'progress' (the schedule
+      reads the fraction of the run done, which only the loop knows: `tx` is then built with a
+      learning rate of 1 and the train step multiplies its updates by `schedule(progress)`;
+      the same update, since every optimizer here applies the rate last, to the decayed
+      update too).
 
   Returns:
     tx: the gradient transformation. With `grad_accum_steps = k > 1` it is an
       `optax.MultiSteps`: each call accumulates the (mean) gradient and every k-th call
       applies one update, so `schedule` advances once per k train steps.
-    schedule: `update_count -> learning rate` (float32 scalar).
+    schedule: `update_count -> learning rate` (clock='steps') or `progress -> learning
+      rate` (float32 scalar).
 
   Raises:
     ValueError: naming the field for an unknown optimizer/schedule or an out-of-range value.
   """
   name = validate_choices(config, 'name', OPTIMIZERS, where='config.optim')
-  schedule = make_schedule(config)
+  schedule = make_schedule(config, clock)
+  # A rate of 1 as a schedule, not a constant: the optimizer state then has the same structure
+  # on both clocks, so a run's checkpoints resume with or without a budget.
+  rate = schedule if clock == 'steps' else (lambda count: jnp.ones((), jnp.float32))
   wd = _num(config, 'weight_decay', low=0.0)
   clip = config.clip_grad_norm
   if clip is not None:
@@ -132,12 +157,12 @@ def make_optimizer(
       raise ValueError(
           f'config.optim.weight_decay={wd} needs name="adamw" (adam has no decoupled decay)')
     if name == 'adamw':
-      opt = optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=wd, mask=decay_mask)
+      opt = optax.adamw(rate, b1=b1, b2=b2, eps=eps, weight_decay=wd, mask=decay_mask)
     else:
-      opt = optax.adam(schedule, b1=b1, b2=b2, eps=eps)
+      opt = optax.adam(rate, b1=b1, b2=b2, eps=eps)
   else:
     momentum = _num(config, 'momentum', low=0.0, high=1.0)
-    opt = optax.sgd(schedule, momentum=momentum or None)
+    opt = optax.sgd(rate, momentum=momentum or None)
     if wd > 0:
       opt = optax.chain(optax.add_decayed_weights(wd, mask=decay_mask), opt)
 

@@ -141,13 +141,21 @@ def shard_batch(batch: Mapping[str, Any], num_devices: int | None = None) -> dic
 
 
 def pmap_train_step(step_fn: Callable[..., Any], axis_name: str = 'batch') -> Callable[..., Any]:
-  """`pmap` of `step_fn(state, batch, axis_name=...)`; the replicated state is donated.
+  """`pmap` of `step_fn(state, batch, progress, axis_name=...)`; the replicated state is
+  donated.
 
-  Returns `fn(replicated_state, sharded_batch) -> (replicated_state, replicated_metrics)`;
-  take `unreplicate(metrics)` for logging.
+  Returns `fn(replicated_state, sharded_batch, progress=None) -> (replicated_state,
+  replicated_metrics)`, `progress` (a host scalar or None) going to every device; take
+  `unreplicate(metrics)` for logging.
   """
-  return jax.pmap(functools.partial(step_fn, axis_name=axis_name), axis_name=axis_name,
-                  donate_argnums=(0,))
+  mapped = jax.pmap(functools.partial(step_fn, axis_name=axis_name), axis_name=axis_name,
+                    in_axes=(0, 0, None), donate_argnums=(0,))
+
+  def run(state, batch, progress=None):
+    return mapped(state, batch, progress)
+
+  run.lower = mapped.lower  # For throughput.step_flops.
+  return run
 
 
 def pmap_eval_step(eval_fn: Callable[..., Any], axis_name: str = 'batch') -> Callable[..., Any]:
@@ -309,24 +317,25 @@ def global_batch(local_batch: Mapping[str, Any], mesh: Mesh) -> dict[str, jax.Ar
 
 def sharded_train_step(step_fn: Callable[..., Any], mesh: Mesh, shardings: Any,
                        rules: Sequence[Sequence[Any]] | None = None) -> Callable[..., Any]:
-  """`jax.jit` of `step_fn(state, batch)` with state shardings in and out (donated).
+  """`jax.jit` of `step_fn(state, batch, progress)` with state shardings in and out (donated);
+  `progress` (a host scalar or None) is replicated.
 
   Logical axis rules and the mesh are active while tracing, so `nn.with_logical_constraint`
   inside models resolves. Metrics come back replicated.
   """
   rules = _rules(rules)
 
-  def fn(state, batch):
+  def fn(state, batch, progress):
     with nn.logical_axis_rules(rules):
-      return step_fn(state, batch)
+      return step_fn(state, batch, progress)
 
-  jitted = jax.jit(fn, in_shardings=(shardings, batch_sharding(mesh)),
-                   out_shardings=(shardings, NamedSharding(mesh, PartitionSpec())),
-                   donate_argnums=(0,))
+  replicated = NamedSharding(mesh, PartitionSpec())
+  jitted = jax.jit(fn, in_shardings=(shardings, batch_sharding(mesh), replicated),
+                   out_shardings=(shardings, replicated), donate_argnums=(0,))
 
-  def run(state, batch):
+  def run(state, batch, progress=None):
     with jax.set_mesh(mesh):
-      return jitted(state, batch)
+      return jitted(state, batch, progress)
 
   run.jitted = jitted  # For tests: `run.jitted._cache_size()` counts compilations.
   return run

@@ -52,6 +52,7 @@ def _select(pred: jax.Array, on_true: Any, on_false: Any) -> Any:
 def train_step(
     state: TrainState,
     batch: Mapping[str, jax.Array],
+    progress: jax.Array | None = None,
     *,
     loss_fn: LossFn,
     tx: optax.GradientTransformation,
@@ -65,6 +66,9 @@ def train_step(
   Args:
     state: the TrainState (float32 params and optimizer state).
     batch: dict of arrays with a leading batch axis (per-device under pmap).
+    progress: float32 scalar in [0, 1], the fraction of the run done, for a `tx` and
+      `schedule` built with `optim.make_optimizer(..., clock='progress')`: the updates are
+      multiplied by `schedule(progress)`. None: `schedule` reads the update count.
     loss_fn: the task's `loss_fn(params, batch, rng, train)`; see module docstring.
     tx, schedule: from `optim.make_optimizer`.
     grad_accum_steps: the `optim.grad_accum_steps` used to build `tx` (for the logged lr).
@@ -102,6 +106,11 @@ def train_step(
   grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(obj_sum) & jnp.isfinite(grad_norm)
   updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
+  if progress is None:
+    lr = schedule(state.step // grad_accum_steps)
+  else:  # tx was built with a rate of 1 (see optim.make_optimizer)
+    lr = schedule(progress)
+    updates = jax.tree_util.tree_map(lambda u: u * lr.astype(u.dtype), updates)
   new_params = optax.apply_updates(state.params, updates)
   # optax may promote dtypes (e.g. a float64 schedule); params and moments stay as created.
   new_params = jax.tree_util.tree_map(lambda n, o: n.astype(o.dtype), new_params, state.params)
@@ -112,7 +121,6 @@ def train_step(
   new_opt_state = _select(finite, new_opt_state, state.opt_state)
 
   one = jnp.ones((), jnp.float32)
-  lr = schedule(state.step // grad_accum_steps)
   metrics = dict(metrics)
   metrics['learning_rate'] = (jnp.asarray(lr, jnp.float32), one)
   metrics['grad_norm'] = (grad_norm, one)
@@ -140,12 +148,13 @@ def eval_step(
 def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
                     schedule: Callable[[Any], Any], *, grad_accum_steps: int = 1,
                     nonfinite: str = 'skip') -> Callable[..., Any]:
-  """Binds everything but `(state, batch)`; the result also takes `axis_name=` for pmap."""
+  """Binds everything but `(state, batch, progress=None)`; the result also takes `axis_name=`
+  for pmap."""
   if nonfinite not in NONFINITE_MODES:
     raise ValueError(f'config.train.nonfinite={nonfinite!r} is not one of {NONFINITE_MODES}')
 
-  def bound_train_step(state, batch, axis_name=None):
-    return train_step(state, batch, loss_fn=loss_fn, tx=tx, schedule=schedule,
+  def bound_train_step(state, batch, progress=None, axis_name=None):
+    return train_step(state, batch, progress, loss_fn=loss_fn, tx=tx, schedule=schedule,
                       grad_accum_steps=grad_accum_steps, nonfinite=nonfinite,
                       axis_name=axis_name)
 
