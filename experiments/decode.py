@@ -6,10 +6,14 @@ r"""Applies a trained run to new text: translate, classify, or continue (LM), on
       --method=beam --beam_size=5                                    # stdin -> stdout
   python experiments/decode.py --workdir /tmp/attn_jax/shakespeare --input prompts.txt \
       --method=sample --temperature=0.8 --top_k=40 --max_decode_len=200
+  python experiments/decode.py --workdir /tmp/attn_jax/my_mt --average_last=5 --method=beam \
+      --input test.src --output test.hyp --references test.ref
 
 Loads config.json, the tokenizers and the latest (or `--checkpoint=best`) checkpoint from the
-workdir. With `--references` (one line per input) it prints the score: BLEU (sacrebleu,
-detokenized) for translation, exact-match accuracy for classification and algorithmic tasks.
+workdir; `--average_last=N` decodes with the mean of the params of the last N checkpoints kept
+(Vaswani et al. 2017; train with `--config.train.keep_checkpoints` >= N). With `--references`
+(one line per input) it prints the score: BLEU (sacrebleu, detokenized) for translation,
+exact-match accuracy for classification and algorithmic tasks.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ flags.DEFINE_string('input', '-', "Input file, one example per line ('-' = stdin
 flags.DEFINE_string('output', '-', "Output file ('-' = stdout).")
 flags.DEFINE_string('references', None, 'Reference outputs, one per line, to score against.')
 flags.DEFINE_enum('checkpoint', 'latest', inference.CHECKPOINTS, 'Which checkpoint to load.')
+flags.DEFINE_integer('average_last', 0, 'Average the params of the last N checkpoints kept '
+                     '(0 or 1 = off; not with --checkpoint=best).')
 flags.DEFINE_enum('method', None, ['greedy', 'sample', 'beam'], 'Default: the config\'s.')
 flags.DEFINE_integer('beam_size', None, 'Beam width (method=beam).')
 flags.DEFINE_float('length_penalty', None, 'GNMT length-penalty alpha (method=beam).')
@@ -49,7 +55,7 @@ def _read_lines(path: str) -> list[str]:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  run = inference.load_run(FLAGS.workdir, FLAGS.checkpoint)
+  run = inference.load_run(FLAGS.workdir, FLAGS.checkpoint, average_last=FLAGS.average_last)
   texts = _read_lines(FLAGS.input)
   if not texts:
     raise app.UsageError(f'no input lines in {FLAGS.input!r}')
@@ -66,7 +72,8 @@ def main(argv):
       f.write(text)
   if FLAGS.references:
     scores = inference.score(run, outputs, _read_lines(FLAGS.references))
-    print(json.dumps({'step': run.step, 'num_examples': len(outputs), **scores}))
+    averaged = {'averaged_steps': list(run.averaged_steps)} if run.averaged_steps else {}
+    print(json.dumps({'step': run.step, **averaged, 'num_examples': len(outputs), **scores}))
 
 
 if __name__ == '__main__':

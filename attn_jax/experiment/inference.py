@@ -6,7 +6,8 @@
 
 `load_run` reads what `run.train_and_evaluate` wrote (see `workdir`: config.json,
 data_meta.json, tokenizers.json + tokenizer files, checkpoints/) and restores the parameters
-only.
+only; `load_run(workdir, average_last=5)` decodes with the mean of the last 5 checkpoints'
+parameters instead (`train.averaging`, as Vaswani et al. 2017 do).
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ from attn_jax.data import tokenizers as tok_lib
 from attn_jax.experiment import evaluation, tasks
 from attn_jax.experiment import workdir as workdir_lib
 from attn_jax.tokens import EOS_ID
+from attn_jax.train import averaging, loop, optim
 from attn_jax.train import checkpoint as ckpt_lib
-from attn_jax.train import loop, optim
 from attn_jax.train import state as state_lib
 
 CHECKPOINTS = ('latest', 'best')
@@ -35,7 +36,11 @@ CHECKPOINTS = ('latest', 'best')
 
 @dataclasses.dataclass
 class Run:
-  """A reloaded run: its config, data meta, tokenizers, task (model) and parameters."""
+  """A reloaded run: its config, data meta, tokenizers, task (model) and parameters.
+
+  `step` is the checkpoint's step (with averaging, the latest averaged); `averaged_steps` the
+  steps whose params were averaged, ascending (empty without averaging).
+  """
 
   workdir: pathlib.Path
   config: ml_collections.ConfigDict
@@ -44,17 +49,32 @@ class Run:
   task: tasks.Task
   params: Any
   step: int
+  averaged_steps: tuple[int, ...] = ()
 
 
-def load_run(workdir: str | pathlib.Path, checkpoint: str = 'latest') -> Run:
+def load_run(workdir: str | pathlib.Path, checkpoint: str = 'latest',
+             average_last: int = 0) -> Run:
   """Reloads the run in `workdir` at its latest or best (`config.train.best_metric`) step.
 
+  Args:
+    workdir: a run directory written by `run.train_and_evaluate`.
+    checkpoint: 'latest' or 'best'.
+    average_last: > 1 averages the params of the `average_last` highest steps on disk (which
+      include a kept best checkpoint older than the latest ones only when `average_last`
+      exceeds `config.train.keep_checkpoints`); 0 or 1 restores one checkpoint.
+
   Raises:
-    ValueError: a missing/corrupt run file, no checkpoint, an unknown `checkpoint` choice or
-      'best' without a best metric.
+    ValueError: a missing/corrupt run file, no checkpoint, an unknown `checkpoint` choice,
+      'best' without a best metric, a negative `average_last`, averaging with 'best', or
+      fewer checkpoints kept than `average_last`.
   """
   if checkpoint not in CHECKPOINTS:
     raise ValueError(f'checkpoint={checkpoint!r} is not one of {CHECKPOINTS}')
+  if not isinstance(average_last, int) or average_last < 0:
+    raise ValueError(f'average_last={average_last!r} must be an int >= 0 (0 or 1 = off)')
+  if average_last > 1 and checkpoint != 'latest':
+    raise ValueError(f'average_last={average_last} averages the latest checkpoints; it does '
+                     f'not combine with checkpoint={checkpoint!r}')
   workdir = pathlib.Path(workdir)
   config = ml_collections.ConfigDict(workdir_lib.read_json(workdir / workdir_lib.CONFIG_FILE))
   meta = workdir_lib.read_json(workdir / workdir_lib.DATA_META_FILE)
@@ -68,6 +88,12 @@ def load_run(workdir: str | pathlib.Path, checkpoint: str = 'latest') -> Run:
                                best_metric=t.best_metric or None, best_mode=t.best_mode,
                                async_save=False)
   try:
+    if average_last > 1:
+      if not ckpt.all_steps():
+        raise ValueError(f'{workdir / workdir_lib.CHECKPOINTS_DIR} holds no checkpoint')
+      params, steps = averaging.average_checkpoints(ckpt, abstract, average_last)
+      return Run(workdir=workdir, config=config, meta=meta, tokenizers=toks, task=task,
+                 params=params, step=steps[-1], averaged_steps=tuple(steps))
     step = None
     if checkpoint == 'best':
       step = ckpt.best_step()

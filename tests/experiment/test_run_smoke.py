@@ -1,6 +1,7 @@
 """Smoke runs of every config through `train_and_evaluate` (2 steps, tiny sizes), so no config
 rots; pmap and sharded on the 8 fake CPU devices; the quickstart's smoke run trained long enough
-to learn; re-runs on its workdir (refused, allowed); decode.py on a finished workdir."""
+to learn; re-runs on its workdir (refused, allowed); decode.py on a finished workdir, also with
+checkpoint averaging."""
 
 from __future__ import annotations
 
@@ -13,10 +14,14 @@ import shutil
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
 from attn_jax.experiment import inference, plots, run
+from attn_jax.train import checkpoint as ckpt_lib
+from attn_jax.train import loop, optim
+from attn_jax.train import state as state_lib
 from attn_jax.train.metrics import read_metrics
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -246,6 +251,43 @@ def test_decode_script_reads_stdin(reverse_run):
   assert bad.returncode == 2 and 'Traceback' not in bad.stderr
   assert bad.stderr.strip().splitlines()[-1].startswith('error: ')
   assert 'config.json does not exist' in bad.stderr
+
+
+def test_decode_averages_the_last_checkpoints(reverse_run, tmp_path):
+  """`load_run(average_last=3)` and `decode.py --average_last=3` use the mean params of the
+  last 3 steps; two shifted copies of the run's checkpoint make that mean known."""
+  workdir = tmp_path / 'run'
+  shutil.copytree(reverse_run[0], workdir)
+  single = inference.load_run(workdir)
+  tx, _ = optim.make_optimizer(loop.optim_config(single.config))
+  abstract = state_lib.abstract_state(single.task.init_params, tx, jax.random.PRNGKey(0))
+  ck = ckpt_lib.Checkpointer(workdir / 'checkpoints', async_save=False)
+  state = ck.restore(abstract).state
+  saved = [jax.tree_util.tree_map(np.asarray, state.params)]
+  for step, shift in ((LEARN_STEPS + 1, 0.3), (LEARN_STEPS + 2, -0.9)):
+    params = jax.tree_util.tree_map(lambda x, s=shift: x + s, state.params)
+    ck.save(step, state.replace(params=params))
+    saved.append(jax.tree_util.tree_map(np.asarray, params))
+  ck.close()
+  averaged = inference.load_run(workdir, average_last=3)
+  steps = [LEARN_STEPS, LEARN_STEPS + 1, LEARN_STEPS + 2]
+  assert averaged.step == steps[-1] and list(averaged.averaged_steps) == steps
+  assert single.averaged_steps == ()
+  # float64 sums rounded once to float32: within 1 float32 ulp of the exact mean.
+  want = jax.tree_util.tree_map(lambda *x: np.mean(np.stack(x).astype(np.float64), 0), *saved)
+  jax.tree_util.tree_map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-6),
+                         averaged.params, want)
+  with pytest.raises(ValueError, match=r'keeps 3 \(steps .*keep_checkpoints'):
+    inference.load_run(workdir, average_last=4)
+  with pytest.raises(ValueError, match="does not combine with checkpoint='best'"):
+    inference.load_run(workdir, checkpoint='best', average_last=2)
+  (tmp_path / 'in.txt').write_text('3 1 4\n')
+  (tmp_path / 'ref.txt').write_text('4 1 3\n')
+  out = _script('decode.py', f'--workdir={workdir}', '--average_last=3', '--method=greedy',
+                f'--input={tmp_path / "in.txt"}', f'--references={tmp_path / "ref.txt"}')
+  assert out.returncode == 0, out.stderr[-2000:]
+  score = json.loads(out.stdout.strip().splitlines()[-1])
+  assert score['step'] == steps[-1] and score['averaged_steps'] == steps
 
 
 def test_predict_batches_by_length_and_returns_input_order(reverse_run):
