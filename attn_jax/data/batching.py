@@ -14,6 +14,12 @@ batch them, all giving a small fixed set of shapes so `jit` compiles a few times
     concat   language modelling: documents concatenated and cut into rows of exactly max_length
              (grain concat-then-split), long documents continuing on the next row
 
+Token budget (`data.max_tokens`, as fairseq's --max-tokens): instead of a fixed row count,
+training batches hold at most `max_tokens` (per process) padded tokens. In 'pad'/'bucket' mode
+`TokenBuckets` gives every length bucket its own static row count (max_tokens // width) and
+`TokenBucketBatchIterDataset` fills batches greedily from length-sorted windows; in 'pack' and
+'concat' mode rows are max_length wide, so the budget only sets the row count (`token_rows`).
+
 Every stage is a grain IterDataset whose iterator has get_state()/set_state(), so a restored
 iterator yields exactly the batches the original would have.
 """
@@ -34,12 +40,32 @@ BATCHING_MODES = ('pad', 'bucket', 'pack', 'concat')
 LENGTH_POLICIES = ('truncate', 'filter')
 
 
+def _ladder(max_length: int, num_buckets: int) -> tuple[int, ...]:
+  # Ascending, duplicates kept, so index i is max_length / 2**(num_buckets-1-i) for every
+  # feature: features of different max lengths share bucket indices.
+  return tuple(min(max_length, max(8, 8 * math.ceil(max_length / 2 ** i / 8)))
+               for i in reversed(range(num_buckets)))
+
+
 def length_boundaries(max_length: int, num_buckets: int) -> tuple[int, ...]:
   """Padded lengths: max_length, max_length/2, ... (num_buckets of them, rounded up to 8)."""
-  out = {max_length}
-  for i in range(1, num_buckets):
-    out.add(min(max_length, max(8, 8 * math.ceil(max_length / 2 ** i / 8))))
-  return tuple(sorted(out))
+  return tuple(sorted(set(_ladder(max_length, num_buckets))))
+
+
+def token_rows(max_tokens: int, width: int, row_multiple: int = 1) -> int:
+  """Rows of `width` tokens that fit in `max_tokens`, rounded down to a multiple of row_multiple.
+
+  Raises:
+    ValueError: if not even `row_multiple` rows fit.
+  """
+  if row_multiple < 1:
+    raise ValueError(f'row_multiple={row_multiple} must be >= 1.')
+  rows = max_tokens // width // row_multiple * row_multiple
+  if rows < 1:
+    raise ValueError(f'data.max_tokens: {max_tokens} tokens per process hold no multiple of '
+                     f'row_multiple={row_multiple} rows of width {width}; need at least '
+                     f'{width * row_multiple}.')
+  return rows
 
 
 class LengthPolicy:
@@ -118,20 +144,36 @@ class PadBatch:
     return out
 
 
+class _FixedRows:
+  """Groups length-sorted examples into batches of `batch_size` (the last may be short)."""
+
+  def __init__(self, batch_size: int, drop_remainder: bool):
+    self.batch_size = batch_size
+    self.drop_remainder = drop_remainder
+
+  def __call__(self, examples: Sequence[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    key = [max(len(e[f]) for f in SEQUENCE_FEATURES if f in e) for e in examples]
+    order = np.argsort(np.asarray(key, np.int64), kind='stable')
+    batches = [[examples[j] for j in order[i:i + self.batch_size]]
+               for i in range(0, len(order), self.batch_size)]
+    if batches and self.drop_remainder and len(batches[-1]) < self.batch_size:
+      batches.pop()
+    return batches
+
+
 class _SortedWindowIterator(grain_dataset.DatasetIterator):
-  """Reads `window * batch_size` examples, sorts them by length, emits shuffled batches.
+  """Reads `window_size` examples, groups them by length (`group`), emits shuffled batches.
 
   State: the parent's state at the start of the current window and how many of its batches
   were emitted; restoring re-reads the window (deterministically) and skips those.
   """
 
-  def __init__(self, parent, *, batch_size, window, seed, batch_fn, drop_remainder, shuffle):
+  def __init__(self, parent, *, window_size, group, batch_fn, seed, shuffle):
     super().__init__(parent)
-    self._batch_size = batch_size
-    self._window = window
+    self._window_size = window_size
+    self._group = group
     self._seed = seed
     self._batch_fn = batch_fn
-    self._drop_remainder = drop_remainder
     self._shuffle = shuffle
     self._window_start = self._parent.get_state()
     self._window_index = 0
@@ -141,17 +183,12 @@ class _SortedWindowIterator(grain_dataset.DatasetIterator):
   def _fill(self) -> None:
     self._window_start = self._parent.get_state()
     examples = []
-    for _ in range(self._window * self._batch_size):
+    for _ in range(self._window_size):
       try:
         examples.append(next(self._parent))
       except StopIteration:
         break
-    key = [max(len(e[f]) for f in SEQUENCE_FEATURES if f in e) for e in examples]
-    order = np.argsort(np.asarray(key, np.int64), kind='stable')
-    batches = [[examples[j] for j in order[i:i + self._batch_size]]
-               for i in range(0, len(order), self._batch_size)]
-    if batches and self._drop_remainder and len(batches[-1]) < self._batch_size:
-      batches.pop()
+    batches = self._group(examples) if examples else []
     if self._shuffle:
       perm = np.random.default_rng([self._seed, self._window_index]).permutation(len(batches))
       batches = [batches[i] for i in perm]
@@ -189,14 +226,126 @@ class SortedWindowBatchIterDataset(grain.IterDataset):
     super().__init__(parent)
     if window < 1:
       raise ValueError(f'bucket window={window} must be >= 1.')
-    self._kwargs = dict(batch_size=batch_size, window=window, seed=seed, batch_fn=batch_fn,
-                        drop_remainder=drop_remainder, shuffle=shuffle)
+    self._batch_size, self._window = batch_size, window
+    self._kwargs = dict(window_size=window * batch_size, seed=seed, batch_fn=batch_fn,
+                        group=_FixedRows(batch_size, drop_remainder), shuffle=shuffle)
 
   def __iter__(self):
     return _SortedWindowIterator(self._parent.__iter__(), **self._kwargs)
 
   def __str__(self) -> str:
-    return f'SortedWindowBatchIterDataset({self._kwargs["batch_size"]}x{self._kwargs["window"]})'
+    return f'SortedWindowBatchIterDataset({self._batch_size}x{self._window})'
+
+
+class TokenBuckets:
+  """Length buckets with a static row count each, set by a token budget (fairseq --max-tokens).
+
+  Bucket i pads every sequence feature to the i-th of its `num_buckets` halvings of its max
+  length (ascending, as `length_boundaries`, but indexed alike for all features, so seq2seq
+  inputs and targets of different max lengths still give at most `num_buckets` shapes);
+  buckets with identical widths are merged. An example's bucket is the first that holds all
+  its features, i.e. the max over features of each feature's boundary index. Bucket i has
+  `token_rows(max_tokens, max-over-features width_i, row_multiple)` rows, so every batch holds
+  at most `max_tokens` padded tokens per feature.
+
+  Used as the `group` of `TokenBucketBatchIterDataset` (greedy batches of length-sorted
+  examples) and as its batch function (stacks and pads a batch to its bucket's shape; a batch
+  with fewer examples than rows gets all-pad rows, as `PadBatch` does).
+
+  Args:
+    max_lengths: feature -> max length ('inputs', and 'targets' for seq2seq).
+    num_buckets: as `data.num_length_buckets`.
+    max_tokens: per-process token budget of one batch.
+    row_multiple: every row count is a multiple of it (e.g. the local device count for pmap).
+
+  Attributes:
+    widths: per bucket, feature -> padded width (ascending).
+    rows: per bucket, the row count (non-increasing).
+  """
+
+  def __init__(self, max_lengths: dict[str, int], num_buckets: int, max_tokens: int,
+               row_multiple: int = 1):
+    ladders = {f: _ladder(m, num_buckets) for f, m in max_lengths.items()}
+    widths = []
+    for i in range(num_buckets):
+      w = {f: ladder[i] for f, ladder in ladders.items()}
+      if not widths or w != widths[-1]:
+        widths.append(w)
+    self.widths = widths
+    self.rows = [token_rows(max_tokens, max(w.values()), row_multiple) for w in widths]
+    self.max_tokens = max_tokens
+
+  def shapes(self) -> list[list[int]]:
+    """Per bucket [rows, width], width the widest feature's."""
+    return [[r, max(w.values())] for r, w in zip(self.rows, self.widths, strict=True)]
+
+  def bucket_of(self, example: dict[str, Any]) -> int:
+    for i, w in enumerate(self.widths):
+      if all(len(example[f]) <= n for f, n in w.items() if f in example):
+        return i
+    lengths = {f: len(example[f]) for f in self.widths[-1] if f in example}
+    raise ValueError(f'example lengths {lengths} exceed the largest bucket {self.widths[-1]}; '
+                     'apply LengthPolicy first.')
+
+  def group(self, examples: Sequence[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """Greedy batches over examples sorted by (bucket, length); none is dropped."""
+    buckets = [self.bucket_of(e) for e in examples]
+    longest = [max(len(e[f]) for f in self.widths[0] if f in e) for e in examples]
+    batches, current = [], []
+    for j in np.lexsort((np.asarray(longest, np.int64), np.asarray(buckets, np.int64))):
+      # Sorted by bucket, so adding example j makes the batch bucket buckets[j]: close the
+      # batch first if that bucket's row count is already reached.
+      if current and len(current) >= self.rows[buckets[j]]:
+        batches.append(current)
+        current = []
+      current.append(examples[j])
+    if current:
+      batches.append(current)
+    return batches
+
+  def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, np.ndarray]:
+    bucket = max(self.bucket_of(e) for e in examples)
+    rows = self.rows[bucket]
+    if len(examples) > rows:
+      raise ValueError(f'{len(examples)} examples > {rows} rows of bucket {bucket}.')
+    out = {}
+    for key in examples[0]:
+      if key in self.widths[bucket]:
+        arr = np.zeros((rows, self.widths[bucket][key]), np.int32)
+        for i, e in enumerate(examples):
+          arr[i, :len(e[key])] = e[key]
+      else:
+        arr = np.zeros((rows,), np.int32)
+        arr[:len(examples)] = [e[key] for e in examples]
+      out[key] = arr
+    return out
+
+
+class TokenBucketBatchIterDataset(grain.IterDataset):
+  """Batches bounded by tokens: `TokenBuckets` shapes, greedy over length-sorted windows.
+
+  Each window holds `window * buckets.rows[0]` examples (`window` batches of the narrowest,
+  most-rowed bucket); its batches come out in a seeded random order, like
+  `SortedWindowBatchIterDataset`. No example is dropped: a window's partly filled batches
+  (at most one per bucket: where the sorted order moves to the next bucket, and the last) get
+  all-pad rows. The iterator state is
+  exact, as for `SortedWindowBatchIterDataset`.
+  """
+
+  def __init__(self, parent: grain.IterDataset, *, buckets: TokenBuckets, window: int,
+               seed: int, shuffle: bool = True):
+    super().__init__(parent)
+    if window < 1:
+      raise ValueError(f'bucket window={window} must be >= 1.')
+    self._buckets, self._window = buckets, window
+    self._kwargs = dict(window_size=window * buckets.rows[0], group=buckets.group,
+                        batch_fn=buckets, seed=seed, shuffle=shuffle)
+
+  def __iter__(self):
+    return _SortedWindowIterator(self._parent.__iter__(), **self._kwargs)
+
+  def __str__(self) -> str:
+    return f'TokenBucketBatchIterDataset({self._buckets.shapes()}, window={self._window})'
 
 
 def segment_positions(segment_ids: np.ndarray) -> np.ndarray:

@@ -69,6 +69,12 @@ def default_config(name: str = 'listops') -> ml_collections.ConfigDict:
   # Batching. batch_size is global (split over processes); see attn_jax.data.batching.
   c.batch_size = 32
   c.eval_batch_size = 32
+  # Token budget of a training batch (fairseq --max-tokens), global like batch_size: each
+  # process's batches hold <= max_tokens // process_count padded tokens per feature. 0 = off.
+  # On, training ignores batch_size (eval keeps eval_batch_size): 'pad'/'bucket' give each
+  # length bucket a static row count, max_tokens / width ('pad' acts as 'bucket' with a window
+  # of one batch); 'pack'/'concat' rows are all max_length wide, so it just sets the row count.
+  c.max_tokens = 0
   c.batching = 'concat' if name in ('lm1b', 'tiny_shakespeare') else 'bucket'
   c.num_length_buckets = 4         # padded lengths: max_length, /2, /4, ... (multiples of 8)
   c.bucket_window = 16             # batches sorted together in 'bucket' mode
@@ -142,6 +148,24 @@ def validate_config(cfg, process_count: int = 1) -> None:
   for n in ('num_workers', 'num_epochs', 'eval_max_examples', 'pack_bins'):
     if cfg[n] < 0:
       raise ValueError(f'data.{n}={cfg[n]} must be >= 0.')
+  _validate_max_tokens(cfg, task, process_count)
+
+
+def _validate_max_tokens(cfg, task: str, process_count: int) -> None:
+  max_tokens = cfg.max_tokens
+  if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 0:
+    raise ValueError(f'data.max_tokens={max_tokens!r} must be an int >= 0 (0 = off).')
+  if not max_tokens:
+    return
+  widest = cfg.max_length
+  if task == 'seq2seq':
+    widest = max(widest, cfg.max_target_length or cfg.max_length)
+  per_process = max_tokens // process_count
+  if per_process < widest:
+    raise ValueError(f'data.max_tokens={max_tokens} gives {per_process} tokens per process '
+                     f'(process_count={process_count}), less than the widest padded row '
+                     f'({widest} tokens: max_length / max_target_length); use at least '
+                     f'{widest * process_count}.')
 
 
 def algorithmic_params(cfg, seed: int) -> dict:

@@ -227,7 +227,9 @@ def _ensure_absl_flags_parsed() -> None:
 
 def _batches(ds: grain.MapDataset, cfg, *, train: bool, seed: int, encode: Encode,
              max_lengths: dict[str, int], batch_size: int, process_index: int,
-             process_count: int) -> tuple[grain.IterDataset, batching.LengthPolicy | None]:
+             process_count: int, buckets: batching.TokenBuckets | None = None,
+             ) -> tuple[grain.IterDataset, batching.LengthPolicy | None]:
+  # buckets: token-budget shapes of 'pad'/'bucket' training batches (batch_size is then unused).
   if not train and cfg.eval_max_examples:
     ds = ds[:cfg.eval_max_examples]
   total = len(ds)
@@ -237,8 +239,9 @@ def _batches(ds: grain.MapDataset, cfg, *, train: bool, seed: int, encode: Encod
       ds = ds.shuffle(seed % 2 ** 32)
     ds = ds.repeat(cfg.num_epochs or None)
   ds = ds.map(encode)
+  rows = buckets.rows[0] if buckets else batch_size
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.read_threads,
-                                            prefetch_buffer_size=4 * batch_size))
+                                            prefetch_buffer_size=4 * rows))
   if cfg.num_workers:
     _ensure_absl_flags_parsed()
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.num_workers))
@@ -253,6 +256,12 @@ def _batches(ds: grain.MapDataset, cfg, *, train: bool, seed: int, encode: Encod
     bins = cfg.pack_bins or 2 * batch_size
     return batching.pack(it, max_lengths=max_lengths, batch_size=batch_size, num_bins=bins,
                          seed=seed, shuffle=train and cfg.shuffle, drop_remainder=train), policy
+  if train and buckets:
+    # 'pad' is 'bucket' with a one-batch window: static shapes need the per-bucket rows, and
+    # arrival-order greedy batches would pad far more. Partial batches are padded, not dropped.
+    return batching.TokenBucketBatchIterDataset(
+        it, buckets=buckets, window=cfg.bucket_window if mode == 'bucket' else 1, seed=seed,
+        shuffle=cfg.shuffle), policy
   pad = batching.PadBatch({f: batching.length_boundaries(m, cfg.num_length_buckets)
                            for f, m in max_lengths.items()}, batch_size)
   if mode == 'bucket':
@@ -270,8 +279,32 @@ def _batches(ds: grain.MapDataset, cfg, *, train: bool, seed: int, encode: Encod
   return it, policy
 
 
+def _train_layout(cfg, max_lengths: dict[str, int], process_count: int, row_multiple: int,
+                  ) -> tuple[int, batching.TokenBuckets | None, list[list[int]]]:
+  """(rows of fixed-row train batches, token buckets or None, [rows, width] per train shape)."""
+  batch_size = cfg.batch_size // process_count
+  widest = max(max_lengths.values())
+  if not cfg.max_tokens:
+    if cfg.batching in ('pack', 'concat'):
+      return batch_size, None, [[batch_size, widest]]
+    widths = sorted({w for m in max_lengths.values()
+                     for w in batching.length_boundaries(m, cfg.num_length_buckets)})
+    return batch_size, None, [[batch_size, w] for w in widths]
+  tokens = cfg.max_tokens // process_count
+  if cfg.batching in ('pack', 'concat'):
+    rows = batching.token_rows(tokens, widest, row_multiple)
+    shapes, buckets = [[rows, widest]], None
+  else:
+    buckets = batching.TokenBuckets(max_lengths, cfg.num_length_buckets, tokens, row_multiple)
+    rows, shapes = buckets.rows[0], buckets.shapes()
+  logging.info('data.max_tokens=%d (%d per process): train batches (rows x width) %s.',
+               cfg.max_tokens, tokens, ', '.join(f'{r} x {w}' for r, w in shapes))
+  return rows, buckets, shapes
+
+
 def make_datasets(cfg, *, data_dir: str | None = None, seed: int = 0, process_index: int = 0,
-                  process_count: int = 1, validated: bool = False) -> DataBundle:
+                  process_count: int = 1, validated: bool = False,
+                  row_multiple: int = 1) -> DataBundle:
   """Builds everything the training loop reads; see the module docstring.
 
   Args:
@@ -281,6 +314,14 @@ def make_datasets(cfg, *, data_dir: str | None = None, seed: int = 0, process_in
       (default ~/tensorflow_datasets).
     seed: shuffling seed of the training split (dataset content uses cfg.data_seed).
     process_index / process_count: this host's shard (jax.process_index(), jax.process_count()).
+    row_multiple: the training batch rows that `data.max_tokens` derives are rounded down to a
+      multiple of it (e.g. the local device count under pmap, so rows divide over devices);
+      ValueError if the budget holds no such multiple. Without max_tokens the rows are
+      batch_size // process_count, which the caller checks.
+
+  meta['batch_shapes'] lists the train batch shapes as [rows, width] (width: padded length, the
+  widest feature's for seq2seq token buckets; without max_tokens every width a feature can
+  take), meta['max_tokens'] the global budget and meta['per_process_batch_size'] the most rows.
   """
   if not validated:  # The experiment layer validates the whole config once, up front.
     config_lib.validate_config(cfg, process_count)
@@ -297,8 +338,9 @@ def make_datasets(cfg, *, data_dir: str | None = None, seed: int = 0, process_in
     max_lengths['targets'] = cfg.max_target_length or cfg.max_length
   common = dict(encode=encode, max_lengths=max_lengths, process_index=process_index,
                 process_count=process_count)
+  train_rows, buckets, shapes = _train_layout(cfg, max_lengths, process_count, row_multiple)
   train_ds, train_policy = _batches(sources[meta['train_split']], cfg, train=True, seed=seed,
-                                    batch_size=cfg.batch_size // process_count, **common)
+                                    batch_size=train_rows, buckets=buckets, **common)
   evals, policies = {}, {'train': train_policy} if train_policy else {}
   for split in meta['eval_splits']:
     evals[split], pol = _batches(sources[split], cfg, train=False, seed=seed,
@@ -311,7 +353,7 @@ def make_datasets(cfg, *, data_dir: str | None = None, seed: int = 0, process_in
       max_length=cfg.max_length, max_target_length=max_lengths.get('targets', 0),
       batching=cfg.batching, tokenizer_kind=toks['inputs'].kind, tokenizer_paths=tok_paths,
       num_examples={s: len(src) for s, src in sources.items()},
-      per_process_batch_size=cfg.batch_size // process_count,
+      per_process_batch_size=train_rows, max_tokens=cfg.max_tokens, batch_shapes=shapes,
       special_ids={'pad': tokenizers.PAD_ID, 'bos': tokenizers.BOS_ID,
                    'eos': tokenizers.EOS_ID, 'unk': tokenizers.UNK_ID})
   meta.setdefault('num_classes', 0)

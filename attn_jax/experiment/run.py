@@ -47,7 +47,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f'config is missing section(s) {missing}; start from '
                      'attn_jax.experiment.config.base_config')
   loop.validate_config(config)  # train / parallel fields
-  optim.make_optimizer(loop.optim_config(config))  # optim fields (builds no arrays)
+  optim.make_optimizer(loop.optim_config(config), loop.schedule_clock(config))  # no arrays
   data_lib.validate_config(config.data, jax.process_count())
   task = data_lib.task_of(config.data)
   tasks.build_model_config(config.model.to_dict(),
@@ -66,10 +66,23 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     else:
       mesh = parallel.make_mesh(config.parallel.mesh.to_dict())  # validates the axis sizes
       devices, rows_of = mesh.shape['data'] * mesh.shape['fsdp'], lambda n: n
-    for name in ('batch_size', 'eval_batch_size'):
+    names = ('eval_batch_size',) if config.data.max_tokens else ('batch_size', 'eval_batch_size')
+    for name in names:  # Token batches (data.max_tokens) get their rows from _row_multiple.
       if rows_of(config.data[name]) % devices:
         raise ValueError(f'config.data.{name}={config.data[name]} must divide over '
                          f'{devices} data-parallel devices for parallel.mode={mode!r}')
+
+
+def _row_multiple(config: ml_collections.ConfigDict) -> int:
+  """What this process's rows of a token batch must be a multiple of: its share of the
+  data-parallel devices."""
+  mode = config.parallel.mode
+  if mode == 'pmap':
+    return jax.local_device_count()
+  if mode == 'sharded':
+    mesh = parallel.make_mesh(config.parallel.mesh.to_dict())
+    return max(1, mesh.shape['data'] * mesh.shape['fsdp'] // jax.process_count())
+  return 1
 
 
 def write_run_files(config, bundle, workdir: pathlib.Path) -> None:
@@ -158,7 +171,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   t0 = time.time()
   bundle = data_lib.make_datasets(
       config.data, data_dir=config.data_dir or None, seed=config.train.seed,
-      process_index=jax.process_index(), process_count=jax.process_count(), validated=True)
+      process_index=jax.process_index(), process_count=jax.process_count(), validated=True,
+      row_multiple=_row_multiple(config))
   task = tasks.make_task(config, bundle.meta)
   logging.info('task %s, model %s, data %s (%s), data ready in %.1fs', task.task, task.kind,
                config.data.name, {k: bundle.meta[k] for k in ('input_vocab_size',
@@ -198,5 +212,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
             'best': best_values(read_metrics(workdir), sorted(eval_keys)),
             'best_metric': config.train.best_metric, 'data_exhausted': result.data_exhausted,
             'length_policy_counts': counts}
+    if config.train.budget_minutes:
+      done.update(budget_minutes=config.train.budget_minutes,
+                  budget_exhausted=result.budget_exhausted,
+                  minutes_spent=result.seconds_spent / 60)
     (workdir / workdir_lib.DONE_FILE).write_text(json.dumps(done, indent=1), encoding='utf-8')
   return result
