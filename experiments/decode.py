@@ -12,7 +12,7 @@ r"""Applies a trained run to new text: translate, classify, or continue (LM), on
 Loads config.json, the tokenizers and the latest (or `--checkpoint=best`) checkpoint from the
 workdir; `--average_last=N` decodes with the mean of the params of the last N checkpoints kept
 (Vaswani et al. 2017; train with `--config.train.keep_checkpoints` >= N). With `--references`
-(one line per input) it prints the score: BLEU (sacrebleu, detokenized) for translation,
+(one line per input) it prints the score: BLEU and chrF (sacrebleu, detokenized) for translation,
 exact-match accuracy for classification and algorithmic tasks.
 """
 

@@ -113,6 +113,13 @@ def bleu(hypotheses: Sequence[str], references: Sequence[str]) -> float:
   return float(sacrebleu.corpus_bleu(list(hypotheses), [list(references)]).score)
 
 
+def chrf(hypotheses: Sequence[str], references: Sequence[str]) -> float:
+  """Corpus chrF (sacrebleu's defaults: character 6-grams, beta 2) of detokenized text."""
+  import sacrebleu
+
+  return float(sacrebleu.corpus_chrf(list(hypotheses), [list(references)]).score)
+
+
 def _real_rows(batch: Mapping[str, np.ndarray]) -> np.ndarray:
   """bool [b]: rows that are examples, not the all-pad rows padding eval batches."""
   return np.any(np.asarray(batch['inputs']) != PAD_ID, axis=-1)

@@ -2,7 +2,7 @@
 
     run = load_run('/tmp/attn_jax/reverse', checkpoint='best')
     outputs = predict(run, ['3 1 4 1 5'], method='greedy')
-    print(score(run, outputs, references))      # {'bleu': ...} or {'accuracy': ...}
+    print(score(run, outputs, references))      # {'bleu', 'chrf'} or {'accuracy'}
 
 `load_run` reads what `run.train_and_evaluate` wrote (see `workdir`: config.json,
 data_meta.json, tokenizers.json + tokenizer files, checkpoints/) and restores the parameters
@@ -187,7 +187,7 @@ def predict(run: Run, texts: Sequence[str], *, batch_size: int = 32,
 
 
 def score(run: Run, predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
-  """BLEU for translation, accuracy (exact string match) for classification and algorithmic
+  """BLEU and chrF for translation, accuracy (exact string match) for classification and algorithmic
   tasks; nothing for LMs."""
   if len(predictions) != len(references):
     raise ValueError(f'{len(predictions)} predictions but {len(references)} references')
@@ -195,6 +195,7 @@ def score(run: Run, predictions: Sequence[str], references: Sequence[str]) -> di
   if task == 'lm':
     return {}
   if task == 'seq2seq' and run.config.data.name not in algorithmic.ALGORITHMIC_TASKS:
-    return {'bleu': evaluation.bleu(predictions, references)}
+    return {'bleu': evaluation.bleu(predictions, references),
+            'chrf': evaluation.chrf(predictions, references)}
   correct = [p.strip() == r.strip() for p, r in zip(predictions, references, strict=True)]
   return {'accuracy': float(np.mean(correct)) if correct else 0.0}

@@ -34,6 +34,20 @@ def test_bleu_bounds():
   assert evaluation.bleu(['xx yy zz qq', 'uu vv ww rr'], refs) == pytest.approx(0.0)
 
 
+def test_chrf_counts_character_ngrams_with_recall_weighted_twice():
+  refs = ['the cat sat on the mat today', 'a dog ran in the park']
+  assert evaluation.chrf(refs, refs) == pytest.approx(100.0)
+  assert evaluation.chrf(['qqqq', 'zzzz'], refs) == pytest.approx(0.0)
+  # By hand: chrF averages character n-gram precision and recall over the orders the
+  # hypothesis has (up to 6; 'ab' has unigrams and one bigram) and weighs recall beta^2 = 4
+  # times as much as precision.
+  hyp, ref = 'ab', 'abcd'
+  prec = (2 / 2 + 1 / 1) / 2  # every n-gram of 'ab' is in 'abcd'
+  rec = (2 / 4 + 1 / 3) / 2  # of the 4 unigrams and 3 bigrams of 'abcd'
+  want = 100 * 5 * prec * rec / (4 * prec + rec)
+  assert evaluation.chrf([hyp], [ref]) == pytest.approx(want, rel=1e-6)
+
+
 def test_attention_maps_unrolled_scanned_and_rnn():
   w = np.random.default_rng(0).random((2, 4, 3, 5)).astype(np.float32)  # [b, heads, q, kv]
   inter = {
