@@ -167,3 +167,26 @@ def test_algorithmic_seq2seq_config_builds_the_named_model_with_the_shared_sched
   assert (c.data.batch_size, c.data.eval_batch_size) == (64, 250)
   with pytest.raises(ValueError, match="model='lstm' is not one of"):
     _load('algorithmic').seq2seq_config('copy', 'lstm', transformer={}, rnn={})
+
+
+def test_translation_budget_applies_the_low_resource_recipe_on_local_data_only():
+  module = _load('translation')
+  plain, budget = module.get_config('model=small,data=local'), module.get_config(
+      'model=small,data=local,budget=40')
+  assert plain.train.budget_minutes == 0 and plain.data.max_tokens == 0
+  assert budget.train.budget_minutes == 40.0
+  for field, value in module.LOW_RESOURCE.items():
+    section, leaf = field.rsplit('.', 1)
+    node = budget
+    for part in section.split('.'):
+      node = node[part]
+    assert node[leaf] == value, field
+  rnn = module.get_config('model=rnn,data=local,budget=40')
+  assert rnn.data.max_tokens == module.LOW_RESOURCE['data.max_tokens']
+  for c in (budget, rnn):
+    c.data.local.train = '/corpus/train'  # validation needs a path, not the file
+    run.validate_config(c)
+  wmt = module.get_config('model=base,budget=600')  # a budget alone: the WMT recipe stays
+  assert wmt.train.budget_minutes == 600.0 and wmt.data.max_tokens == 0
+  with pytest.raises(ValueError, match='budget=-1.0 must be >= 0'):
+    module.get_config('budget=-1')
