@@ -31,7 +31,6 @@ and the speed-ups, checks that both ways generate the same tokens, and writes
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import pathlib
@@ -46,11 +45,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from absl import app, flags
-from flax import traverse_util
 
 from attn_jax import models
-from attn_jax.models import attention, decoding
-from attn_jax.models.decoding import BOS_ID, EOS_ID
+from attn_jax.models import decoding
+from attn_jax.models.decoding import EOS_ID
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('output_dir', '/tmp/bench_decode', 'Where to write JSON and PNG.')
@@ -138,41 +136,6 @@ def build_encoder_decoder():
   return model, params
 
 
-@dataclasses.dataclass(frozen=True)
-class CrossRecomputed:
-  """`EncoderDecoder` decoding that hands the encoder output to every step, so each step
-  projects the cross-attention keys/values again (the cost the cache removes)."""
-  model: models.EncoderDecoder
-
-  def decoding_fns(self, params, *, inputs, prompt=None, max_decode_len):
-    del prompt
-    batch, model = inputs.shape[0], self.model
-
-    def step(state, tokens):
-      logits, mutated = model.apply(
-          {'params': params, 'cache': state['cache']}, state['encoded'], state['inputs'],
-          tokens[:, None], targets_segmentation=jnp.ones((tokens.shape[0], 1), jnp.int32),
-          targets_positions=state['position'][:, None], decode=True, method='decode',
-          mutable=['cache'])
-      # Drop the cross-attention keys/values: the next step projects them again (and beam
-      # search must not take them for the shared, per-source copy).
-      cache = {k: v for k, v in traverse_util.flatten_dict(mutated['cache']).items()
-               if k[-1] not in attention.CROSS_CACHE}
-      return logits[:, 0], dict(state, cache=traverse_util.unflatten_dict(cache),
-                                position=state['position'] + 1)
-
-    def start():
-      encoded = model.apply({'params': params}, inputs, method='encode')
-      cache = decoding._empty_cache(model, encoded, inputs,
-                                    jnp.ones((batch, max_decode_len + 1), jnp.int32),
-                                    decode=True, method='decode')
-      state = dict(cache=cache, encoded=encoded, inputs=inputs,
-                   position=jnp.zeros((batch,), jnp.int32))
-      return step(state, jnp.full((batch,), BOS_ID, jnp.int32))
-
-    return decoding.DecodeFns(start, step)
-
-
 def measure_cross() -> list[dict]:
   """Tokens/s of EncoderDecoder decoding, cross keys/values cached vs recomputed, for
   greedy search (whose state XLA can see is loop-invariant) and beam search (which
@@ -185,7 +148,7 @@ def measure_cross() -> list[dict]:
     def run(m, method=method, kwargs=kwargs):
       return lambda: models.generate(m, params, inputs=source, max_decode_len=n,
                                      method=method, **kwargs)
-    cached_fn, recompute_fn = run(model), run(CrossRecomputed(model))
+    cached_fn, recompute_fn = run(model), run(decoding.RecomputedCrossDecoding(model))
     cached, recompute = tokens_per_second(cached_fn, n), tokens_per_second(recompute_fn, n)
     same = bool(jnp.all(cached_fn() == recompute_fn()))
     name = method if method == 'greedy' else f'beam {FLAGS.beam_size}'

@@ -26,12 +26,14 @@ tokens is returned as it stands (no EOS).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from flax import traverse_util
 
 from attn_jax.models.attention import CROSS_CACHE, SLOT_CACHE, slot_chunk
 from attn_jax.tokens import BOS_ID, EOS_ID, PAD_ID
@@ -104,6 +106,47 @@ def _empty_cache(model, *args, **kwargs) -> Any:
   """Zero cache of the right shapes, from an abstract init (no parameters computed)."""
   shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), *args, **kwargs))['cache']
   return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+
+@dataclasses.dataclass(frozen=True)
+class RecomputedCrossDecoding:
+  """`EncoderDecoder` decoding that projects the cross-attention keys/values from the encoder
+  output again at every step instead of caching them once, a reference for tests and
+  benchmarks: `generate(RecomputedCrossDecoding(model), params, ...)`.
+
+  Nothing shared per source reaches the decode state, so beam search repeats and reorders
+  every array of it (whole caches: no `filled_slots`). With a model built with
+  `capture_attention=True` its self-attention also reads every cache slot: the decoding path
+  as it was before beam search was made to scale.
+  """
+  model: Any  # An EncoderDecoder.
+
+  def decoding_fns(self, params, *, inputs, prompt=None, max_decode_len):
+    del prompt
+    batch, model = inputs.shape[0], self.model
+
+    def step(state, tokens):
+      logits, mutated = model.apply(
+          {'params': params, 'cache': state['cache']}, state['encoded'], state['inputs'],
+          tokens[:, None], targets_segmentation=jnp.ones((tokens.shape[0], 1), jnp.int32),
+          targets_positions=state['position'][:, None], decode=True, method='decode',
+          mutable=['cache'])
+      # Drop the cross-attention keys/values: the next step projects them again.
+      cache = {k: v for k, v in traverse_util.flatten_dict(mutated['cache']).items()
+               if k[-1] not in CROSS_CACHE}
+      return logits[:, 0], dict(state, cache=traverse_util.unflatten_dict(cache),
+                                position=state['position'] + 1)
+
+    def start():
+      encoded = model.apply({'params': params}, inputs, method='encode')
+      cache = _empty_cache(model, encoded, inputs,
+                           jnp.ones((batch, max_decode_len + 1), jnp.int32),
+                           decode=True, method='decode')
+      state = dict(cache=cache, encoded=encoded, inputs=inputs,
+                   position=jnp.zeros((batch,), jnp.int32))
+      return step(state, jnp.full((batch,), BOS_ID, jnp.int32))
+
+    return DecodeFns(start, step)
 
 
 def _check_length(model, length: int) -> None:

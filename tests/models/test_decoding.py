@@ -9,7 +9,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import traverse_util
 
 from attn_jax import models
 from attn_jax.models import attention, decoding
@@ -163,42 +162,6 @@ def test_decoder_lm_ragged_prompts_generate_as_if_alone():
   np.testing.assert_array_equal(np.argmax(logits[0, 3:], -1)[real], np.asarray(alone[0])[real])
 
 
-@dataclasses.dataclass(frozen=True)
-class FullCacheDecoding:
-  """The decoding path before beam search was made to scale, as a reference: attention over
-  every cache slot (the dense path `capture_attention` forces), the cross-attention
-  keys/values projected from the encoder output for every hypothesis (so beam search copies
-  and reorders them) and whole caches reordered (no `filled_slots`)."""
-  model: models.EncoderDecoder
-
-  def decoding_fns(self, params, *, inputs, prompt=None, max_decode_len):
-    del prompt
-    batch, model = inputs.shape[0], self.model
-
-    def step(state, tokens):
-      logits, mutated = model.apply(
-          {'params': params, 'cache': state['cache']}, state['encoded'], state['inputs'],
-          tokens[:, None], targets_segmentation=jnp.ones((tokens.shape[0], 1), jnp.int32),
-          targets_positions=state['position'][:, None], decode=True, method='decode',
-          mutable=['cache'])
-      # Keep no cross-attention keys/values: the next step projects them again.
-      cache = {k: v for k, v in traverse_util.flatten_dict(mutated['cache']).items()
-               if k[-1] not in attention.CROSS_CACHE}
-      return logits[:, 0], dict(state, cache=traverse_util.unflatten_dict(cache),
-                                position=state['position'] + 1)
-
-    def start():
-      encoded = model.apply({'params': params}, inputs, method='encode')
-      cache = jax.tree.map(jnp.zeros_like, jax.eval_shape(lambda: model.init(
-          jax.random.key(0), encoded, inputs, jnp.ones((batch, max_decode_len + 1), jnp.int32),
-          decode=True, method='decode'))['cache'])
-      state = dict(cache=cache, encoded=encoded, inputs=inputs,
-                   position=jnp.zeros((batch,), jnp.int32))
-      return step(state, jnp.full((batch,), BOS_ID, jnp.int32))
-
-    return DecodeFns(start, step)
-
-
 def test_beam_search_with_shared_cross_keys_and_filled_slots_equals_the_full_cache_path(
     monkeypatch):
   """Beam 4 over a cache of several chunks: the same hypotheses and scores as attending to
@@ -208,7 +171,9 @@ def test_beam_search_with_shared_cross_keys_and_filled_slots_equals_the_full_cac
   cfg = _tiny(num_decoder_layers=2, num_kv_heads=1, positional='rope', d_ff=24,
               tie_output=False)
   model = models.EncoderDecoder(cfg)
-  reference = FullCacheDecoding(models.EncoderDecoder(dataclasses.replace(
+  # Every slot attended (capture_attention's dense path), whole caches reordered, cross
+  # keys/values projected per hypothesis: the path before beam search was made to scale.
+  reference = decoding.RecomputedCrossDecoding(models.EncoderDecoder(dataclasses.replace(
       cfg, capture_attention=True)))
   inputs = jnp.array([[5, 6, 7, 2, 0, 0], [4, 9, 8, 3, 10, 2], [3, 2, 0, 0, 0, 0]], jnp.int32)
 
