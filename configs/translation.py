@@ -95,6 +95,7 @@ def get_config(arg: str | None = None):
   c.eval.decode_method = 'beam'
   c.eval.beam_size = 4
   c.eval.length_penalty = 0.6
+  c.eval.max_len_a, c.eval.max_len_b = 1.0, 50  # outputs end by source length + 50 (the paper)
   c.eval.exact_match = False
   c.eval.bleu = True
   c.eval.decode_splits = 'validation'

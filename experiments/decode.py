@@ -40,6 +40,9 @@ flags.DEFINE_float('temperature', None, 'Sampling temperature (method=sample).')
 flags.DEFINE_integer('top_k', None, 'Sample from the k most likely tokens (0 = off).')
 flags.DEFINE_float('top_p', None, 'Nucleus sampling mass (1.0 = off).')
 flags.DEFINE_integer('max_decode_len', 0, 'Generated tokens; 0 = the run\'s target length.')
+flags.DEFINE_float('max_len_a', None, 'seq2seq: outputs end by max_len_a * source tokens + '
+                   'max_len_b (both 0 = max_decode_len only). Default: the run\'s config.')
+flags.DEFINE_integer('max_len_b', None, 'See max_len_a.')
 flags.DEFINE_integer('batch_size', 32, 'Examples per decoding batch.')
 flags.DEFINE_integer('seed', 0, 'Sampling seed.')
 flags.mark_flag_as_required('workdir')
@@ -63,7 +66,7 @@ def main(argv):
       run, texts, batch_size=FLAGS.batch_size, max_decode_len=FLAGS.max_decode_len,
       seed=FLAGS.seed, method=FLAGS.method, beam_size=FLAGS.beam_size,
       length_penalty=FLAGS.length_penalty, temperature=FLAGS.temperature, top_k=FLAGS.top_k,
-      top_p=FLAGS.top_p)
+      top_p=FLAGS.top_p, max_len_a=FLAGS.max_len_a, max_len_b=FLAGS.max_len_b)
   text = '\n'.join(outputs) + '\n'
   if FLAGS.output == '-':
     sys.stdout.write(text)

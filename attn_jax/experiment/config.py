@@ -97,6 +97,11 @@ def default_eval() -> ml_collections.ConfigDict:
   c.top_k = 0  # 0 = off
   c.top_p = 1.0  # 1.0 = off
   c.max_decode_batches = 0  # per split and eval; 0 = the whole split.
+  # seq2seq: each output ends by floor(max_len_a * source tokens + max_len_b) tokens (fairseq's
+  # --max-len-a/b; Vaswani et al. 2017 use 1 and 50), so one runaway hypothesis cannot keep
+  # its whole batch decoding to the target length limit. Both 0 = that limit only.
+  c.max_len_a = 0.0
+  c.max_len_b = 0
   c.exact_match = True  # exact-sequence accuracy of decoded outputs (seq2seq).
   c.bleu = False  # sacrebleu corpus BLEU of detokenized outputs (translation).
   c.num_samples = 4  # LM: continuations sampled per eval.

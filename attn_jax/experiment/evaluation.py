@@ -30,6 +30,7 @@ import numpy as np
 from attn_jax import models
 from attn_jax.experiment import plots
 from attn_jax.models.decoding import METHODS as DECODE_METHODS
+from attn_jax.models.decoding import max_lengths_for
 from attn_jax.tokens import EOS_ID, PAD_ID, SPECIAL_TOKENS
 
 EvalHook = Callable[[Any, int], Mapping[str, float]]
@@ -49,6 +50,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                'attention_examples'):
     if e[name] < 0:
       raise ValueError(f'config.eval.{name}={e[name]} must be >= 0')
+  if e.max_len_a < 0 or e.max_len_b < 0:
+    raise ValueError(f'config.eval: max_len_a={e.max_len_a} and max_len_b={e.max_len_b} must '
+                     'be >= 0')
   if e.temperature <= 0 or not 0 < e.top_p <= 1 or e.length_penalty < 0:
     raise ValueError(f'config.eval: temperature={e.temperature} must be > 0, top_p={e.top_p} '
                      f'in (0, 1], length_penalty={e.length_penalty} >= 0')
@@ -56,15 +60,23 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
 
 def generate(task, params, eval_config, *, inputs=None, prompt=None, max_decode_len: int,
              rng=None) -> np.ndarray:
-  """`models.generate` with the settings of `config.eval`; int32 `[batch, max_decode_len]`."""
+  """`models.generate` with the settings of `config.eval`; int32 `[batch, max_decode_len]`.
+
+  With `inputs` (seq2seq), each row's output is capped by its source length
+  (`eval.max_len_a`, `eval.max_len_b`)."""
   e = eval_config
+  max_lengths = None
+  if inputs is not None:
+    max_lengths = max_lengths_for(
+        np.sum(np.asarray(inputs) != PAD_ID, axis=-1), e.get('max_len_a', 0.0),
+        e.get('max_len_b', 0), max_decode_len)
   return np.asarray(models.generate(
       task.model, params, inputs=None if inputs is None else jnp.asarray(inputs),
       prompt=None if prompt is None else jnp.asarray(prompt), max_decode_len=max_decode_len,
       method=e.decode_method, beam_size=e.beam_size, length_penalty=e.length_penalty,
       temperature=e.temperature, top_k=e.top_k or None,
       top_p=e.top_p if e.top_p < 1.0 else None,
-      rng=rng if rng is not None else jax.random.key(0)))
+      rng=rng if rng is not None else jax.random.key(0), max_lengths=max_lengths))
 
 
 def until_eos(row: Iterable[int]) -> list[int]:

@@ -24,6 +24,7 @@ import numpy as np
 
 from attn_jax.data import algorithmic
 from attn_jax.data import tokenizers as tok_lib
+from attn_jax.experiment import config as experiment_config
 from attn_jax.experiment import evaluation, tasks
 from attn_jax.experiment import workdir as workdir_lib
 from attn_jax.tokens import EOS_ID
@@ -147,9 +148,12 @@ def predict(run: Run, texts: Sequence[str], *, batch_size: int = 32,
   and on the whole set of texts given.
 
   `decode` overrides `config.eval` decoding fields: method (as `decode_method`), beam_size,
-  length_penalty, temperature, top_k, top_p. `max_decode_len` 0 = the run's target length.
+  length_penalty, temperature, top_k, top_p, max_len_a, max_len_b. `max_decode_len` 0 = the
+  run's target length.
   """
-  e = ml_collections.ConfigDict(run.config.eval.to_dict())
+  # Today's defaults under the run's values: a run saved before a field existed still decodes.
+  e = experiment_config.default_eval()
+  e.update(run.config.eval.to_dict())
   for key, value in decode.items():
     name = 'decode_method' if key == 'method' else key
     if name not in e:

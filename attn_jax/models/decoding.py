@@ -33,6 +33,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import traverse_util
 
 from attn_jax.models.attention import CROSS_CACHE, SLOT_CACHE, slot_chunk
@@ -258,8 +259,10 @@ def filter_logits(logits: jax.Array, *, temperature: float = 1.0, top_k: int | N
   return logits
 
 
-def _sample_loop(fns: DecodeFns, max_decode_len: int, select, rng) -> jax.Array:
-  """Greedy/sampling loop; `select(logits [b, vocab], rng) -> int tokens [b]`."""
+def _sample_loop(fns: DecodeFns, max_decode_len: int, select, rng,
+                 max_lengths: jax.Array) -> jax.Array:
+  """Greedy/sampling loop; `select(logits [b, vocab], rng) -> int tokens [b]`; a row capped
+  below `max_decode_len` ends with EOS as its `max_lengths[r]`-th token."""
   logits, state = fns.start()
   batch = logits.shape[0]
 
@@ -270,7 +273,9 @@ def _sample_loop(fns: DecodeFns, max_decode_len: int, select, rng) -> jax.Array:
   def body(carry):
     i, seqs, finished, logits, state, rng = carry
     rng, key = jax.random.split(rng)
-    tokens = jnp.where(finished, PAD_ID, select(logits, key).astype(jnp.int32))
+    tokens = select(logits, key).astype(jnp.int32)
+    tokens = jnp.where((i + 1 >= max_lengths) & (max_lengths < max_decode_len), EOS_ID, tokens)
+    tokens = jnp.where(finished, PAD_ID, tokens)
     seqs = seqs.at[:, i].set(tokens)
     finished = finished | (tokens == EOS_ID)
     logits, state = fns.step(state, tokens)
@@ -281,13 +286,26 @@ def _sample_loop(fns: DecodeFns, max_decode_len: int, select, rng) -> jax.Array:
   return jax.lax.while_loop(cond, body, carry)[1]
 
 
+def max_lengths_for(source_lengths: Any, max_len_a: float, max_len_b: int,
+                    max_decode_len: int) -> np.ndarray:
+  """Per-row output caps `min(max_decode_len, floor(a * source_length + b))`, int32 `[batch]`
+  (fairseq's `--max-len-a/--max-len-b`; Vaswani et al. 2017 decode to source length + 50).
+  a = b = 0: no cap but `max_decode_len`."""
+  lengths = np.asarray(source_lengths, np.float64)
+  if max_len_a == 0 and max_len_b == 0:
+    return np.full(lengths.shape, max_decode_len, np.int32)
+  caps = np.floor(max_len_a * lengths + max_len_b).astype(np.int64)
+  return np.clip(caps, 1, max_decode_len).astype(np.int32)
+
+
 def _length_penalty(length, alpha: float) -> jax.Array:
   """GNMT length normalization `((5 + length) / 6) ** alpha` (Wu et al. 2016)."""
   return ((5.0 + jnp.asarray(length, jnp.float32)) / 6.0) ** alpha
 
 
 def beam_search(fns: DecodeFns, *, beam_size: int, max_decode_len: int,
-                length_penalty: float = 0.6) -> tuple[jax.Array, jax.Array]:
+                length_penalty: float = 0.6, max_lengths: jax.Array | None = None
+                ) -> tuple[jax.Array, jax.Array]:
   """Beam search with length penalty; finished hypotheses leave the beam at EOS.
 
   Each step expands the `beam_size` alive hypotheses to their `2 * beam_size` best
@@ -296,7 +314,9 @@ def beam_search(fns: DecodeFns, *, beam_size: int, max_decode_len: int,
   EOS become the new alive beam. The search stops once
   no alive hypothesis can beat the worst finished one (log-probs only fall, and the
   penalty is largest at `max_decode_len`). Rows with no finished hypothesis fall back to
-  their alive ones.
+  their alive ones. `max_lengths` (int `[batch]`, default `max_decode_len`) caps each row:
+  below `max_decode_len`, its hypotheses must end (EOS) by that many tokens, as fairseq's
+  `max_len_a/b` make them (at `max_decode_len` a row stops as it always has, finished or not).
 
   Returns:
     int32 sequences `[batch, beam_size, max_decode_len]`, best first, and float32 scores
@@ -313,6 +333,9 @@ def beam_search(fns: DecodeFns, *, beam_size: int, max_decode_len: int,
     return jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
 
   max_penalty = _length_penalty(t, length_penalty)
+  if max_lengths is None:
+    max_lengths = jnp.full((batch,), t, jnp.int32)
+  only_eos = jnp.where(jnp.arange(vocab) == EOS_ID, 0.0, neg_inf)  # [vocab]
 
   def cond(carry):
     i, _, alive_logp, _, fin_scores, *_ = carry
@@ -323,6 +346,9 @@ def beam_search(fns: DecodeFns, *, beam_size: int, max_decode_len: int,
   def body(carry):
     i, alive_seqs, alive_logp, fin_seqs, fin_scores, logits, state = carry
     logp = jax.nn.log_softmax(logits.astype(jnp.float32)).reshape(batch, k, vocab)
+    # A row at its cap may only end: every hypothesis takes EOS now.
+    at_cap = (i + 1 >= max_lengths) & (max_lengths < t)
+    logp = jnp.where(at_cap[:, None, None], logp + only_eos, logp)
     candidates = (alive_logp[:, :, None] + logp).reshape(batch, k * vocab)
     top_logp, top_idx = jax.lax.top_k(candidates, 2 * k)  # [batch, 2k]
     beam, tokens = top_idx // vocab, (top_idx % vocab).astype(jnp.int32)
@@ -358,12 +384,12 @@ def beam_search(fns: DecodeFns, *, beam_size: int, max_decode_len: int,
 @functools.partial(jax.jit, static_argnames=(
     'model', 'max_decode_len', 'method', 'beam_size', 'length_penalty', 'temperature', 'top_k',
     'top_p'))
-def _generate(model, params, inputs, prompt, rng, *, max_decode_len, method, beam_size,
-              length_penalty, temperature, top_k, top_p):
+def _generate(model, params, inputs, prompt, rng, max_lengths, *, max_decode_len, method,
+              beam_size, length_penalty, temperature, top_k, top_p):
   fns = model.decoding_fns(params, inputs=inputs, prompt=prompt, max_decode_len=max_decode_len)
   if method == 'beam':
     return beam_search(fns, beam_size=beam_size, max_decode_len=max_decode_len,
-                       length_penalty=length_penalty)[0][:, 0]
+                       length_penalty=length_penalty, max_lengths=max_lengths)[0][:, 0]
 
   def select(logits, key):
     if method == 'greedy':
@@ -371,13 +397,14 @@ def _generate(model, params, inputs, prompt, rng, *, max_decode_len, method, bea
     return jax.random.categorical(
         key, filter_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p))
 
-  return _sample_loop(fns, max_decode_len, select, rng)
+  return _sample_loop(fns, max_decode_len, select, rng, max_lengths)
 
 
 def generate(model, params, inputs: jax.Array | None = None, prompt: jax.Array | None = None,
              *, max_decode_len: int, method: str = 'greedy', beam_size: int = 4,
              length_penalty: float = 0.6, temperature: float = 1.0, top_k: int | None = None,
-             top_p: float | None = None, rng: jax.Array | None = None) -> jax.Array:
+             top_p: float | None = None, rng: jax.Array | None = None,
+             max_lengths: jax.Array | None = None) -> jax.Array:
   """Generates int32 `[batch, max_decode_len]` tokens (EOS, then pad) from `model`.
 
   Args:
@@ -387,6 +414,9 @@ def generate(model, params, inputs: jax.Array | None = None, prompt: jax.Array |
     params: the model's 'params' collection (boxed or plain).
     method: 'greedy', 'sample' (temperature / top_k / top_p, needs `rng`) or 'beam'
       (`beam_size`, `length_penalty` alpha; 0 = plain log-probability).
+    max_lengths: int `[batch]`, each row's most tokens, EOS included (e.g. `max_lengths_for`
+      the source lengths); a row capped below `max_decode_len` ends with EOS by then.
+      Default: `max_decode_len` for all (outputs as without caps).
   """
   if method not in METHODS:
     raise ValueError(f'method={method!r} is not one of {METHODS}')
@@ -408,6 +438,14 @@ def generate(model, params, inputs: jax.Array | None = None, prompt: jax.Array |
       raise ValueError(f'top_p must be in (0, 1], got {top_p}')
   if rng is None:
     rng = jax.random.key(0)
-  return _generate(model, params, inputs, prompt, rng, max_decode_len=max_decode_len,
+  batch = (inputs if inputs is not None else prompt).shape[0]
+  if max_lengths is None:
+    max_lengths = np.full((batch,), max_decode_len, np.int32)
+  elif np.shape(max_lengths) != (batch,):
+    raise ValueError(f'max_lengths has shape {np.shape(max_lengths)}; want ({batch},), one '
+                     'per row')
+  max_lengths = jnp.clip(jnp.asarray(max_lengths, jnp.int32), 1, max_decode_len)
+  return _generate(model, params, inputs, prompt, rng, max_lengths,
+                   max_decode_len=max_decode_len,
                    method=method, beam_size=beam_size, length_penalty=float(length_penalty),
                    temperature=float(temperature), top_k=top_k, top_p=top_p)

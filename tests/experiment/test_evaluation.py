@@ -10,8 +10,9 @@ import numpy as np
 import optax
 import pytest
 
+from attn_jax import models
 from attn_jax.experiment import evaluation, tasks
-from attn_jax.experiment.config import model_section
+from attn_jax.experiment.config import default_eval, model_section
 
 
 def test_until_eos_and_exact_match_by_length():
@@ -142,3 +143,29 @@ def test_decode_split_decodes_sorted_by_length_and_answers_in_input_order():
   assert sorted(_CopyModel.shapes) == [(4, 8), (4, 32)]
   assert [evaluation.padded_width(n) for n in (1, 8, 9, 64, 65, 80, 129, 250)] == [
       8, 8, 16, 64, 80, 80, 160, 256]
+
+
+class _NeverEnds:
+  """A decoder that always prefers token 5 (never EOS): outputs run to their length limit."""
+
+  def decoding_fns(self, params, *, inputs, prompt=None, max_decode_len):
+    def logits(rows):
+      return jnp.zeros((rows, 8)).at[:, 5].set(1.0)
+    return models.DecodeFns(lambda: (logits(inputs.shape[0]), {}),
+                            lambda state, tokens: (logits(tokens.shape[0]), state))
+
+
+@pytest.mark.parametrize('method', ['greedy', 'beam'])
+def test_eval_max_len_a_b_caps_outputs_by_source_length(method):
+  task = type('Task', (), {'model': _NeverEnds()})()
+  e = default_eval()
+  e.decode_method, e.beam_size, e.max_len_a, e.max_len_b = method, 2, 1.0, 2
+  inputs = np.array([[7, 2, 0, 0], [7, 7, 7, 2]], np.int32)  # 2 and 4 source tokens
+  out = evaluation.generate(task, None, e, inputs=inputs, max_decode_len=10)
+  assert [evaluation.until_eos(r) for r in out] == [[5, 5, 5, 2], [5] * 5 + [2]]
+  e.max_len_a = e.max_len_b = 0  # off: the limit alone, reached without EOS
+  out = evaluation.generate(task, None, e, inputs=inputs, max_decode_len=10)
+  assert [len(evaluation.until_eos(r)) for r in out] == [10, 10]
+  e.max_len_b = -1
+  with pytest.raises(ValueError, match='max_len_b=-1 must be >= 0'):
+    evaluation.validate_config(ml_collections.ConfigDict({'eval': e}))

@@ -77,6 +77,34 @@ def test_beam_of_one_equals_greedy_on_the_table():
                                 _generate('greedy'))
 
 
+def test_per_row_length_caps_end_each_row_with_eos_and_stop_the_loop_early():
+  # Greedy: row 0 capped at 2 tokens takes A, then must end; row 1 runs as uncapped.
+  out = _generate('greedy', max_lengths=np.array([2, 6]))
+  np.testing.assert_array_equal(out, [[A, EOS_ID, 0, 0, 0, 0], [A, C, EOS_ID, 0, 0, 0]])
+  out = _generate('greedy', max_lengths=np.array([2, 2]))
+  np.testing.assert_array_equal(out, [[A, EOS_ID, 0, 0, 0, 0]] * 2)
+  assert len(STEPS) == 1 + 2  # the loop ends with the last row's cap
+  # Beam: at its cap a row's hypotheses can only end; EOS keeps the model's probability.
+  fns = TableModel().decoding_fns(jnp.asarray(_table()), inputs=jnp.zeros((2, 1)),
+                                  max_decode_len=6)
+  seqs, scores = models.beam_search(fns, beam_size=2, max_decode_len=6, length_penalty=0.0,
+                                    max_lengths=jnp.array([2, 1]))
+  np.testing.assert_array_equal(seqs[0, :, :2], [[B_, EOS_ID], [A, EOS_ID]])
+  np.testing.assert_allclose(scores[0], np.log([0.36, 0.5 * 0.3]), rtol=1e-5)
+  np.testing.assert_array_equal(seqs[1, 0, :2], [EOS_ID, 0])  # cap 1: EOS at once
+  with pytest.raises(ValueError, match=r'max_lengths has shape \(3,\); want \(2,\)'):
+    _generate('greedy', max_lengths=np.array([1, 2, 3]))
+
+
+def test_max_lengths_for_follows_source_length_and_the_limit():
+  lengths = np.array([0, 3, 10, 100])
+  np.testing.assert_array_equal(decoding.max_lengths_for(lengths, 1.0, 50, 64),
+                                [50, 53, 60, 64])
+  np.testing.assert_array_equal(decoding.max_lengths_for(lengths, 1.5, 1, 200),
+                                [1, 5, 16, 151])
+  np.testing.assert_array_equal(decoding.max_lengths_for(lengths, 0.0, 0, 64), [64] * 4)
+
+
 def test_sampling_filters_and_frequencies():
   greedy = _generate('greedy')
   rng = jax.random.key(0)
