@@ -6,13 +6,15 @@ translation run against an earlier revision of the code (`--suite=beam`).
         --texts=data/bible/test.en --baseline_rev=92f50e9 --output_dir=/tmp/bench_decode
 
 `--suite=beam` decodes `--sentences` lines of `--texts` with the run's beam search (beam 4)
-through `inference.predict`, in fresh processes, three ways: the code at `--baseline_rev`
+through `inference.predict`, in fresh processes, four ways: the code at `--baseline_rev`
 (checked out with `git worktree`) fed in input order as before (batches of `--batch_size`
-lines padded to their longest), today's code fed the same way, and today's code as
-`decode.py` feeds it (sorted by length). Each process decodes the set twice: the first pass
-includes compiling every shape it meets, the second is the steady state. It prints sentences/s
-and the speed-ups over the baseline, checks that the outputs are identical, and writes
-`beam_speed.json`.
+lines padded to their longest), today's code fed the same way, today's code as `decode.py`
+feeds it (sorted by length), all three without output caps, and the last again with each
+output capped at `--max_len_a` x source tokens + `--max_len_b` (the translation config's
+rule). Each process decodes the set twice: the first pass includes compiling every shape it
+meets, the second is the steady state. It prints sentences/s and the speed-ups over the
+baseline, checks which outputs equal the baseline's (all must, but for the capped row, where
+only outputs the cap cut short may differ), and writes `beam_speed.json`.
 
 1. `DecoderLM`, KV cache (`models.generate`) vs recomputing the whole prefix: both are one
    jitted `lax.while_loop` generating exactly `n` tokens (`--lengths`) from a one-token
@@ -68,6 +70,11 @@ flags.DEFINE_integer('sentences', 256, '--suite=beam: how many (a seeded sample;
 flags.DEFINE_integer('batch_size', 32, '--suite=beam: sentences per decoding batch.')
 flags.DEFINE_string('baseline_rev', '92f50e9', '--suite=beam: git revision of the baseline.')
 flags.DEFINE_string('worker', None, 'Internal: run one beam measurement (input|sorted).')
+flags.DEFINE_string('worker_caps', '', "Internal: '' = the code's own decoding options, 'off' "
+                    "= no output caps, 'A,B' = eval.max_len_a/b.")
+flags.DEFINE_float('max_len_a', 1.0, '--suite=beam: the capped row ends outputs by '
+                   'max_len_a * source tokens + max_len_b (the translation config\'s rule).')
+flags.DEFINE_integer('max_len_b', 50, '--suite=beam: see max_len_a.')
 flags.DEFINE_string('result', None, 'Internal: where the worker writes its JSON.')
 
 
@@ -209,6 +216,11 @@ def beam_worker(order: str) -> dict:
   run = inference.load_run(FLAGS.workdir)
   texts = pathlib.Path(FLAGS.texts).read_text(encoding='utf-8').splitlines()
   options = dict(method='beam', beam_size=FLAGS.beam_size)
+  if FLAGS.worker_caps == 'off':  # today's code without caps: the baseline's outputs
+    options.update(max_len_a=0.0, max_len_b=0)
+  elif FLAGS.worker_caps:
+    a, b = FLAGS.worker_caps.split(',')
+    options.update(max_len_a=float(a), max_len_b=int(b))
 
   def one_pass():
     if order == 'sorted':  # decode.py's way: predict sorts the whole set by length
@@ -228,13 +240,14 @@ def beam_worker(order: str) -> dict:
               package=os.path.dirname(attn_jax.__file__))
 
 
-def _run_worker(tree: str, order: str, texts_file: str) -> dict:
+def _run_worker(tree: str, order: str, texts_file: str, caps: str = '') -> dict:
   with tempfile.TemporaryDirectory() as tmp:
     result = os.path.join(tmp, 'result.json')
     env = dict(os.environ, PYTHONPATH=tree)
     cmd = [sys.executable, os.path.abspath(__file__), f'--worker={order}', f'--result={result}',
            f'--workdir={os.path.abspath(FLAGS.workdir)}', f'--texts={texts_file}',
-           f'--batch_size={FLAGS.batch_size}', f'--beam_size={FLAGS.beam_size}']
+           f'--batch_size={FLAGS.batch_size}', f'--beam_size={FLAGS.beam_size}',
+           f'--worker_caps={caps}']
     subprocess.run(cmd, env=env, cwd=tree, check=True)
     with open(result, encoding='utf-8') as f:
       out = json.load(f)
@@ -258,9 +271,12 @@ def measure_beam() -> dict:
     subprocess.run(['git', '-C', str(repo), 'worktree', 'add', '--detach', baseline,
                     FLAGS.baseline_rev], check=True, capture_output=True)
     try:
+      caps = f'{FLAGS.max_len_a:g},{FLAGS.max_len_b}'
       rows = {'baseline, input order': _run_worker(baseline, 'input', texts_file),
-              'today, input order': _run_worker(str(repo), 'input', texts_file),
-              'today, sorted (decode.py)': _run_worker(str(repo), 'sorted', texts_file)}
+              'today, input order': _run_worker(str(repo), 'input', texts_file, 'off'),
+              'today, sorted': _run_worker(str(repo), 'sorted', texts_file, 'off'),
+              f'today, sorted, capped {caps}': _run_worker(str(repo), 'sorted', texts_file,
+                                                           caps)}
     finally:
       subprocess.run(['git', '-C', str(repo), 'worktree', 'remove', '--force', baseline],
                      check=False, capture_output=True)
@@ -273,8 +289,11 @@ def measure_beam() -> dict:
         first_pass_sent_s=n / r['first_pass_s'], steady_sent_s=n / r['steady_s'],
         speedup_first_pass=reference['first_pass_s'] / r['first_pass_s'],
         speedup_steady=reference['steady_s'] / r['steady_s'],
-        same_outputs=r['outputs'] == reference['outputs']))
+        same_outputs=r['outputs'] == reference['outputs'],
+        outputs_differing=sum(a != b for a, b in zip(r['outputs'], reference['outputs'],
+                                                     strict=True))))
   return dict(workdir=str(FLAGS.workdir), baseline_rev=FLAGS.baseline_rev,
+              max_len_a=FLAGS.max_len_a, max_len_b=FLAGS.max_len_b,
               beam_size=FLAGS.beam_size, batch_size=FLAGS.batch_size, rows=summary)
 
 
@@ -283,12 +302,12 @@ def main_beam() -> None:
   print(f"beam {result['beam_size']} search, {result['rows'][0]['sentences']} sentences, "
         f"batches of {result['batch_size']}, baseline = {result['baseline_rev']}, "
         f'backend={jax.default_backend()}')
-  print(f"{'path':>28} {'1st pass sent/s':>16} {'steady sent/s':>14} {'x 1st':>7} "
-        f"{'x steady':>9} {'same':>5}")
+  print(f"{'path':>32} {'1st pass sent/s':>16} {'steady sent/s':>14} {'x 1st':>7} "
+        f"{'x steady':>9} {'differ':>7}")
   for r in result['rows']:
-    print(f"{r['path']:>28} {r['first_pass_sent_s']:>16.2f} {r['steady_sent_s']:>14.2f} "
+    print(f"{r['path']:>32} {r['first_pass_sent_s']:>16.2f} {r['steady_sent_s']:>14.2f} "
           f"{r['speedup_first_pass']:>6.2f}x {r['speedup_steady']:>8.2f}x "
-          f"{str(r['same_outputs']):>5}")
+          f"{r['outputs_differing']:>7d}")
   os.makedirs(FLAGS.output_dir, exist_ok=True)
   with open(os.path.join(FLAGS.output_dir, 'beam_speed.json'), 'w') as f:
     json.dump(result, f, indent=2)
