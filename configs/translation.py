@@ -128,12 +128,16 @@ def get_config(arg: str | None = None):
 def sweep():
   """The compute-budget study on a local corpus (README, "Translation under a compute
   budget"; add `--config.data.local.*` paths to every run): the recipe at 10 and 40 minutes,
-  the batch size it was chosen against, and the RNN with additive attention at 40 minutes.
+  the batch and model sizes it was chosen against, and the RNN with additive attention at 40
+  minutes.
   (Today's defaults ran without a budget, stopped by `timeout -s TERM 40m`.)"""
   return [
       {'arg': 'model=small,data=local,budget=10', 'name': 'recipe_10min'},
       {'arg': 'model=small,data=local,budget=10', 'overrides': {'data.max_tokens': 2048},
        'name': 'recipe_10min_2k_tokens'},
+      {'arg': 'model=small,data=local,budget=10',
+       'overrides': {'data.max_tokens': 2048, 'model.d_model': 192, 'model.d_ff': 768},
+       'name': 'recipe_10min_2k_tokens_d192'},
       {'arg': 'model=small,data=local,budget=40', 'name': 'recipe_40min'},
       {'arg': 'model=rnn,data=local,budget=40', 'name': 'rnn_additive_40min'},
   ]
