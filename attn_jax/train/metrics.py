@@ -166,7 +166,7 @@ class MetricWriter:
         shown['util'] = f"{scalars['flops_utilisation']:.0%}"
       self._bar.set_postfix(shown, refresh=False)
     logging.info('step %d %s', step, ', '.join(
-        f'{prefix}/{k}={float(v):.5g}' for k, v in scalars.items()))
+        f"{f'{prefix}/' if prefix else ''}{k}={float(v):.5g}" for k, v in scalars.items()))
 
   def advance(self, step: int) -> None:
     """Moves the progress bar to `step`."""
