@@ -12,6 +12,7 @@ import pytest
 from attn_jax import data
 from attn_jax.data import batching
 from tests.data.conftest import tiny_config
+from tests.data.test_batching import _check_restore
 
 
 def _examples(n, seed=0, max_in=32, max_tgt=64):
@@ -89,18 +90,7 @@ def test_token_batches_restore_exact_next_batches():
     return batching.TokenBucketBatchIterDataset(src, buckets=tb, window=2, seed=2)
 
   for n_before in (0, 2, 7, 30):  # 30: well past the first epoch
-    it = iter(make())
-    for _ in range(n_before):
-      next(it)
-    state = json.loads(json.dumps(it.get_state()))  # what a checkpoint stores
-    want = [next(it) for _ in range(6)]
-    fresh = iter(make())
-    fresh.set_state(state)
-    for w in want:
-      got = next(fresh)
-      assert set(got) == set(w)
-      for k in w:
-        np.testing.assert_array_equal(got[k], w[k])
+    _check_restore(make, n_before=n_before, n_after=6)
 
 
 def test_max_tokens_validation_names_field_and_numbers():
