@@ -183,6 +183,8 @@ def test_translation_budget_applies_the_low_resource_recipe_on_local_data_only()
     assert node[leaf] == value, field
   rnn = module.get_config('model=rnn,data=local,budget=40')
   assert rnn.data.max_tokens == module.LOW_RESOURCE['data.max_tokens']
+  assert (rnn.model.embed_dim, rnn.model.hidden_dim) == (256, 256)  # not the paper's 620/1000
+  assert module.get_config('model=rnn,data=local').model.hidden_dim == 1000
   for c in (budget, rnn):
     c.data.local.train = '/corpus/train'  # validation needs a path, not the file
     run.validate_config(c)
