@@ -313,7 +313,7 @@ def beam_search(fns: DecodeFns, *, beam_size: int, max_decode_len: int,
   / length penalty) for the `beam_size` finished slots, the best `beam_size` not ending in
   EOS become the new alive beam. The search stops once
   no alive hypothesis can beat the worst finished one (log-probs only fall, and the
-  penalty is largest at `max_decode_len`). Rows with no finished hypothesis fall back to
+  penalty is largest at the row's cap, `max_decode_len` without one). Rows with no finished hypothesis fall back to
   their alive ones. `max_lengths` (int `[batch]`, default `max_decode_len`) caps each row:
   below `max_decode_len`, its hypotheses must end (EOS) by that many tokens, as fairseq's
   `max_len_a/b` make them (at `max_decode_len` a row stops as it always has, finished or not).
@@ -332,9 +332,10 @@ def beam_search(fns: DecodeFns, *, beam_size: int, max_decode_len: int,
   def gather(x, idx):  # x [batch, n, ...], idx [batch, m] -> [batch, m, ...]
     return jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
 
-  max_penalty = _length_penalty(t, length_penalty)
   if max_lengths is None:
     max_lengths = jnp.full((batch,), t, jnp.int32)
+  # The largest penalty a row's hypotheses can still get: at its cap, the longest they grow.
+  max_penalty = _length_penalty(jnp.minimum(max_lengths, t), length_penalty)
   only_eos = jnp.where(jnp.arange(vocab) == EOS_ID, 0.0, neg_inf)  # [vocab]
 
   def cond(carry):

@@ -96,6 +96,19 @@ def test_per_row_length_caps_end_each_row_with_eos_and_stop_the_loop_early():
     _generate('greedy', max_lengths=np.array([1, 2, 3]))
 
 
+def test_beam_search_stops_by_the_length_penalty_at_each_rows_cap():
+  # After 3 steps the best alive hypothesis (A B A, log p -4.2) could score at best
+  # -4.2 / lp(cap 5) = -2.5 < the 2nd finished (A C EOS, -1.2): the search ends there. Bounded
+  # by lp(50) instead (-0.46) it would have run on until the cap forced EOS, 1 + 5 steps.
+  STEPS.clear()
+  out = models.generate(TableModel(), jnp.asarray(_table()), inputs=jnp.zeros((2, 1)),
+                        max_decode_len=50, method='beam', beam_size=2, length_penalty=1.0,
+                        max_lengths=np.array([5, 5]))
+  jax.effects_barrier()
+  np.testing.assert_array_equal(np.asarray(out)[:, :3], [[B_, EOS_ID, 0]] * 2)
+  assert len(STEPS) == 1 + 3
+
+
 def test_max_lengths_for_follows_source_length_and_the_limit():
   lengths = np.array([0, 3, 10, 100])
   np.testing.assert_array_equal(decoding.max_lengths_for(lengths, 1.0, 50, 64),
