@@ -18,12 +18,16 @@ exact-match accuracy for classification and algorithmic tasks.
 
 from __future__ import annotations
 
-import json
-import sys
+from attn_jax.experiment import allocator
 
-from absl import app, flags
+allocator.reexec_with_tcmalloc()  # before JAX loads: see allocator.py
 
-from attn_jax.experiment import cli, inference
+import json  # noqa: E402
+import sys  # noqa: E402
+
+from absl import app, flags  # noqa: E402
+
+from attn_jax.experiment import cli, inference  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'A workdir written by experiments/train.py.')

@@ -16,13 +16,17 @@ variables) and `--config.parallel.mode=sharded` on every host, with a shared wor
 
 from __future__ import annotations
 
-import logging
+from attn_jax.experiment import allocator
 
-from absl import app, flags
-from ml_collections import config_flags
+allocator.reexec_with_tcmalloc()  # before JAX loads: see allocator.py
 
-from attn_jax.experiment import cli, run
-from attn_jax.train import parallel
+import logging  # noqa: E402
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from attn_jax.experiment import cli, run  # noqa: E402
+from attn_jax.train import parallel  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Experiment config file (path.py:arg).',
