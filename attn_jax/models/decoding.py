@@ -311,10 +311,10 @@ def beam_search(fns: DecodeFns, *, beam_size: int, max_decode_len: int,
   Each step expands the `beam_size` alive hypotheses to their `2 * beam_size` best
   continuations; those ending in EOS within the best `beam_size` compete (score = log-prob
   / length penalty) for the `beam_size` finished slots, the best `beam_size` not ending in
-  EOS become the new alive beam. The search stops once
-  no alive hypothesis can beat the worst finished one (log-probs only fall, and the
-  penalty is largest at the row's cap, `max_decode_len` without one). Rows with no finished hypothesis fall back to
-  their alive ones. `max_lengths` (int `[batch]`, default `max_decode_len`) caps each row:
+  EOS become the new alive beam. The search stops once no alive hypothesis can beat the
+  worst finished one (log-probs only fall, and the penalty is largest at the row's cap,
+  `max_decode_len` without one). Rows with no finished hypothesis fall back to their alive
+  ones. `max_lengths` (int `[batch]`, default `max_decode_len`) caps each row:
   below `max_decode_len`, its hypotheses must end (EOS) by that many tokens, as fairseq's
   `max_len_a/b` make them (at `max_decode_len` a row stops as it always has, finished or not).
 
