@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from attn_jax.models.attention import AdditiveAttention, LuongAttention
 from attn_jax.models.configs import RNNConfig
 from attn_jax.models.decoding import DecodeFns
-from attn_jax.models.layers import shift_right
+from attn_jax.models.layers import Dropout, shift_right
 from attn_jax.tokens import BOS_ID, PAD_ID
 
 
@@ -98,7 +98,7 @@ class RNNSeq2Seq(nn.Module):
       self.bridge_c = nn.Dense(cfg.hidden_dim, dtype=cfg.compute_dtype)
     self.step = DecoderStep(cfg)
     self.logits = nn.Dense(cfg.target_vocab_size)
-    self.dropout = nn.Dropout(cfg.dropout_rate)
+    self.dropout = Dropout(cfg.dropout_rate)
 
   def encode(self, inputs: jax.Array, *, train: bool = False):
     """`inputs` int `[batch, Ls]` -> dict of memory `[batch, Ls, hidden]`, mask

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from attn_jax.models import decoding
 from attn_jax.models.attention import MultiHeadAttention, partitioned, resolve_mod
 from attn_jax.models.configs import TransformerConfig
-from attn_jax.models.layers import Embedder, FeedForward, make_norm, shift_right
+from attn_jax.models.layers import Dropout, Embedder, FeedForward, make_norm, shift_right
 from attn_jax.tokens import BOS_ID, PAD_ID
 
 
@@ -63,7 +63,7 @@ class _Block(nn.Module):
   def residual(self, x: jax.Array, fn, name: str) -> jax.Array:
     """Pre-LN `x + drop(fn(norm(x)))` or the paper's post-LN `norm(x + drop(fn(x)))`."""
     cfg = self.config
-    drop = nn.Dropout(cfg.dropout_rate)
+    drop = Dropout(cfg.dropout_rate)
     if cfg.norm_position == 'pre':
       return x + drop(fn(make_norm(cfg, f'norm_{name}')(x)), deterministic=self.deterministic)
     return make_norm(cfg, f'norm_{name}')(x + drop(fn(x), deterministic=self.deterministic))
@@ -176,7 +176,7 @@ class Encoder(nn.Module):
         segment_ids = jnp.concatenate([segment_ids[:, :1], segment_ids], axis=1)
       if positions is not None:
         positions = jnp.pad(positions + 1, ((0, 0), (1, 0)))
-    x = nn.Dropout(cfg.dropout_rate)(x, deterministic=not train)
+    x = Dropout(cfg.dropout_rate)(x, deterministic=not train)
     mask = valid[:, None, None, :]  # [batch, 1, 1, L]: no query attends to padding.
     x = stack_layers(cfg, EncoderLayer, cfg.num_encoder_layers, x, mask, segment_ids, positions,
                      deterministic=not train, capture=capture)
@@ -212,7 +212,7 @@ class Decoder(nn.Module):
       if initialized:
         index.value = index.value + decoder_inputs.shape[1]
     y = self.embedder(decoder_inputs, positions)
-    y = nn.Dropout(cfg.dropout_rate)(y, deterministic=not train)
+    y = Dropout(cfg.dropout_rate)(y, deterministic=not train)
     cross_ids = None
     if cross_segment_ids is not None:
       # Packed sources with unpacked targets: every target token is in segment 1.
@@ -353,7 +353,7 @@ class EncoderClassifier(nn.Module):
       valid = _valid(inputs, segment_ids).astype(jnp.float32)[..., None]
       pooled = jnp.sum(x.astype(jnp.float32) * valid, axis=1) / jnp.maximum(
           jnp.sum(valid, axis=1), 1.0)
-    pooled = nn.Dropout(cfg.dropout_rate)(pooled, deterministic=not train)
+    pooled = Dropout(cfg.dropout_rate)(pooled, deterministic=not train)
     return nn.Dense(cfg.num_classes, name='head',
                     kernel_init=partitioned(nn.initializers.lecun_normal(), ('embed', None)),
                     bias_init=partitioned(nn.initializers.zeros, (None,)))(pooled).astype(

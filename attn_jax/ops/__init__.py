@@ -30,6 +30,7 @@ from attn_jax.ops.attention import (
 from attn_jax.ops.block_mask import BlockMask, block_mask
 from attn_jax.ops.blockwise import blockwise_attention
 from attn_jax.ops.dense import dense_attention, masked_softmax
+from attn_jax.ops.dropout import dropout, dropout_mask, keep_probability
 from attn_jax.ops.geometric import concat_geometric, geometric_positions
 from attn_jax.ops.heads import merge_heads, num_groups, repeat_kv, split_heads
 from attn_jax.ops.linear import (
@@ -70,8 +71,9 @@ __all__ = [
     'BLOCKWISE_MIN_LOGITS', 'add_sinusoidal', 'additive_scores', 'alibi_bias', 'alibi_slopes',
     'and_masks', 'backward_aggregation', 'block_mask', 'BlockMask', 'blockwise_attention',
     'causal_mask', 'choose_implementation', 'combine_masks', 'concat_geometric',
-    'dense_attention', 'dot_product_attention', 'dot_scores', 'elu_features', 'exclude_self',
-    'fused_attention', 'general_scores', 'geometric_positions', 'kernel_attention',
+    'dense_attention', 'dot_product_attention', 'dot_scores', 'dropout', 'dropout_mask',
+    'elu_features', 'exclude_self', 'fused_attention', 'general_scores', 'geometric_positions',
+    'keep_probability', 'kernel_attention',
     'l2_normalize', 'learned_positional', 'learned_positional_init', 'linear_attention',
     'local_mask', 'mask_mods', 'mask_to_bias', 'masked_softmax', 'merge_attention',
     'merge_heads', 'num_groups', 'or_masks', 'padding_mask', 'performer_attention',

@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 
 from attn_jax.ops import block_mask as block_mask_lib
+from attn_jax.ops import dropout as dropout_lib
 from attn_jax.ops import mask_mods, score_mods
 from attn_jax.ops import masks as masks_lib
 from attn_jax.ops.mods import Mod, and_masks
@@ -178,11 +179,15 @@ def _scored(st: _Static, logits, diff, nondiff, b_idx, h_idx, q_pos, kv_pos, kv_
   return out.reshape(logits.shape).astype(jnp.float32)
 
 
+def _keep_scale(st: _Static) -> float:
+  return 1.0 / dropout_lib.keep_probability(st.dropout_rate)
+
+
 def _dropout_keep(st: _Static, rng, group, q_block, kv_block, num_q, num_kv, shape):
   """The block's keep-mask, a pure function of (rng, block indices): the backward pass
   regenerates exactly the forward's mask."""
   index = (group * num_q + q_block) * num_kv + kv_block
-  return jax.random.bernoulli(jax.random.fold_in(rng, index), 1.0 - st.dropout_rate, shape)
+  return dropout_lib.dropout_mask(jax.random.fold_in(rng, index), shape, st.dropout_rate)
 
 
 # --- Forward -------------------------------------------------------------------------------
@@ -228,7 +233,7 @@ def _forward(st: _Static, q, k, v, score_diff, score_nondiff, bias, sinks, bm, r
         row_sum = row_sum * correction + jnp.sum(probs, axis=-1)
         if st.dropout_rate > 0.0:
           keep = _dropout_keep(st, rng, g, i, kv_block, nq, nk, (rows, bq, bk))
-          probs = jnp.where(keep, probs / (1.0 - st.dropout_rate), 0.0)
+          probs = jnp.where(keep, probs * _keep_scale(st), 0.0)
         acc = acc * correction[..., None] + jnp.einsum(
             'hqs,hsd->hqd', probs.astype(v_blk.dtype), v_blk, precision=st.precision,
             preferred_element_type=jnp.float32)
@@ -327,8 +332,8 @@ def _backward(st: _Static, res, d_out, d_lse):
         if st.dropout_rate > 0.0:
           keep = _dropout_keep(st, rng, g, q_block, kv_block, nq, nk, (st.rows, bq, bk))
           keep = jnp.swapaxes(keep, -1, -2)
-          probs_used = jnp.where(keep, probs / (1.0 - st.dropout_rate), 0.0)
-          d_probs = jnp.where(keep, d_probs / (1.0 - st.dropout_rate), 0.0)
+          probs_used = jnp.where(keep, probs * _keep_scale(st), 0.0)
+          d_probs = jnp.where(keep, d_probs * _keep_scale(st), 0.0)
         d_v = d_v + jnp.einsum('hsq,hqd->hsd', probs_used, d_out_blk, precision=st.precision)
         d_logits = probs * (d_probs - delta_blk[:, None, :])  # [rows, bk, bq]
         if st.score is not None:

@@ -11,6 +11,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from attn_jax.ops import dropout as dropout_lib
 from attn_jax.ops import masks as masks_lib
 from attn_jax.ops import scores as scores_lib
 from attn_jax.ops.mods import Mod
@@ -136,8 +137,8 @@ def dense_attention(query, key, value, *, bias=None, mask=None, is_causal=False,
     lse = _log_sum_exp(logits.reshape(b, dims.heads, t, s), combined, sinks)
 
   if dropout_rate > 0.0:
-    keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)
-    weights = jnp.where(keep, weights / (1.0 - dropout_rate), 0.0)
+    keep = dropout_lib.dropout_mask(dropout_rng, weights.shape, dropout_rate)
+    weights = jnp.where(keep, weights / dropout_lib.keep_probability(dropout_rate), 0.0)
   if g == 1:
     out = jnp.einsum('bhts,bshd->bthd', weights.astype(value.dtype), value,
                      precision=precision, preferred_element_type=jnp.float32)
