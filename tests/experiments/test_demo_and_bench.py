@@ -54,3 +54,20 @@ def test_bench_attention_pattern_suite_reports_density_ratios(tmp_path):
   assert rows[('jax_nn', 'softcap')]['status'] == 'n/a (no score mod)'
   assert rows[('attn_blockwise', 'causal_mod')]['build_s'] > 0  # the block mask, timed apart
   assert 'vs ref' in (tmp_path / 'patterns.txt').read_text()
+
+
+def test_bench_train_step_compares_with_flax_and_writes_json(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, 'experiments/bench_train_step.py', f'--output_dir={tmp_path}',
+       '--config_arg=model=small,data=local,smoke', '--batch=2', '--length=8', '--vocab=64',
+       '--repeats=1'],
+      cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  [written] = list(tmp_path.glob('train_step_*.json'))
+  result = json.loads(written.read_text())
+  assert set(result['results']) == {'attn_jax', 'flax_linen'}
+  for row in result['results'].values():
+    assert row['tokens_per_s'] > 0 and 0 < row['utilisation'] and row['params'] > 1000
+  # Same model: the same parameter count on both sides.
+  assert result['results']['attn_jax']['params'] == result['results']['flax_linen']['params']
+  assert result['matmul_gflops'] > 0 and 'attn_jax / flax_linen tokens/s' in proc.stdout
