@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from attn_jax.experiment import allocator
 
-allocator.reexec_with_tcmalloc()  # what train.py runs with (ATTN_JAX_ALLOCATOR=system: malloc)
+allocator.reexec_with_tcmalloc()  # ATTN_JAX_ALLOCATOR=tcmalloc, as train.py
 
 import functools  # noqa: E402
 import json  # noqa: E402
@@ -131,7 +131,7 @@ class FlaxTransformer(nn.Module):
 
 
 def _batch(rng, batch, length, vocab):
-  lengths = rng.integers(16, length + 1, size=(2, batch))
+  lengths = rng.integers(max(1, length // 4), length + 1, size=(2, batch))  # 16-64 at 64
   tokens = rng.integers(4, vocab, size=(2, batch, length))
   valid = np.arange(length)[None, None, :] < lengths[:, :, None]
   tokens = np.where(valid, tokens, 0)
