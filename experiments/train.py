@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from attn_jax.experiment import allocator
 
-allocator.reexec_with_tcmalloc()  # before JAX loads: see allocator.py
+allocator.reexec_with_tcmalloc()  # ATTN_JAX_ALLOCATOR=tcmalloc; before JAX loads
 
 import logging  # noqa: E402
 
