@@ -137,8 +137,7 @@ def dense_attention(query, key, value, *, bias=None, mask=None, is_causal=False,
     lse = _log_sum_exp(logits.reshape(b, dims.heads, t, s), combined, sinks)
 
   if dropout_rate > 0.0:
-    keep = dropout_lib.dropout_mask(dropout_rng, weights.shape, dropout_rate)
-    weights = jnp.where(keep, weights / dropout_lib.keep_probability(dropout_rate), 0.0)
+    weights = dropout_lib.dropout(weights, dropout_rate, dropout_rng)
   if g == 1:
     out = jnp.einsum('bhts,bshd->bthd', weights.astype(value.dtype), value,
                      precision=precision, preferred_element_type=jnp.float32)
