@@ -139,7 +139,27 @@ def make_task(config: ml_collections.ConfigDict, meta: Mapping[str, Any]) -> Tas
       return logits, mutated.get('intermediates', {})
     return model.apply({'params': params}, *args, train=train, rngs=rngs, **kwargs)
 
+  # The Transformers hand back their final states, so the loss projects only real tokens.
+  projects_hidden = kind in ('encoder_decoder', 'decoder_lm')
+
+  def token_loss(params, batch, rng, train, targets, weights):
+    rngs = {'dropout': rng} if (train and rng is not None) else {}
+    hidden = model.apply({'params': params}, *positional(batch), train=train, rngs=rngs,
+                         return_hidden=True, **_model_kwargs(kind, batch))
+    project = lambda h: model.apply({'params': params}, h, method='project')  # noqa: E731
+    return losses.softmax_loss_from_hidden(project, hidden, targets, weights,
+                                           label_smoothing=label_smoothing,
+                                           chunk=model_config.pad_skip_chunk)
+
   def loss_fn(params, batch, rng, train):
+    if task != 'classification' and projects_hidden:
+      targets = batch['targets'] if task == 'seq2seq' else batch['inputs']
+      weights = losses.token_weights(targets)
+      objective, metrics, predictions = token_loss(params, batch, rng, train, targets, weights)
+      if task == 'seq2seq':
+        metrics['tf_sequence_accuracy'] = losses.sequence_accuracy(predictions, targets,
+                                                                   weights)
+      return objective, metrics
     logits = apply(params, batch, train=train, rng=rng)
     if task == 'classification':
       labels = batch['label']

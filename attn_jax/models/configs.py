@@ -143,6 +143,9 @@ class TransformerConfig(_VocabAndDtype):
   implementation: str | None = None  # attention path, passed to ops.dot_product_attention.
   dtype: str = 'float32'  # compute dtype; parameters are always float32.
   capture_attention: bool = False  # sow attention weights into 'intermediates'.
+  # Feed-forward and output-logit rows of padding are sorted to the end and skipped in
+  # chunks of this many tokens (`ops.map_valid_chunks`; exact); 0 = compute every row.
+  pad_skip_chunk: int = 512
 
   def __post_init__(self):
     _check_positive(self, 'vocab_size', 'num_classes', 'd_model', 'num_heads', 'd_ff',
@@ -170,6 +173,8 @@ class TransformerConfig(_VocabAndDtype):
       raise ValueError(f'positional=rope needs an even head_dim, got {self.head_dim}')
     if self.positional == 'sinusoidal' and self.d_model % 2:
       raise ValueError(f'positional=sinusoidal needs an even d_model, got {self.d_model}')
+    if self.pad_skip_chunk < 0:
+      raise ValueError(f'pad_skip_chunk must be >= 0 (0 = off), got {self.pad_skip_chunk}')
     if self.sliding_window is not None and self.sliding_window < 0:
       raise ValueError(f'sliding_window must be >= 0, got {self.sliding_window}')
     bad = sorted(set(self.layer_pattern) - set(LAYER_KINDS))

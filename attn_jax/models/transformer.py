@@ -17,6 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from attn_jax import ops
 from attn_jax.models import decoding
 from attn_jax.models.attention import MultiHeadAttention, partitioned, resolve_mod
 from attn_jax.models.configs import TransformerConfig
@@ -68,23 +69,41 @@ class _Block(nn.Module):
       return x + drop(fn(make_norm(cfg, f'norm_{name}')(x)), deterministic=self.deterministic)
     return make_norm(cfg, f'norm_{name}')(x + drop(fn(x), deterministic=self.deterministic))
 
-  def ffn(self, x: jax.Array) -> jax.Array:
-    return self.residual(
-        x, lambda h: FeedForward(self.config, name='mlp')(h, deterministic=self.deterministic),
-        'mlp')
+  def ffn(self, x: jax.Array, needed: jax.Array | None) -> jax.Array:
+    """The FFN sublayer; bool `needed` `[batch, length]` marks the tokens whose outputs can
+    reach a real token (None = all): the others are skipped by chunk and come back as 0."""
+    cfg = self.config
+
+    def feed_forward(h):
+      mlp = FeedForward(cfg, name='mlp')
+      run = lambda m, h: m(h, deterministic=self.deterministic)  # noqa: E731
+      chunk = cfg.pad_skip_chunk
+      if (needed is None or chunk == 0 or self.decode or self.capture
+          or self.is_initializing() or h.shape[0] * h.shape[1] <= chunk):
+        return run(mlp, h)
+
+      def run_chunk(active, rows):
+        return nn.cond(active, lambda m, r: run(m, r).astype(r.dtype),
+                       lambda m, r: jnp.zeros_like(r), mlp, rows)
+
+      flat = ops.map_valid_chunks(run_chunk, h.reshape(-1, h.shape[-1]), needed.reshape(-1),
+                                  chunk=chunk)
+      return flat.reshape(h.shape)
+
+    return self.residual(x, feed_forward, 'mlp')
 
 
 class EncoderLayer(_Block):
   """Bidirectional self-attention + FFN. `x` `[batch, length, d_model]` -> same shape."""
 
   @nn.compact
-  def __call__(self, x, mask, segment_ids, positions):
+  def __call__(self, x, mask, segment_ids, positions, needed=None):
     attn = _attention(self.config, causal=False, self_attention=True, name='encoder_self',
                       capture=self.capture, kind=self.kind)
     x = self.residual(x, lambda h: attn(h, mask=mask, segment_ids=segment_ids,
                                         positions=positions,
                                         deterministic=self.deterministic), 'self')
-    return self.ffn(x), None
+    return self.ffn(x, needed), None
 
 
 class DecoderLayer(_Block):
@@ -96,7 +115,8 @@ class DecoderLayer(_Block):
   cross: bool = False
 
   @nn.compact
-  def __call__(self, y, encoded, cross_mask, segment_ids, cross_segment_ids, positions):
+  def __call__(self, y, encoded, cross_mask, segment_ids, cross_segment_ids, positions,
+               needed=None):
     cfg = self.config
     if encoded is not None and not self.cross:
       raise ValueError('encoded given to a decoder layer without cross-attention (cross=False)')
@@ -115,7 +135,7 @@ class DecoderLayer(_Block):
                                            segment_ids=cross_segment_ids,
                                            deterministic=self.deterministic,
                                            decode=self.decode), 'cross')
-    return self.ffn(y), None
+    return self.ffn(y, needed), None
 
 
 def stack_layers(cfg: TransformerConfig, layer_cls, num_layers: int, x: jax.Array,
@@ -178,8 +198,9 @@ class Encoder(nn.Module):
         positions = jnp.pad(positions + 1, ((0, 0), (1, 0)))
     x = Dropout(cfg.dropout_rate)(x, deterministic=not train)
     mask = valid[:, None, None, :]  # [batch, 1, 1, L]: no query attends to padding.
+    # Padding is hidden from every query as a key, so only real tokens' outputs are needed.
     x = stack_layers(cfg, EncoderLayer, cfg.num_encoder_layers, x, mask, segment_ids, positions,
-                     deterministic=not train, capture=capture)
+                     valid, deterministic=not train, capture=capture)
     if cfg.norm_position == 'pre':
       x = make_norm(cfg, 'final_norm')(x)
     return x
@@ -193,12 +214,21 @@ class Decoder(nn.Module):
   vocab_size: int
   cross: bool = False
 
+  def setup(self):
+    cfg = self.config
+    if not cfg.tie_output:
+      self.logits = nn.Dense(
+          self.vocab_size, dtype=cfg.compute_dtype,
+          kernel_init=partitioned(nn.initializers.lecun_normal(), ('embed', 'vocab')),
+          bias_init=partitioned(nn.initializers.zeros, ('vocab',)))
+
   @nn.compact
   def __call__(self, decoder_inputs: jax.Array, encoded: jax.Array | None = None, *,
                cross_mask: jax.Array | None = None, segment_ids=None, cross_segment_ids=None,
                positions: jax.Array | None = None, train: bool = False, decode: bool = False,
-               capture: bool = False) -> jax.Array:
-    """`decoder_inputs` int `[batch, T]` (already shifted) -> float32 `[batch, T, vocab]`.
+               capture: bool = False, return_hidden: bool = False) -> jax.Array:
+    """`decoder_inputs` int `[batch, T]` (already shifted) -> float32 `[batch, T, vocab]`, or
+    with `return_hidden` the final hidden states `[batch, T, d_model]` (see `project`).
 
     `encoded` `[batch, Ls, d_model]`; with `decode`, only the prefill call passes it (its
     cross-attention keys/values are cached) and later calls pass None.
@@ -218,17 +248,24 @@ class Decoder(nn.Module):
       # Packed sources with unpacked targets: every target token is in segment 1.
       q_ids = jnp.ones_like(decoder_inputs) if segment_ids is None else segment_ids
       cross_ids = (q_ids, cross_segment_ids)
+    needed = None
+    if not decode:
+      # A real token reads every earlier position (causal, and padding is not masked as a key
+      # here), so everything up to a row's last real token is needed; trailing padding is not.
+      valid = _valid(decoder_inputs, segment_ids)
+      needed = jnp.flip(jnp.cumsum(jnp.flip(valid, axis=1), axis=1) > 0, axis=1)
     y = stack_layers(cfg, DecoderLayer, cfg.num_decoder_layers, y, encoded, cross_mask,
-                     segment_ids, cross_ids, positions, deterministic=not train, decode=decode,
-                     capture=capture, cross=self.cross)
+                     segment_ids, cross_ids, positions, needed, deterministic=not train,
+                     decode=decode, capture=capture, cross=self.cross)
     if cfg.norm_position == 'pre':
       y = make_norm(cfg, 'final_norm')(y)
-    if cfg.tie_output:
-      return self.embedder.attend(y)
-    return nn.Dense(self.vocab_size, dtype=cfg.compute_dtype, name='logits',
-                    kernel_init=partitioned(nn.initializers.lecun_normal(), ('embed', 'vocab')),
-                    bias_init=partitioned(nn.initializers.zeros, ('vocab',)))(y).astype(
-                        jnp.float32)
+    return y if return_hidden else self.project(y)
+
+  def project(self, hidden: jax.Array) -> jax.Array:
+    """Hidden states `[..., d_model]` -> float32 logits `[..., vocab]`."""
+    if self.config.tie_output:
+      return self.embedder.attend(hidden)
+    return self.logits(hidden).astype(jnp.float32)
 
 
 def _capture(config, capture_attention: bool | None) -> bool:
@@ -259,7 +296,7 @@ class EncoderDecoder(nn.Module):
 
   def decode(self, encoded, inputs, decoder_inputs, *, inputs_segmentation=None,
              targets_segmentation=None, targets_positions=None, train=False, decode=False,
-             capture_attention=None):
+             capture_attention=None, return_hidden=False):
     """Decoder over already-shifted `decoder_inputs` `[batch, Lt]` -> `[batch, Lt, vocab]`.
 
     `inputs` (`[batch, Ls]`) only supply the cross-attention padding mask. With
@@ -272,13 +309,18 @@ class EncoderDecoder(nn.Module):
         decoder_inputs, encoded, cross_mask=cross_mask, segment_ids=targets_segmentation,
         cross_segment_ids=None if decode else inputs_segmentation,
         positions=targets_positions, train=train, decode=decode,
-        capture=_capture(self.config, capture_attention))
+        capture=_capture(self.config, capture_attention), return_hidden=return_hidden)
+
+  def project(self, hidden: jax.Array) -> jax.Array:
+    """`__call__(..., return_hidden=True)`'s states `[..., d_model]` -> float32 logits."""
+    return self.decoder.project(hidden)
 
   def __call__(self, inputs, targets, *, inputs_segmentation=None, targets_segmentation=None,
                inputs_positions=None, targets_positions=None, train=False,
-               capture_attention=None):
+               capture_attention=None, return_hidden=False):
     """Teacher-forced logits: float32 `[batch, Lt, vocab]`, `logits[:, i]` predicts
-    `targets[:, i]`."""
+    `targets[:, i]`; with `return_hidden`, the decoder's final states `[batch, Lt, d_model]`
+    instead (`project` maps them to logits, e.g. for a loss that skips padding)."""
     if inputs.ndim != 2 or targets.ndim != 2 or inputs.shape[0] != targets.shape[0]:
       raise ValueError(f'inputs and targets must be [batch, length] with equal batch, got '
                        f'{inputs.shape} and {targets.shape}')
@@ -289,7 +331,7 @@ class EncoderDecoder(nn.Module):
     return self.decode(encoded, inputs, decoder_inputs, inputs_segmentation=inputs_segmentation,
                        targets_segmentation=targets_segmentation,
                        targets_positions=targets_positions, train=train,
-                       capture_attention=capture_attention)
+                       capture_attention=capture_attention, return_hidden=return_hidden)
 
   @nn.nowrap
   def decoding_fns(self, params, *, inputs, prompt=None, max_decode_len):
@@ -310,8 +352,9 @@ class DecoderLM(nn.Module):
     self.decoder = Decoder(cfg, self.embed, cfg.vocab_size)
 
   def __call__(self, inputs, *, segment_ids=None, positions=None, train=False, decode=False,
-               capture_attention=None):
-    """`inputs` int `[batch, L]` -> float32 `[batch, L, vocab]`.
+               capture_attention=None, return_hidden=False):
+    """`inputs` int `[batch, L]` -> float32 `[batch, L, vocab]` (with `return_hidden`, the
+    final states `[batch, L, d_model]`; see `project`).
 
     Teacher forcing: the model shifts `inputs` right (BOS at each segment start), so
     `logits[:, i]` predicts `inputs[:, i]`. With `decode=True` the tokens are fed as
@@ -323,7 +366,12 @@ class DecoderLM(nn.Module):
     decoder_inputs = inputs if decode else shift_right(inputs, segment_ids, positions, BOS_ID)
     return self.decoder(decoder_inputs, segment_ids=segment_ids, positions=positions,
                         train=train, decode=decode,
-                        capture=_capture(self.config, capture_attention))
+                        capture=_capture(self.config, capture_attention),
+                        return_hidden=return_hidden)
+
+  def project(self, hidden: jax.Array) -> jax.Array:
+    """`__call__(..., return_hidden=True)`'s states `[..., d_model]` -> float32 logits."""
+    return self.decoder.project(hidden)
 
   @nn.nowrap
   def decoding_fns(self, params, *, inputs=None, prompt=None, max_decode_len):

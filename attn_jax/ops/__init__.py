@@ -66,6 +66,7 @@ from attn_jax.ops.positional import (
 from attn_jax.ops.prefix import prefix_attention
 from attn_jax.ops.scores import additive_scores, dot_scores, general_scores, scaled_dot_scores
 from attn_jax.ops.shared_qk import exclude_self, l2_normalize, shared_qk_attention
+from attn_jax.ops.token_chunks import map_valid_chunks, valid_first_order
 
 __all__ = [
     'BLOCKWISE_MIN_LOGITS', 'add_sinusoidal', 'additive_scores', 'alibi_bias', 'alibi_slopes',
@@ -75,10 +76,12 @@ __all__ = [
     'elu_features', 'exclude_self', 'fused_attention', 'general_scores', 'geometric_positions',
     'keep_probability', 'kernel_attention',
     'l2_normalize', 'learned_positional', 'learned_positional_init', 'linear_attention',
-    'local_mask', 'mask_mods', 'mask_to_bias', 'masked_softmax', 'merge_attention',
+    'local_mask', 'map_valid_chunks', 'mask_mods', 'mask_to_bias', 'masked_softmax',
+    'merge_attention',
     'merge_heads', 'num_groups', 'or_masks', 'padding_mask', 'performer_attention',
     'performer_features', 'performer_projection', 'prefix_attention', 'query_key_mask',
     'relative_position_bias', 'relative_position_buckets', 'repeat_kv', 'rope',
     'scaled_dot_scores', 'score_mods',
-    'segment_mask', 'shared_qk_attention', 'sinusoidal', 'split_heads', 'valid_positions',
+    'segment_mask', 'shared_qk_attention', 'sinusoidal', 'split_heads', 'valid_first_order',
+    'valid_positions',
 ]

@@ -7,13 +7,14 @@ over all tokens/examples, whatever the per-device padding.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from attn_jax import ops
 from attn_jax.tokens import PAD_ID
 
 Metric = tuple[Any, Any]
@@ -62,19 +63,22 @@ def cross_entropy(
   if not 0.0 <= label_smoothing < 1.0:
     raise ValueError(f'label_smoothing={label_smoothing} must be in [0, 1)')
   weights = _check(logits, targets, weights)
-  vocab = logits.shape[-1]
   log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  return jnp.sum(_token_losses(log_probs, targets, label_smoothing) * weights), jnp.sum(weights)
+
+
+def _token_losses(log_probs: jax.Array, targets: jax.Array, label_smoothing: float) -> jax.Array:
+  """float32 `[...]`: each token's (smoothed) cross-entropy, from `log_probs` `[..., V]`."""
+  vocab = log_probs.shape[-1]
   nll = -jnp.take_along_axis(log_probs, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
-  if label_smoothing > 0.0 and vocab > 1:
-    confidence = 1.0 - label_smoothing
-    low = label_smoothing / (vocab - 1)
-    # -sum_c q_c log p_c with q = low everywhere except `confidence` at the label.
-    loss = confidence * nll - low * (jnp.sum(log_probs, axis=-1) + nll)
-    entropy = -(confidence * np.log(confidence) + (vocab - 1) * low * np.log(low))
-    loss = loss - entropy
-  else:
-    loss = nll
-  return jnp.sum(loss * weights), jnp.sum(weights)
+  if label_smoothing <= 0.0 or vocab <= 1:
+    return nll
+  confidence = 1.0 - label_smoothing
+  low = label_smoothing / (vocab - 1)
+  # -sum_c q_c log p_c with q = low everywhere except `confidence` at the label.
+  loss = confidence * nll - low * (jnp.sum(log_probs, axis=-1) + nll)
+  entropy = -(confidence * np.log(confidence) + (vocab - 1) * low * np.log(low))
+  return loss - entropy
 
 
 def accuracy(
@@ -144,6 +148,69 @@ def softmax_loss_and_metrics(
   else:
     objective = loss[0]
   return objective, {'loss': loss, 'accuracy': accuracy(logits, targets, weights)}
+
+
+def softmax_loss_from_hidden(
+    project: Callable[[jax.Array], jax.Array],
+    hidden: jax.Array,
+    targets: jax.Array,
+    weights: jax.Array,
+    *,
+    label_smoothing: float = 0.0,
+    chunk: int = 512,
+) -> tuple[jax.Array, dict[str, Metric], jax.Array]:
+  """`softmax_loss_and_metrics(project(hidden), ...)` that computes no logits for padding.
+
+  The tokens with non-zero weight are sorted first and projected `chunk` at a time; a chunk
+  with no weighted token is skipped (`ops.map_valid_chunks`), in the backward pass too, and
+  only a `[chunk, V]` block of logits exists at once. Up to float rounding the results equal
+  the dense path's, which runs when `chunk` is 0 or covers every token.
+
+  Args:
+    project: hidden states `[n, d]` -> float32 logits `[n, V]` (e.g. a model's `project`).
+    hidden: `[..., d]` final hidden states; targets: `[...]` int; weights: `[...]` float.
+    label_smoothing: as in `softmax_loss_and_metrics` (the objective only).
+    chunk: tokens per projection, >= 0.
+
+  Returns:
+    `(objective_sum, {'loss': ..., 'accuracy': ...}, predictions)`: as
+    `softmax_loss_and_metrics`, plus the argmax predictions, int32 `[...]` (0 where skipped).
+  """
+  if hidden.shape[:-1] != targets.shape or weights.shape != targets.shape:
+    raise ValueError(f'hidden {hidden.shape} must be targets {targets.shape} + [d], and '
+                     f'weights {weights.shape} equal to targets')
+  if not 0.0 <= label_smoothing < 1.0:
+    raise ValueError(f'label_smoothing={label_smoothing} must be in [0, 1)')
+  n = targets.size
+  if chunk == 0 or n <= chunk:
+    logits = project(hidden.reshape(n, -1)).reshape(*targets.shape, -1)
+    objective, metrics = softmax_loss_and_metrics(logits, targets, weights,
+                                                  label_smoothing=label_smoothing)
+    return objective, metrics, jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+  def per_token(rows):
+    h, t = rows
+    log_probs = jax.nn.log_softmax(project(h).astype(jnp.float32), axis=-1)
+    ce = _token_losses(log_probs, t, 0.0)
+    smoothed = _token_losses(log_probs, t, label_smoothing) if label_smoothing > 0.0 else ce
+    return ce, smoothed, jnp.argmax(log_probs, axis=-1).astype(jnp.int32)
+
+  def skipped(rows):
+    zeros = jnp.zeros(rows[1].shape, jnp.float32)
+    return zeros, zeros, jnp.zeros(rows[1].shape, jnp.int32)
+
+  weights = weights.astype(jnp.float32)
+  flat_weights = weights.reshape(n)
+  ce, smoothed, predictions = ops.map_valid_chunks(
+      lambda active, rows: jax.lax.cond(active, per_token, skipped, rows),
+      (hidden.reshape(n, hidden.shape[-1]), targets.reshape(n)), flat_weights != 0,
+      chunk=chunk)
+  predictions = predictions.reshape(targets.shape)
+  correct = (predictions == targets).astype(jnp.float32).reshape(n)
+  weight_sum = jnp.sum(flat_weights)
+  metrics = {'loss': (jnp.sum(ce * flat_weights), weight_sum),
+             'accuracy': (jnp.sum(correct * flat_weights), weight_sum)}
+  return jnp.sum(smoothed * flat_weights), metrics, predictions
 
 
 def perplexity(loss_sum: Any, weight_sum: Any) -> Any:
