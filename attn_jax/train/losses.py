@@ -7,14 +7,13 @@ over all tokens/examples, whatever the per-device padding.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from attn_jax import ops
 from attn_jax.tokens import PAD_ID
 
 Metric = tuple[Any, Any]
@@ -64,11 +63,14 @@ def cross_entropy(
     raise ValueError(f'label_smoothing={label_smoothing} must be in [0, 1)')
   weights = _check(logits, targets, weights)
   log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  return jnp.sum(_token_losses(log_probs, targets, label_smoothing) * weights), jnp.sum(weights)
+  per_token = token_cross_entropy(log_probs, targets, label_smoothing)
+  return jnp.sum(per_token * weights), jnp.sum(weights)
 
 
-def _token_losses(log_probs: jax.Array, targets: jax.Array, label_smoothing: float) -> jax.Array:
-  """float32 `[...]`: each token's (smoothed) cross-entropy, from `log_probs` `[..., V]`."""
+def token_cross_entropy(log_probs: jax.Array, targets: jax.Array,
+                        label_smoothing: float = 0.0) -> jax.Array:
+  """float32 `[...]`: each token's (smoothed, as `cross_entropy`) cross-entropy, from float32
+  `log_probs` `[..., V]` and int `targets` `[...]`."""
   vocab = log_probs.shape[-1]
   nll = -jnp.take_along_axis(log_probs, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
   if label_smoothing <= 0.0 or vocab <= 1:
@@ -148,69 +150,6 @@ def softmax_loss_and_metrics(
   else:
     objective = loss[0]
   return objective, {'loss': loss, 'accuracy': accuracy(logits, targets, weights)}
-
-
-def softmax_loss_from_hidden(
-    project: Callable[[jax.Array], jax.Array],
-    hidden: jax.Array,
-    targets: jax.Array,
-    weights: jax.Array,
-    *,
-    label_smoothing: float = 0.0,
-    chunk: int = 512,
-) -> tuple[jax.Array, dict[str, Metric], jax.Array]:
-  """`softmax_loss_and_metrics(project(hidden), ...)` that computes no logits for padding.
-
-  The tokens with non-zero weight are sorted first and projected `chunk` at a time; a chunk
-  with no weighted token is skipped (`ops.map_valid_chunks`), in the backward pass too, and
-  only a `[chunk, V]` block of logits exists at once. Up to float rounding the results equal
-  the dense path's, which runs when `chunk` is 0 or covers every token.
-
-  Args:
-    project: hidden states `[n, d]` -> float32 logits `[n, V]` (e.g. a model's `project`).
-    hidden: `[..., d]` final hidden states; targets: `[...]` int; weights: `[...]` float.
-    label_smoothing: as in `softmax_loss_and_metrics` (the objective only).
-    chunk: tokens per projection, >= 0.
-
-  Returns:
-    `(objective_sum, {'loss': ..., 'accuracy': ...}, predictions)`: as
-    `softmax_loss_and_metrics`, plus the argmax predictions, int32 `[...]` (0 where skipped).
-  """
-  if hidden.shape[:-1] != targets.shape or weights.shape != targets.shape:
-    raise ValueError(f'hidden {hidden.shape} must be targets {targets.shape} + [d], and '
-                     f'weights {weights.shape} equal to targets')
-  if not 0.0 <= label_smoothing < 1.0:
-    raise ValueError(f'label_smoothing={label_smoothing} must be in [0, 1)')
-  n = targets.size
-  if chunk == 0 or n <= chunk:
-    logits = project(hidden.reshape(n, -1)).reshape(*targets.shape, -1)
-    objective, metrics = softmax_loss_and_metrics(logits, targets, weights,
-                                                  label_smoothing=label_smoothing)
-    return objective, metrics, jnp.argmax(logits, axis=-1).astype(jnp.int32)
-
-  def per_token(rows):
-    h, t = rows
-    log_probs = jax.nn.log_softmax(project(h).astype(jnp.float32), axis=-1)
-    ce = _token_losses(log_probs, t, 0.0)
-    smoothed = _token_losses(log_probs, t, label_smoothing) if label_smoothing > 0.0 else ce
-    return ce, smoothed, jnp.argmax(log_probs, axis=-1).astype(jnp.int32)
-
-  def skipped(rows):
-    zeros = jnp.zeros(rows[1].shape, jnp.float32)
-    return zeros, zeros, jnp.zeros(rows[1].shape, jnp.int32)
-
-  weights = weights.astype(jnp.float32)
-  flat_weights = weights.reshape(n)
-  ce, smoothed, predictions = ops.map_valid_chunks(
-      lambda active, rows: jax.lax.cond(active, per_token, skipped, rows),
-      (hidden.reshape(n, hidden.shape[-1]), targets.reshape(n)), flat_weights != 0,
-      chunk=chunk)
-  predictions = predictions.reshape(targets.shape)
-  correct = (predictions == targets).astype(jnp.float32).reshape(n)
-  weight_sum = jnp.sum(flat_weights)
-  metrics = {'loss': (jnp.sum(ce * flat_weights), weight_sum),
-             'accuracy': (jnp.sum(correct * flat_weights), weight_sum)}
-  return jnp.sum(smoothed * flat_weights), metrics, predictions
 
 
 def perplexity(loss_sum: Any, weight_sum: Any) -> Any:

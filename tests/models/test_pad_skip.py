@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from attn_jax import models
+from attn_jax.experiment.tasks import softmax_loss_from_hidden
 from attn_jax.train import losses
 
 VOCAB = 13
@@ -42,8 +43,8 @@ def _loss_and_grads(model, params, args, kwargs, targets, *, skip):
     if skip:
       hidden = model.apply({'params': params}, *args, return_hidden=True, **kwargs)
       project = lambda h: model.apply({'params': params}, h, method='project')  # noqa: E731
-      objective, _, _ = losses.softmax_loss_from_hidden(project, hidden, targets, weights,
-                                                        chunk=CHUNK)
+      objective, _, _ = softmax_loss_from_hidden(project, hidden, targets, weights,
+                                                 chunk=CHUNK)
       return objective
     logits = model.apply({'params': params}, *args, **kwargs)
     return losses.softmax_loss_and_metrics(logits, targets, weights)[0]

@@ -1,0 +1,53 @@
+"""`tasks.softmax_loss_from_hidden`, the Transformers' loss that projects only real tokens,
+against the dense `losses.softmax_loss_and_metrics` on the projected logits. float32;
+rtol 1e-6 (values), atol 1e-6 (gradients)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from attn_jax.experiment.tasks import softmax_loss_from_hidden
+from attn_jax.train import losses
+
+
+@pytest.mark.parametrize('smoothing', [0.0, 0.1])
+@pytest.mark.parametrize('chunk', [4, 0])
+def test_softmax_loss_from_hidden_equals_the_dense_loss_and_gradients(smoothing, chunk):
+  rng = np.random.default_rng(0)
+  hidden = jnp.asarray(rng.normal(size=(2, 7, 3)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(3, 9)), jnp.float32)
+  targets = jnp.asarray(rng.integers(1, 9, size=(2, 7)), jnp.int32)
+  targets = targets.at[0, 4:].set(0).at[1, 2:].set(0)  # 6 of 14 real: 2 of 4 chunks skipped
+  weights = losses.token_weights(targets) * jnp.asarray(rng.uniform(0.5, 2, (2, 7)))
+
+  def chunked(w, hidden):
+    objective, metrics, predictions = softmax_loss_from_hidden(
+        lambda h: h @ w, hidden, targets, weights, label_smoothing=smoothing, chunk=chunk)
+    return objective, (metrics, predictions)
+
+  def dense(w, hidden):
+    logits = hidden @ w
+    objective, metrics = losses.softmax_loss_and_metrics(logits, targets, weights,
+                                                         label_smoothing=smoothing)
+    return objective, (metrics, jnp.argmax(logits, -1))
+
+  (got, (metrics, predictions)), got_grads = jax.value_and_grad(
+      chunked, argnums=(0, 1), has_aux=True)(w, hidden)
+  (want, (want_metrics, want_predictions)), want_grads = jax.value_and_grad(
+      dense, argnums=(0, 1), has_aux=True)(w, hidden)
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  for name in ('loss', 'accuracy'):
+    np.testing.assert_allclose(metrics[name], want_metrics[name], rtol=1e-6)
+  real = np.asarray(weights) > 0
+  np.testing.assert_array_equal(np.asarray(predictions)[real], np.asarray(want_predictions)[real])
+  for g, r in zip(got_grads, want_grads, strict=True):
+    np.testing.assert_allclose(g, r, atol=1e-6)
+
+
+def test_softmax_loss_from_hidden_names_bad_shapes():
+  hidden, targets = jnp.zeros((2, 5, 3)), jnp.zeros((2, 4), jnp.int32)
+  with pytest.raises(ValueError, match='hidden'):
+    softmax_loss_from_hidden(lambda h: h, hidden, targets, jnp.ones((2, 4)))
