@@ -47,11 +47,11 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
-import ml_collections
 from absl import app, flags
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from attn_jax.experiment import config as experiment_config
 from attn_jax.experiment import sweep, tasks
 from attn_jax.experiment import workdir as workdir_lib
 from attn_jax.train import state as state_lib
@@ -193,7 +193,7 @@ def num_params(workdir: pathlib.Path) -> int | None:
     meta = workdir_lib.read_json(workdir / workdir_lib.DATA_META_FILE)
   except ValueError:
     return None
-  task = tasks.make_task(ml_collections.ConfigDict(config), meta)
+  task = tasks.make_task(experiment_config.saved_config(config), meta)
   return int(state_lib.param_count(jax.eval_shape(task.init_params, jax.random.key(0))))
 
 

@@ -21,7 +21,8 @@ those libraries, is `attn_jax.experiment.run.validate_config`.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import ml_collections
@@ -57,6 +58,32 @@ DATA_FIELDS = ('vocab_size', 'output_vocab_size', 'num_classes')
 def check_model_kind(kind: Any) -> None:
   if kind not in MODEL_KINDS:
     raise ValueError(f'config.model.kind={kind!r} is not one of {tuple(MODEL_KINDS)}')
+
+
+# Model fields added after runs were saved, with the value that reproduces how those runs
+# computed: a saved config.json without one gets it when the run is loaded (`saved_config`).
+# Only options that change no result belong here.
+ADDED_MODEL_FIELDS: dict[str, Any] = {'pad_skip_chunk': 512}
+
+
+def saved_config(raw: Mapping[str, Any]) -> ml_collections.ConfigDict:
+  """A run's saved config (config.json's dict) with the model fields added since it was
+  written filled in from `ADDED_MODEL_FIELDS` (logged, by name)."""
+  config = ml_collections.ConfigDict(raw)
+  model = config.get('model')
+  kind = model.get('kind') if model is not None else None
+  if kind not in MODEL_KINDS:
+    return config  # build_model_config names the problem
+  known = {f.name for f in dataclasses.fields(MODEL_KINDS[kind].config_class)}
+  filled = {name: value for name, value in ADDED_MODEL_FIELDS.items()
+            if name in known and name not in model}
+  if filled:
+    logging.info('the saved config predates %d model field(s); filled in: %s', len(filled),
+                 filled)
+    with config.unlocked():
+      for name, value in filled.items():
+        config.model[name] = value
+  return config
 
 
 def model_section(kind: str, variant: str, **overrides: Any) -> ml_collections.ConfigDict:

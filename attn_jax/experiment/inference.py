@@ -77,7 +77,8 @@ def load_run(workdir: str | pathlib.Path, checkpoint: str = 'latest',
     raise ValueError(f'average_last={average_last} averages the latest checkpoints; it does '
                      f'not combine with checkpoint={checkpoint!r}')
   workdir = pathlib.Path(workdir)
-  config = ml_collections.ConfigDict(workdir_lib.read_json(workdir / workdir_lib.CONFIG_FILE))
+  config = experiment_config.saved_config(
+      workdir_lib.read_json(workdir / workdir_lib.CONFIG_FILE))
   meta = workdir_lib.read_json(workdir / workdir_lib.DATA_META_FILE)
   index = workdir_lib.read_json(workdir / workdir_lib.TOKENIZERS_FILE)
   toks = {role: tok_lib.load_tokenizer(str(workdir / name)) for role, name in index.items()}

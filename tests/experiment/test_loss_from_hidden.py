@@ -1,16 +1,20 @@
 """`tasks.softmax_loss_from_hidden`, the Transformers' loss that projects only real tokens,
-against the dense `losses.softmax_loss_and_metrics` on the projected logits. float32;
-rtol 1e-6 (values), atol 1e-6 (gradients)."""
+against the dense `losses.softmax_loss_and_metrics` on the projected logits (float32; rtol
+1e-6 for values, atol 1e-6 for gradients), and loading runs saved before its option existed."""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
+from attn_jax.experiment import config as experiment_config
+from attn_jax.experiment import tasks
 from attn_jax.experiment.tasks import softmax_loss_from_hidden
 from attn_jax.train import losses
+from configs import translation
 
 
 @pytest.mark.parametrize('smoothing', [0.0, 0.1])
@@ -51,3 +55,22 @@ def test_softmax_loss_from_hidden_names_bad_shapes():
   hidden, targets = jnp.zeros((2, 5, 3)), jnp.zeros((2, 4), jnp.int32)
   with pytest.raises(ValueError, match='hidden'):
     softmax_loss_from_hidden(lambda h: h, hidden, targets, jnp.ones((2, 4)))
+
+
+
+@pytest.mark.parametrize('arg,has_field', [('model=small,data=local,smoke', True),
+                                           ('model=rnn,data=local,smoke', False)])
+def test_a_run_saved_before_pad_skip_chunk_loads_with_it_filled_in(arg, has_field):
+  meta = {'task': 'seq2seq', 'input_vocab_size': 32, 'target_vocab_size': 32, 'max_length': 8,
+          'max_target_length': 8}
+  saved = translation.get_config(arg).to_dict()
+  assert (saved['model'].pop('pad_skip_chunk', None) is not None) == has_field
+  if has_field:
+    with pytest.raises(ValueError, match=r"lacks field\(s\) \['pad_skip_chunk'\]"):
+      tasks.make_task(ml_collections.ConfigDict(saved), meta)
+  config = experiment_config.saved_config(saved)
+  # Filled in for the Transformer, whose config has the field; nothing added to the RNN's.
+  assert ('pad_skip_chunk' in config.model) == has_field
+  if has_field:
+    assert config.model.pad_skip_chunk == experiment_config.ADDED_MODEL_FIELDS['pad_skip_chunk']
+  tasks.make_task(config, meta)
