@@ -48,6 +48,7 @@ flags.DEFINE_integer('repeats', 20, 'Timed steps per implementation (median repo
 flags.DEFINE_integer('batch', 32, 'Rows per batch.')
 flags.DEFINE_integer('length', 64, 'Padded source and target length.')
 flags.DEFINE_integer('vocab', 8000, 'Shared vocabulary.')
+flags.DEFINE_bool('padding_row', True, 'Also time attn_jax computing padding (pad_skip_chunk=0).')
 flags.DEFINE_string('config_arg', 'model=small,data=local',
                     "configs/translation.py's argument (',smoke' for a tiny model).")
 
@@ -220,9 +221,10 @@ def main(argv):
   dense_config = config.copy_and_resolve_references()
   dense_config.model.pad_skip_chunk = 0
   runs = {}
-  for name, build, cfg in (('attn_jax', attn_jax_step, config),
-                           ('attn_jax_no_pad_skip', attn_jax_step, dense_config),
-                           ('flax_linen', flax_step, config)):
+  rows = [('attn_jax', attn_jax_step, config),
+          ('attn_jax_no_pad_skip', attn_jax_step, dense_config),
+          ('flax_linen', flax_step, config)]
+  for name, build, cfg in rows if FLAGS.padding_row else rows[::2]:
     state, step, params = build(cfg, meta)
     start = time.perf_counter()
     compiled = step.lower(state, batches[0]).compile()
