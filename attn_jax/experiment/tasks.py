@@ -90,8 +90,9 @@ class Task:
     model: the flax module; model_config: its dataclass.
     init_params: `rng -> params` (logically boxed).
     loss_fn: `(params, batch, rng, train) -> (objective_sum, {name: (sum, count)})`.
-    apply: `(params, batch, *, train, rng, capture) -> logits` (or `(logits, intermediates)`
-      with `capture=True`).
+    apply: `(params, batch, *, train, rng, capture, return_hidden) -> logits` (or
+      `(logits, intermediates)` with `capture=True`; the final hidden states instead of the
+      logits with `return_hidden=True`, for the Transformer LM and encoder-decoder).
   """
 
   kind: str
@@ -195,9 +196,11 @@ def make_task(config: ml_collections.ConfigDict, meta: Mapping[str, Any]) -> Tas
       return (batch['inputs'], batch['targets'])
     return (batch['inputs'],)
 
-  def apply(params, batch, *, train=False, rng=None, capture=False):
+  def apply(params, batch, *, train=False, rng=None, capture=False, return_hidden=False):
     rngs = {'dropout': rng} if (train and rng is not None) else {}
     args, kwargs = positional(batch), _model_kwargs(kind, batch)
+    if return_hidden:
+      kwargs['return_hidden'] = True
     if capture:
       logits, mutated = model.apply({'params': params}, *args, train=train, rngs=rngs,
                                     capture_attention=True, mutable=['intermediates'], **kwargs)
@@ -208,37 +211,31 @@ def make_task(config: ml_collections.ConfigDict, meta: Mapping[str, Any]) -> Tas
   projects_hidden = kind in ('encoder_decoder', 'decoder_lm')
 
   def token_loss(params, batch, rng, train, targets, weights):
-    rngs = {'dropout': rng} if (train and rng is not None) else {}
-    hidden = model.apply({'params': params}, *positional(batch), train=train, rngs=rngs,
-                         return_hidden=True, **_model_kwargs(kind, batch))
-    project = lambda h: model.apply({'params': params}, h, method='project')  # noqa: E731
-    return softmax_loss_from_hidden(project, hidden, targets, weights,
-                                    label_smoothing=label_smoothing,
-                                    chunk=model_config.pad_skip_chunk)
+    """`(objective_sum, metrics, predictions)`; predictions are token ids or logits."""
+    if projects_hidden:
+      hidden = apply(params, batch, train=train, rng=rng, return_hidden=True)
+      project = lambda h: model.apply({'params': params}, h, method='project')  # noqa: E731
+      return softmax_loss_from_hidden(project, hidden, targets, weights,
+                                      label_smoothing=label_smoothing,
+                                      chunk=model_config.pad_skip_chunk)
+    logits = apply(params, batch, train=train, rng=rng)
+    objective, metrics = losses.softmax_loss_and_metrics(logits, targets, weights,
+                                                         label_smoothing=label_smoothing)
+    return objective, metrics, logits
 
   def loss_fn(params, batch, rng, train):
-    if task != 'classification' and projects_hidden:
-      targets = batch['targets'] if task == 'seq2seq' else batch['inputs']
-      weights = losses.token_weights(targets)
-      objective, metrics, predictions = token_loss(params, batch, rng, train, targets, weights)
-      if task == 'seq2seq':
-        metrics['tf_sequence_accuracy'] = losses.sequence_accuracy(predictions, targets,
-                                                                   weights)
-      return objective, metrics
-    logits = apply(params, batch, train=train, rng=rng)
     if task == 'classification':
-      labels = batch['label']
+      logits = apply(params, batch, train=train, rng=rng)
       # Eval batches are padded with all-pad rows; they must not count.
       weights = jnp.any(batch['inputs'] != 0, axis=-1).astype(jnp.float32)
-      return losses.softmax_loss_and_metrics(logits, labels, weights,
+      return losses.softmax_loss_and_metrics(logits, batch['label'], weights,
                                              label_smoothing=label_smoothing)
     targets = batch['targets'] if task == 'seq2seq' else batch['inputs']
     weights = losses.token_weights(targets)
-    objective, metrics = losses.softmax_loss_and_metrics(logits, targets, weights,
-                                                         label_smoothing=label_smoothing)
+    objective, metrics, predictions = token_loss(params, batch, rng, train, targets, weights)
     if task == 'seq2seq':
       # Teacher-forced; the decoded exact-sequence accuracy comes from the eval hook.
-      metrics['tf_sequence_accuracy'] = losses.sequence_accuracy(logits, targets, weights)
+      metrics['tf_sequence_accuracy'] = losses.sequence_accuracy(predictions, targets, weights)
     return objective, metrics
 
   def init_params(rng):
