@@ -29,12 +29,13 @@ import numpy as np
 
 from attn_jax import models
 from attn_jax.experiment import plots
+from attn_jax.models import names
 from attn_jax.models.decoding import METHODS as DECODE_METHODS
 from attn_jax.models.decoding import max_lengths_for
 from attn_jax.tokens import EOS_ID, PAD_ID, SPECIAL_TOKENS
 
 EvalHook = Callable[[Any, int], Mapping[str, float]]
-ATTENTION_KINDS = ('encoder_self', 'decoder_self', 'cross', 'rnn_attention')
+ATTENTION_KINDS = names.ATTENTION_MODULES
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
@@ -263,10 +264,10 @@ def attention_maps(intermediates: Any) -> list[tuple[str, int, np.ndarray]]:
     if kind is None:
       continue
     w = np.asarray(leaf, np.float32)
-    if kind == 'rnn_attention':
+    if kind == names.RNN_ATTENTION:
       maps.append((kind, 0, w[:, None]))
       continue
-    layer = next((int(k[len('layer_'):]) for k in keys if k.startswith('layer_')), None)
+    layer = next((i for i in map(names.layer_index, keys) if i is not None), None)
     if layer is None and w.ndim == 5:  # nn.scan: [layers, b, heads, q, kv]
       maps.extend((kind, i, w[i]) for i in range(w.shape[0]))
     else:

@@ -24,6 +24,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from attn_jax.models import names
 from attn_jax.train.metrics import read_metrics
 
 MAX_TOKEN_LABELS = 40  # More tick labels than this on an axis become unreadable.
@@ -218,10 +219,10 @@ def plot_curves(runs: Mapping[str, str | os.PathLike], keys: Sequence[str],
 # --- Attention grids: one row per map, one column per head -------------------------------------
 
 AXIS_NAMES = {  # kind -> (query axis, key axis) labels
-    'encoder_self': ('source token (query)', 'source token (key)'),
-    'decoder_self': ('target token predicted (query)', 'decoder input (key)'),
-    'cross': ('target token predicted (query)', 'source token (key)'),
-    'rnn_attention': ('target token predicted', 'source token (annotation)'),
+    names.ENCODER_SELF: ('source token (query)', 'source token (key)'),
+    names.DECODER_SELF: ('target token predicted (query)', 'decoder input (key)'),
+    names.CROSS: ('target token predicted (query)', 'source token (key)'),
+    names.RNN_ATTENTION: ('target token predicted', 'source token (annotation)'),
 }
 
 

@@ -20,18 +20,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from attn_jax import ops
+from attn_jax.models import names
 from attn_jax.models.configs import AGGREGATIONS, ATTENTION_KINDS
+from attn_jax.models.names import CROSS_CACHE, SLOT_CACHE  # noqa: F401  (re-exported)
 
 POSITIONAL = ('none', 'rope', 'alibi', 't5')
 default_kernel_init = nn.initializers.lecun_normal()
 
-# Cache variables of a decoding self-attention layer that hold one entry per slot,
-# `[batch, slots, ...]`: decoding reads (and beam search reorders) only their filled slots.
-SLOT_CACHE = ('cached_key', 'cached_value', 'cached_segment', 'cached_position')
-# Cache variables of a decoding cross-attention layer, `[source batch, kv_len, ...]`: the
-# projected source, shared by every beam of a row (beam search neither copies nor reorders
-# them).
-CROSS_CACHE = ('cross_key', 'cross_value')
 # Slots per chunk of the decoding loop over the filled cache. Small enough that a short
 # sequence reads little past its end, big enough that the loop's per-chunk overhead stays
 # small against the chunk's attention (`experiments/bench_decode.py --beam`).
@@ -394,7 +389,7 @@ class MultiHeadAttention(nn.Module):
           b, h, _, s_len = weights.shape
           weights = jnp.swapaxes(weights.reshape(b, h, beams, -1, s_len), 1, 2)
           weights = weights.reshape(b * beams, h, -1, s_len)
-        self.sow('intermediates', 'attention_weights', weights)
+        self.sow(names.INTERMEDIATES, names.ATTENTION_WEIGHTS, weights)
     if beams > 1:
       result = result.reshape(result.shape[0] * beams, -1, *result.shape[2:])
     return dense((self.out_features or features,), ('heads', 'kv', 'embed'), ('embed',),
@@ -410,7 +405,7 @@ class MultiHeadAttention(nn.Module):
     if capture:  # The weights alpha are attention's; sow them from the dense path.
       _, weights = ops.dot_product_attention(query, key, value, return_weights=True,
                                              implementation='dense', **kwargs)
-      self.sow('intermediates', 'attention_weights', weights)
+      self.sow(names.INTERMEDIATES, names.ATTENTION_WEIGHTS, weights)
     return ops.backward_aggregation(query, key, ops.repeat_kv(value, self.num_heads),
                                     implementation=self.implementation, **kwargs)
 

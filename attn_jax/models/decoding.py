@@ -36,11 +36,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from attn_jax.models.attention import CROSS_CACHE, SLOT_CACHE, slot_chunk
+from attn_jax.models.attention import slot_chunk
+from attn_jax.models.names import CROSS_CACHE, SLOT_CACHE, STACKED
 from attn_jax.tokens import BOS_ID, EOS_ID, PAD_ID
 
 METHODS = ('greedy', 'sample', 'beam')
-STACKED = ('layers', 'shared_layer')  # nn.scan stacks: the batch is on axis 1
 
 
 class DecodeFns(NamedTuple):

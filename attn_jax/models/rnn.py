@@ -24,6 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from attn_jax.models import names
 from attn_jax.models.attention import AdditiveAttention, LuongAttention
 from attn_jax.models.configs import RNNConfig
 from attn_jax.models.decoding import DecodeFns
@@ -138,7 +139,7 @@ class RNNSeq2Seq(nn.Module):
     _, (outputs, weights) = scan(self.step, enc['carry'], y, enc['memory'], enc['mask'])
     capture = cfg.capture_attention if capture_attention is None else capture_attention
     if capture and cfg.attention != 'none':
-      self.sow('intermediates', 'rnn_attention', weights)  # [batch, Lt, Ls]
+      self.sow(names.INTERMEDIATES, names.RNN_ATTENTION, weights)  # [batch, Lt, Ls]
     outputs = self.dropout(outputs, deterministic=not train)
     return self.logits(outputs).astype(jnp.float32)
 

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from attn_jax import ops
-from attn_jax.models import decoding
+from attn_jax.models import decoding, names
 from attn_jax.models.attention import MultiHeadAttention, partitioned, resolve_mod
 from attn_jax.models.configs import TransformerConfig
 from attn_jax.models.layers import Dropout, Embedder, FeedForward, make_norm, shift_right
@@ -98,7 +98,7 @@ class EncoderLayer(_Block):
 
   @nn.compact
   def __call__(self, x, mask, segment_ids, positions, needed=None):
-    attn = _attention(self.config, causal=False, self_attention=True, name='encoder_self',
+    attn = _attention(self.config, causal=False, self_attention=True, name=names.ENCODER_SELF,
                       capture=self.capture, kind=self.kind)
     x = self.residual(x, lambda h: attn(h, mask=mask, segment_ids=segment_ids,
                                         positions=positions,
@@ -123,13 +123,13 @@ class DecoderLayer(_Block):
     if self.cross and encoded is None and not self.decode:
       raise ValueError('a decoder layer with cross-attention needs encoded (or decode=True '
                        'after a prefill with encoded)')
-    attn = _attention(cfg, causal=True, self_attention=True, name='decoder_self',
+    attn = _attention(cfg, causal=True, self_attention=True, name=names.DECODER_SELF,
                       capture=self.capture, kind=self.kind)
     y = self.residual(y, lambda h: attn(h, segment_ids=segment_ids, positions=positions,
                                         deterministic=self.deterministic,
                                         decode=self.decode), 'self')
     if self.cross:
-      cross = _attention(cfg, causal=False, self_attention=False, name='cross',
+      cross = _attention(cfg, causal=False, self_attention=False, name=names.CROSS,
                          capture=self.capture)
       y = self.residual(y, lambda h: cross(h, encoded, mask=cross_mask,
                                            segment_ids=cross_segment_ids,
@@ -149,21 +149,21 @@ def stack_layers(cfg: TransformerConfig, layer_cls, num_layers: int, x: jax.Arra
     # ALBERT: the parameters are broadcast (created once, read by every iteration), the
     # cache and the sown weights stacked, one per application of the shared layer.
     shared = nn.scan(
-        cls, variable_broadcast='params', variable_axes={'cache': 0, 'intermediates': 0},
+        cls, variable_broadcast='params', variable_axes={'cache': 0, names.INTERMEDIATES: 0},
         split_rngs={'params': False, 'dropout': True}, in_axes=(nn.broadcast,) * len(args),
         length=num_layers)
-    x, _ = shared(cfg, name='shared_layer', kind=cfg.layer_kind(0), **attrs)(x, *args)
+    x, _ = shared(cfg, name=names.SHARED_LAYER, kind=cfg.layer_kind(0), **attrs)(x, *args)
     return x
   if cfg.scan_layers:
     scanned = nn.scan(
-        cls, variable_axes={'params': 0, 'cache': 0, 'intermediates': 0},
+        cls, variable_axes={'params': 0, 'cache': 0, names.INTERMEDIATES: 0},
         split_rngs={'params': True, 'dropout': True}, in_axes=(nn.broadcast,) * len(args),
-        length=num_layers, metadata_params={nn.PARTITION_NAME: 'layers'})
+        length=num_layers, metadata_params={nn.PARTITION_NAME: names.SCANNED_LAYERS})
     # The config forbids scan with layers of different kinds: every layer is layer 0's kind.
-    x, _ = scanned(cfg, name='layers', kind=cfg.layer_kind(0), **attrs)(x, *args)
+    x, _ = scanned(cfg, name=names.SCANNED_LAYERS, kind=cfg.layer_kind(0), **attrs)(x, *args)
     return x
   for i in range(num_layers):
-    x, _ = cls(cfg, name=f'layer_{i}', kind=cfg.layer_kind(i), **attrs)(x, *args)
+    x, _ = cls(cfg, name=names.layer_name(i), kind=cfg.layer_kind(i), **attrs)(x, *args)
   return x
 
 
