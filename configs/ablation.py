@@ -39,31 +39,32 @@ SEEDS = (0, 1)
 # variant -> (label, TransformerConfig overrides); 'baseline' first, then one change each.
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     'baseline': ('baseline (pre-norm, sinusoidal, 4 heads)', {}),
-    'shared_qk': ('shared query-key (Reformer)', dict(shared_qk=True)),
-    'no_value_proj': ('no value projection', dict(value_projection=False)),
+    'shared_qk': ('shared query-key (Reformer)', dict(attention=dict(shared_qk=True))),
+    'no_value_proj': ('no value projection', dict(attention=dict(value_projection=False))),
     'no_kv_proj': ('no key and no value projection',
-                   dict(value_projection=False, key_projection=False)),
+                   dict(attention=dict(value_projection=False, key_projection=False))),
     'backward_aggregation': ('backward aggregation (encoder)',
-                             dict(encoder_aggregation='backward')),
+                             dict(attention=dict(aggregation='backward'))),
     'concat_geometric': ('concatenated geometric positions',
                          dict(positional='concat_geometric')),
-    'share_head_proj': ('one q/k/v projection for all heads', dict(share_head_projections=True)),
+    'share_head_proj': ('one q/k/v projection for all heads',
+                        dict(attention=dict(share_head_projections=True))),
     'share_layers': ('one layer for the whole stack (ALBERT)', dict(share_layers=True)),
-    'linear': ('linear attention (Katharopoulos et al.)', dict(attention_kind='linear')),
+    'linear': ('linear attention (Katharopoulos et al.)', dict(attention=dict(kind='linear'))),
     # m = 32 random features per head, about head_dim * ln(head_dim) as Choromanski et al.
     # 2021 suggest (head_dim 12).
     'performer': ('Performer, FAVOR+ (32 features)',
-                  dict(attention_kind='performer', performer_features=32)),
-    'gqa': ('GQA, 2 key/value heads', dict(num_kv_heads=2)),
-    'mqa': ('MQA, 1 key/value head', dict(num_kv_heads=1)),
+                  dict(attention=dict(kind='performer', performer_features=32))),
+    'gqa': ('GQA, 2 key/value heads', dict(attention=dict(num_kv_heads=2))),
+    'mqa': ('MQA, 1 key/value head', dict(attention=dict(num_kv_heads=1))),
     'learned': ('learned absolute positions', dict(positional='learned')),
     'rope': ('RoPE', dict(positional='rope')),
     'alibi': ('ALiBi', dict(positional='alibi')),
     't5': ('T5 relative bias', dict(positional='t5')),
     'nope': ('no positions (NoPE)', dict(positional='none')),
     'post_norm': ('post-norm', dict(norm_position='post')),
-    'softcap': ('logit soft-cap 5', dict(attn_logit_softcap=5.0)),
-    'qk_norm': ('QK-norm', dict(qk_norm=True)),
+    'softcap': ('logit soft-cap 5', dict(attention=dict(logit_softcap=5.0))),
+    'qk_norm': ('QK-norm', dict(attention=dict(qk_norm=True))),
 }
 LABELS = {name: label for name, (label, _) in VARIANTS.items()}
 # The metric each task is compared on (the gather script reads these): reverse in range and
@@ -77,8 +78,10 @@ METRICS = {
     'sort': {'exact match': 'test/sequence_accuracy'},
     'listops': {'accuracy': 'test/accuracy'},
 }
-MODEL = dict(d_model=48, num_heads=4, d_ff=96, num_encoder_layers=2, num_decoder_layers=2)
-SMOKE_MODEL = dict(d_model=32, num_heads=4, d_ff=64, num_encoder_layers=1, num_decoder_layers=1)
+MODEL = dict(d_model=48, d_ff=96, num_encoder_layers=2, num_decoder_layers=2,
+             attention=dict(num_heads=4))
+SMOKE_MODEL = dict(d_model=32, d_ff=64, num_encoder_layers=1, num_decoder_layers=1,
+                   attention=dict(num_heads=4))
 STEPS = 700
 BATCH = 32
 EVAL_EXAMPLES = 250  # per split: one eval batch
@@ -101,11 +104,12 @@ def run_name(task: str, variant: str, seed: int) -> str:
 
 
 def _model(task: str, variant: str, seed: int, smoke: bool) -> dict[str, Any]:
-  model = dict(SMOKE_MODEL if smoke else MODEL, **VARIANTS[variant][1])
+  base, change = SMOKE_MODEL if smoke else MODEL, VARIANTS[variant][1]
+  model = {**base, **change, 'attention': {**base['attention'], **change.get('attention', {})}}
   if task == 'listops':
     model['num_decoder_layers'] = 0
-  if model.get('attention_kind') == 'performer':
-    model['performer_seed'] = seed  # redrawn per seed, fixed during training
+  if model['attention'].get('kind') == 'performer':
+    model['attention']['performer_seed'] = seed  # redrawn per seed, fixed during training
   return model
 
 

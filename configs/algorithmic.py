@@ -63,12 +63,12 @@ def get_config(arg: str | None = None):
   a = common.parse_arg(arg, choices={'task': TASKS, 'model': MODELS}, task='reverse',
                        model='transformer', generalize=False)
   if a.smoke:
-    transformer = dict(d_model=32, num_heads=4, d_ff=64, num_encoder_layers=1,
-                       num_decoder_layers=1)
+    transformer = dict(d_model=32, d_ff=64, num_encoder_layers=1, num_decoder_layers=1,
+                       attention=dict(num_heads=4))
     rnn = dict(embed_dim=16, hidden_dim=32, attention_dim=16)
   else:
-    transformer = dict(d_model=128, num_heads=4, d_ff=256, num_encoder_layers=2,
-                       num_decoder_layers=2)
+    transformer = dict(d_model=128, d_ff=256, num_encoder_layers=2, num_decoder_layers=2,
+                       attention=dict(num_heads=4))
     rnn = dict(embed_dim=64, hidden_dim=128, attention_dim=64)
   c = seq2seq_config(a.task, a.model, transformer=transformer, rnn=rnn)
   c.arg = arg or ''

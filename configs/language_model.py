@@ -32,7 +32,8 @@ def get_config(arg: str | None = None):
   model = dict(positional=a.positional, norm_position='pre', num_encoder_layers=0,
                dropout_rate=0.1)
   if a.smoke:
-    model.update(d_model=32, num_heads=4, d_ff=64, num_decoder_layers=1, dropout_rate=0.0)
+    model.update(d_model=32, d_ff=64, num_decoder_layers=1, dropout_rate=0.0,
+                 attention=dict(num_heads=4))
   c = base_config(dataset, 'decoder_lm', 'tiny' if a.smoke else a.size, **model)
   c.arg = arg or ''
 

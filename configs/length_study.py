@@ -39,12 +39,12 @@ def get_config(arg: str | None = None):
     raise ValueError(f'config arg train_max={a.train_max} must be >= 1')
   n = 3 if a.smoke else a.train_max  # L, the longest training length
   if a.smoke:
-    transformer = dict(d_model=32, num_heads=2, d_ff=64, num_encoder_layers=1,
-                       num_decoder_layers=1)
+    transformer = dict(d_model=32, d_ff=64, num_encoder_layers=1, num_decoder_layers=1,
+                       attention=dict(num_heads=2))
     rnn = dict(embed_dim=16, hidden_dim=16, attention_dim=16)
   else:
-    transformer = dict(d_model=64, num_heads=4, d_ff=256, num_encoder_layers=2,
-                       num_decoder_layers=2)
+    transformer = dict(d_model=64, d_ff=256, num_encoder_layers=2, num_decoder_layers=2,
+                       attention=dict(num_heads=4))
     rnn = dict(embed_dim=32, hidden_dim=96, attention_dim=64)
   c = algorithmic.seq2seq_config(
       a.task, a.model, transformer=dict(transformer, positional='sinusoidal'), rnn=rnn)

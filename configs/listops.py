@@ -26,15 +26,15 @@ def get_config(arg: str | None = None):
       arg, choices={'size': SIZES, 'attention': ATTENTIONS, 'pooling': POOLINGS}, size='cpu',
       attention='auto', pooling='mean')
   implementation = None if a.attention == 'auto' else a.attention
-  shared = dict(pooling=a.pooling, implementation=implementation, norm_position='pre',
-                num_decoder_layers=0)
+  shared = dict(pooling=a.pooling, norm_position='pre', num_decoder_layers=0)
   if a.size == 'lra':
-    model = dict(d_model=512, num_heads=8, d_ff=1024, num_encoder_layers=4, dropout_rate=0.1)
+    model, heads = dict(d_model=512, d_ff=1024, num_encoder_layers=4, dropout_rate=0.1), 8
   else:
-    model = dict(d_model=128, num_heads=4, d_ff=256, num_encoder_layers=2, dropout_rate=0.1)
+    model, heads = dict(d_model=128, d_ff=256, num_encoder_layers=2, dropout_rate=0.1), 4
   if a.smoke:
-    model = dict(d_model=32, num_heads=4, d_ff=64, num_encoder_layers=1, dropout_rate=0.0)
-  c = base_config('listops', 'encoder_classifier', 'tiny', **model, **shared)
+    model, heads = dict(d_model=32, d_ff=64, num_encoder_layers=1, dropout_rate=0.0), 4
+  c = base_config('listops', 'encoder_classifier', 'tiny', **model, **shared,
+                  attention=dict(num_heads=heads, implementation=implementation))
   c.arg = arg or ''
 
   lo = c.data.listops

@@ -34,7 +34,8 @@ def get_config(arg: str | None = None):
   dataset = 'local' if a.smoke else DATA[a.data]
   model = dict(pooling=a.pooling, num_decoder_layers=0, norm_position='pre')
   if a.smoke:
-    model.update(d_model=32, num_heads=4, d_ff=64, num_encoder_layers=1, dropout_rate=0.0)
+    model.update(d_model=32, d_ff=64, num_encoder_layers=1, dropout_rate=0.0,
+                 attention=dict(num_heads=4))
   c = base_config(dataset, 'encoder_classifier', 'tiny' if a.smoke else a.size,
                              **model)
   c.arg = arg or ''

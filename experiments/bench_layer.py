@@ -48,8 +48,9 @@ def main(argv):
     flax_mha = nn.MultiHeadDotProductAttention(num_heads=FLAGS.num_heads)
     params = flax_mha.init(jax.random.key(1), x)['params']
     mask = nn.make_causal_mask(jnp.ones((1, length))) if FLAGS.causal else None
-    ours = models.MultiHeadAttention(num_heads=FLAGS.num_heads, is_causal=FLAGS.causal,
-                                     implementation='dense')
+    ours = models.MultiHeadAttention(
+        models.AttentionConfig(num_heads=FLAGS.num_heads, implementation='dense'),
+        is_causal=FLAGS.causal)
     fns = {'attn_jax': grad_fn(ours, None), 'flax': grad_fn(flax_mha, mask)}
     # Same parameters, same maths: the gradients must agree before timing means anything.
     g_ours, g_flax = (fn(params, x) for fn in fns.values())

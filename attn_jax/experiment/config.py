@@ -21,6 +21,7 @@ those libraries, is `attn_jax.experiment.run.validate_config`.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
@@ -60,47 +61,118 @@ def check_model_kind(kind: Any) -> None:
     raise ValueError(f'config.model.kind={kind!r} is not one of {tuple(MODEL_KINDS)}')
 
 
-# Model fields added after runs were saved, with the value that reproduces how those runs
-# computed: a saved config.json without one gets it when the run is loaded (`saved_config`).
-# Only options that change no result belong here.
-ADDED_MODEL_FIELDS: dict[str, Any] = {'pad_skip_chunk': 512}
+# The attention options that model configs held flat before they moved into
+# `TransformerConfig.attention` (old name -> field of `AttentionConfig`): runs saved in the old
+# layout are read into the new one (`saved_config`).
+FLAT_ATTENTION_FIELDS: dict[str, str] = {
+    'num_heads': 'num_heads', 'num_kv_heads': 'num_kv_heads', 'attention_kind': 'kind',
+    'sliding_window': 'sliding_window', 'attn_logit_softcap': 'logit_softcap',
+    'attention_sinks': 'sinks', 'qk_norm': 'qk_norm', 'mask_mod': 'mask_mod',
+    'score_mod': 'score_mod', 'attention_dropout_rate': 'dropout_rate',
+    'rope_base': 'rope_base', 't5_num_buckets': 't5_num_buckets',
+    't5_max_distance': 't5_max_distance', 'performer_features': 'performer_features',
+    'performer_seed': 'performer_seed', 'shared_qk': 'shared_qk',
+    'value_projection': 'value_projection', 'key_projection': 'key_projection',
+    'share_head_projections': 'share_head_projections', 'encoder_aggregation': 'aggregation',
+    'implementation': 'implementation',
+}
+
+
+def _nested_attention(model: dict[str, Any]) -> list[str]:
+  """Moves the flat attention fields of an old-layout model section into `attention`, in
+  place; returns the names moved."""
+  flat = [name for name in FLAT_ATTENTION_FIELDS if name in model]
+  if not flat or isinstance(model.get('attention'), dict):
+    return []
+  model['attention'] = {FLAT_ATTENTION_FIELDS[name]: model.pop(name) for name in flat}
+  return flat
+
+
+def _fill_defaults(section: dict[str, Any], cls: type, prefix: str = '') -> dict[str, Any]:
+  """Adds, in place, every field of dataclass `cls` (recursively for nested config
+  dataclasses) that `section` lacks, with its default; returns `{dotted name: default}`."""
+  filled = {}
+  defaults = model_configs.field_defaults(cls)
+  for f in dataclasses.fields(cls):
+    if f.name in DATA_FIELDS:
+      continue
+    nested = model_configs.nested_config_class(f)
+    if nested is not None:
+      section.setdefault(f.name, {})
+      filled.update(_fill_defaults(section[f.name], nested, f'{prefix}{f.name}.'))
+    elif f.name not in section:
+      section[f.name] = defaults[f.name]
+      filled[prefix + f.name] = defaults[f.name]
+  return filled
 
 
 def saved_config(raw: Mapping[str, Any]) -> ml_collections.ConfigDict:
-  """A run's saved config (config.json's dict) with the model fields added since it was
-  written filled in from `ADDED_MODEL_FIELDS` (logged, by name)."""
-  config = ml_collections.ConfigDict(raw)
-  model = config.get('model')
-  kind = model.get('kind') if model is not None else None
+  """A run's saved config (config.json's dict) read into today's layout: attention options
+  saved flat move into `model.attention`, and every model field added since the run was
+  written takes its default (logged by name).
+
+  A field added to a model config must default to the old behaviour, so that this filling
+  reproduces how the saved run computed; `tests/experiment/test_saved_runs.py` checks it on
+  configs saved by earlier code.
+  """
+  raw = json.loads(json.dumps(raw))  # a deep copy of plain values
+  model = raw.get('model')
+  kind = model.get('kind') if isinstance(model, dict) else None
   if kind not in MODEL_KINDS:
-    return config  # build_model_config names the problem
-  known = {f.name for f in dataclasses.fields(MODEL_KINDS[kind].config_class)}
-  filled = {name: value for name, value in ADDED_MODEL_FIELDS.items()
-            if name in known and name not in model}
+    return ml_collections.ConfigDict(raw)  # build_model_config names the problem
+  cls = MODEL_KINDS[kind].config_class
+  moved = _nested_attention(model) if cls is model_configs.TransformerConfig else []
+  if moved:
+    logging.info('the saved config holds the attention options flat (the old layout); read '
+                 '%s into model.attention', moved)
+  filled = _fill_defaults(model, cls)
   if filled:
-    logging.info('the saved config predates %d model field(s); filled in: %s', len(filled),
-                 filled)
-    with config.unlocked():
-      for name, value in filled.items():
-        config.model[name] = value
+    logging.info('the saved config predates %d model field(s); filled in their defaults: %s',
+                 len(filled), filled)
+  config = ml_collections.ConfigDict(raw)
+  _typed_placeholders(config.model, cls)
   return config
+
+
+def _typed_placeholders(section: ml_collections.ConfigDict, cls: type) -> None:
+  """None-valued fields of `section` become placeholders typed by `cls`'s annotation (as
+  `model_section` makes them), so that `--config.model.<field>=` parses them."""
+  for f in dataclasses.fields(cls):
+    if f.name not in section:
+      continue
+    nested = model_configs.nested_config_class(f)
+    if nested is not None:
+      _typed_placeholders(section[f.name], nested)
+    elif section[f.name] is None:
+      with section.unlocked():
+        section[f.name] = config_dict.placeholder(_placeholder_type(str(f.type)))
+
+
+def _section(instance: Any) -> ml_collections.ConfigDict:
+  """A config dataclass as a ConfigDict: nested config dataclasses as sections, None-valued
+  fields as typed placeholders (so `--config.model.<field>=` can set them)."""
+  section = ml_collections.ConfigDict()
+  for f in dataclasses.fields(instance):
+    if f.name in DATA_FIELDS:
+      continue
+    value = getattr(instance, f.name)
+    if model_configs.nested_config_class(f) is not None:
+      value = _section(value)
+    elif value is None:
+      value = config_dict.placeholder(_placeholder_type(str(f.type)))
+    section[f.name] = value
+  return section
 
 
 def model_section(kind: str, variant: str, **overrides: Any) -> ml_collections.ConfigDict:
   """`config.model`: `kind` plus every field of its config dataclass at size `variant` with
-  `overrides`, minus the data-derived ones, so any field can be overridden with
-  `--config.model.<field>=`. None-valued fields become typed placeholders for the same reason.
+  `overrides` (attention options in `attention=dict(...)`), minus the data-derived ones, so
+  any field can be overridden with `--config.model.<field>=` (`--config.model.attention.
+  <field>=` for the attention's).
   """
   check_model_kind(kind)
-  model = MODEL_KINDS[kind].variant(variant, **overrides)
-  types = {f.name: f.type for f in dataclasses.fields(model)}
   section = ml_collections.ConfigDict({'kind': kind})
-  for name, value in dataclasses.asdict(model).items():
-    if name in DATA_FIELDS:
-      continue
-    if value is None:
-      value = config_dict.placeholder(_placeholder_type(str(types[name])))
-    section[name] = value
+  section.update(_section(MODEL_KINDS[kind].variant(variant, **overrides)))
   return section
 
 

@@ -31,7 +31,7 @@ import ml_collections
 from attn_jax import data as data_lib
 from attn_jax.experiment import evaluation, tasks
 from attn_jax.experiment import workdir as workdir_lib
-from attn_jax.experiment.config import SECTIONS
+from attn_jax.experiment.config import SECTIONS, saved_config
 from attn_jax.train import loop, optim, parallel, throughput
 from attn_jax.train.checkpoint import StateMismatchError
 from attn_jax.train.metrics import best_values, read_metrics
@@ -119,7 +119,8 @@ def config_changes(config: ml_collections.ConfigDict, workdir: str | os.PathLike
   if not path.exists():
     return {}
   try:
-    old = _flat(workdir_lib.read_json(path))
+    # Read as today's code reads it: a field added since is no change of the run's.
+    old = _flat(saved_config(workdir_lib.read_json(path)).to_dict())
   except ValueError as e:  # The checkpoint's own check still guards the run.
     logging.warning('cannot compare the config with the saved one: %s', e)
     return {}

@@ -22,7 +22,8 @@ import ml_collections
 
 from attn_jax import models, ops
 from attn_jax.experiment.config import DATA_FIELDS, MODEL_KINDS, check_model_kind
-from attn_jax.models.attention import resolve_mod
+from attn_jax.models import configs as model_configs
+from attn_jax.models import modifiers
 from attn_jax.train import losses
 
 # kind -> module class; the config dataclass and data task of each kind are in `config`.
@@ -56,15 +57,7 @@ def build_model_config(model_config: Mapping[str, Any], meta: Mapping[str, Any])
   bad = sorted(set(fields) & set(DATA_FIELDS))
   if bad:
     raise ValueError(f'config.model.{bad[0]} comes from the data (tokenizer/labels); remove it')
-  known = {f.name for f in dataclasses.fields(cls)}
-  unknown = sorted(set(fields) - known)
-  if unknown:
-    raise ValueError(f'config.model has unknown field(s) {unknown} for kind={kind!r}; known: '
-                     f'{sorted(known - set(DATA_FIELDS))}')
-  missing = sorted(known - set(DATA_FIELDS) - set(fields))
-  if missing:
-    raise ValueError(f'config.model lacks field(s) {missing}; build the section with '
-                     'attn_jax.experiment.config.model_section')
+  _check_fields(fields, cls, kind, 'config.model')
   data = {'vocab_size': int(meta.get('input_vocab_size') or meta.get('vocab_size') or 1)}
   target_vocab = int(meta.get('target_vocab_size') or data['vocab_size'])
   if task == 'seq2seq' and target_vocab != data['vocab_size']:
@@ -76,9 +69,30 @@ def build_model_config(model_config: Mapping[str, Any], meta: Mapping[str, Any])
     longest = max(int(meta.get('max_length', 0)), int(meta.get('max_target_length', 0))) + 2
     fields['max_len'] = max(int(fields.get('max_len', 0)), longest)
   model_config = cls(**fields, **data)
-  for kind in ('mask_mod', 'score_mod'):  # Named functions must resolve before any compile.
-    resolve_mod(getattr(model_config, kind, ''), kind)
+  if isinstance(model_config, model_configs.TransformerConfig):  # names resolve before compiles
+    modifiers.check_names(model_config.attention)
   return model_config
+
+
+def _check_fields(fields: Mapping[str, Any], cls: type, kind: str, where: str) -> None:
+  """`fields` has exactly the fields of `cls` (nested config sections recursively), bar the
+  data-derived ones: a typo or a hand-built section fails here, naming the field."""
+  known = {f.name for f in dataclasses.fields(cls)}
+  unknown = sorted(set(fields) - known)
+  if unknown:
+    raise ValueError(f'{where} has unknown field(s) {unknown} for kind={kind!r}; known: '
+                     f'{sorted(known - set(DATA_FIELDS))}')
+  missing = sorted(known - set(DATA_FIELDS) - set(fields))
+  if missing:
+    raise ValueError(f'{where} lacks field(s) {missing}; build the section with '
+                     'attn_jax.experiment.config.model_section')
+  for f in dataclasses.fields(cls):
+    nested = model_configs.nested_config_class(f)
+    if nested is not None:
+      if not isinstance(fields[f.name], Mapping):
+        raise ValueError(f'{where}.{f.name} must be a section of fields, got '
+                         f'{fields[f.name]!r}')
+      _check_fields(fields[f.name], nested, kind, f'{where}.{f.name}')
 
 
 @dataclasses.dataclass

@@ -17,10 +17,12 @@ from attn_jax import _lazy
 _EXPORTS = {
     'AdditiveAttention': 'attention', 'LuongAttention': 'attention',
     'MultiHeadAttention': 'attention',
+    'AttentionConfig': 'configs',
     'RNN_VARIANTS': 'configs', 'TRANSFORMER_VARIANTS': 'configs', 'RNNConfig': 'configs',
     'TransformerConfig': 'configs', 'rnn_config': 'configs', 'transformer_config': 'configs',
     'DecodeFns': 'decoding', 'beam_search': 'decoding', 'filter_logits': 'decoding',
     'generate': 'decoding',
+    'LayerInfo': 'modifiers', 'Modifier': 'modifiers', 'ParamSpec': 'modifiers',
     'Embedder': 'layers', 'FeedForward': 'layers', 'make_norm': 'layers',
     'shift_right': 'layers',
     'DecoderStep': 'rnn', 'RNNSeq2Seq': 'rnn',
@@ -36,6 +38,7 @@ if TYPE_CHECKING:  # Static analysers see the real names.
   from attn_jax.models.configs import (
       RNN_VARIANTS,
       TRANSFORMER_VARIANTS,
+      AttentionConfig,
       RNNConfig,
       TransformerConfig,
       rnn_config,
@@ -43,6 +46,7 @@ if TYPE_CHECKING:  # Static analysers see the real names.
   )
   from attn_jax.models.decoding import DecodeFns, beam_search, filter_logits, generate
   from attn_jax.models.layers import Embedder, FeedForward, make_norm, shift_right
+  from attn_jax.models.modifiers import LayerInfo, Modifier, ParamSpec
   from attn_jax.models.rnn import DecoderStep, RNNSeq2Seq
   from attn_jax.models.transformer import (
       Decoder,

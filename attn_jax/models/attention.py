@@ -10,7 +10,6 @@ bookkeeping of positions. Parameters carry logical axis names (`embed`, `heads`,
 from __future__ import annotations
 
 import functools
-import importlib
 import zlib
 from typing import Any
 
@@ -20,8 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from attn_jax import ops
-from attn_jax.models import names
-from attn_jax.models.configs import AGGREGATIONS, ATTENTION_KINDS
+from attn_jax.models import modifiers, names
+from attn_jax.models.configs import AttentionConfig
+from attn_jax.models.modifiers import LayerInfo
 from attn_jax.models.names import CROSS_CACHE, SLOT_CACHE  # noqa: F401  (re-exported)
 
 POSITIONAL = ('none', 'rope', 'alibi', 't5')
@@ -100,147 +100,98 @@ class MultiHeadAttention(nn.Module):
   `key`, `value` kernels `[features, heads, head_dim]`, `out` `[heads, head_dim, features]`)
   except that `key`/`value` have `num_kv_heads` heads.
 
+  Every option is in `config` (an `AttentionConfig`, validated when it is built; see its
+  fields); what the attributes below add is where this layer sits in a model. Score
+  functions run in one chain, in this order: the position bias (`positional` 'alibi'/'t5'),
+  the learned `modifiers`, the config's `score_mod`, the soft-cap, and (shared-QK) the
+  penalty on a token's own key. Masks and score functions see absolute positions: sequence
+  indices, and when decoding the tokens' stored positions.
+
   Attributes:
-    num_heads: query heads.
-    num_kv_heads: key/value heads (GQA; 1 = MQA); None = num_heads.
-    head_dim: per-head size; None = features // num_heads.
-    out_features: output size; None = the query's feature size.
+    config: the attention options (heads, kind, window, functions, modifiers, ...).
     is_causal: mask future keys (decoder self-attention). Needed for self-attention with
       `decode=True`.
     cross_attention: attend from `inputs_q` to another sequence, `inputs_kv` (encoder-decoder
       attention); False (self-attention) refuses `inputs_kv`. Says which cache a
-      `decode=True` call uses.
-    positional: 'none', 'rope' (rotate q, k), 'alibi' or 't5' (logit biases).
-    sliding_window: keys at most this many positions back (and ahead, unless causal).
-    dropout_rate: attention-weight dropout (rng collection 'dropout').
-    logit_soft_cap: `c * tanh(logit / c)` on the scaled logits (Gemma 2), None = off.
-    sinks: a learned per-head logit, `sinks [num_heads]`, that joins every softmax
-      denominator (attention sinks, as in gpt-oss).
-    qk_norm: RMS-normalize each query and key head over `head_dim`, with learned scales,
-      before positions are applied (QK-norm, as in OLMo 2 and Gemma 3).
-    mask_mod / score_mod: user functions (see `attn_jax.ops.mods`), applied to self-attention
-      on top of the masks above, the score function before the soft cap. They see absolute
-      positions: sequence indices, and when decoding the tokens' stored positions.
-    implementation: passed to `ops.dot_product_attention` (None lets it choose).
+      `decode=True` call uses. Its config must leave the self-attention options off
+      (`AttentionConfig.for_cross()`).
+    positional: what this layer puts inside attention: 'none', 'rope' (rotate q, k), 'alibi'
+      or 't5' (position biases: `modifiers.POSITION_BIASES`).
+    head_dim: per-head size; None = features // num_heads.
+    out_features: output size; None = the query's feature size.
+    use_bias: biases in the projections.
     capture_attention: sow float32 weights `[batch, heads, q, kv]` into 'intermediates'
       as `attention_weights` (also settable per call).
-    attention_kind: 'softmax', 'linear' (`ops.linear_attention`) or 'performer'
-      (`ops.performer_attention` with `performer_features` random features per head). The
-      Performer's projection is no parameter: it is drawn at trace time from
-      `performer_seed` folded with this module's path, so it is fixed during training and
-      the same at decoding (layers under `nn.scan` share one path, hence one projection).
-    shared_qk: self-attention keys are the L2-normalized queries, logits `q_i . k_j` unscaled,
-      and each position's own key gets `-1e5` so it counts only when nothing else is visible
-      (Reformer, `ops.shared_qk_attention`); there is no `key` projection.
-    value_projection / key_projection: False takes the values (keys) from the input itself,
-      split into heads (`x[..., h * d:(h + 1) * d]` for head h), instead of projecting it: the
-      layer computes `W_o concat_h softmax(q_h k_h^T / sqrt(d)) x_h` (the value projection
-      set to the identity, as He & Hofmann 2024, "Simplifying Transformer Blocks", do; the
-      output projection stays).
-    share_head_projections: one `[features, head_dim]` query/key/value projection for all
-      heads (each head gets the same vectors; heads differ only through per-head biases such
-      as ALiBi slopes or T5 tables): do the heads need subspaces of their own (Michel et al.
-      2019, "Are Sixteen Heads Really Better than One?")?
-    aggregation: 'forward' (the usual `sum_j alpha_ij v_j` per query) or 'backward'
-      (`sum_i alpha_ij v_i` per key, `ops.backward_aggregation`): bidirectional self-attention
-      only; with a key padding mask, padding positions are hidden as queries too.
+
+  With `config.kind='performer'` the FAVOR+ projection is no parameter: it is drawn at trace
+  time from `config.performer_seed` folded with this module's path, so it is fixed during
+  training and the same at decoding (layers under `nn.scan` share one path, hence one).
+  `config.shared_qk`: the keys are the L2-normalized queries, logits unscaled, and each
+  position's own key gets `-1e5` (Reformer); there is no `key` projection.
+  `config.value_projection`/`key_projection` False take the values (keys) from the input
+  itself, split into heads (He & Hofmann 2024). `config.share_head_projections`: one
+  `[features, head_dim]` projection for all heads (Michel et al. 2019). `config.aggregation=
+  'backward'`: `sum_i alpha_ij v_i` per key (`ops.backward_aggregation`), bidirectional
+  self-attention only; a key padding mask then hides padding as queries too.
   """
-  num_heads: int
-  num_kv_heads: int | None = None
-  head_dim: int | None = None
-  out_features: int | None = None
+  config: AttentionConfig
   is_causal: bool = False
   cross_attention: bool = False
   positional: str = 'none'
-  rope_base: float = 10_000.0
-  t5_num_buckets: int = 32
-  t5_max_distance: int = 128
-  sliding_window: int | None = None
-  dropout_rate: float = 0.0
-  logit_soft_cap: float | None = None
-  sinks: bool = False
-  qk_norm: bool = False
-  mask_mod: Any = None
-  score_mod: Any = None
+  head_dim: int | None = None
+  out_features: int | None = None
   use_bias: bool = True
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   kernel_init: Any = default_kernel_init
-  implementation: str | None = None
   capture_attention: bool = False
-  attention_kind: str = 'softmax'
-  performer_features: int = 64
-  performer_seed: int = 0
-  shared_qk: bool = False
-  value_projection: bool = True
-  key_projection: bool = True
-  share_head_projections: bool = False
-  aggregation: str = 'forward'
 
-  def _check_variants(self, kv_heads: int) -> None:
-    if self.attention_kind not in ATTENTION_KINDS:
-      raise ValueError(f'attention_kind={self.attention_kind!r} is not one of {ATTENTION_KINDS}')
-    if self.aggregation not in AGGREGATIONS:
-      raise ValueError(f'aggregation={self.aggregation!r} is not one of {AGGREGATIONS}')
-    if self.attention_kind != 'softmax':
-      logits = {'positional': self.positional in ('alibi', 't5'),
-                'sliding_window': self.sliding_window is not None,
-                'logit_soft_cap': self.logit_soft_cap is not None, 'sinks': self.sinks,
-                'mask_mod': self.mask_mod is not None, 'score_mod': self.score_mod is not None,
-                'shared_qk': self.shared_qk, 'dropout_rate': self.dropout_rate > 0.0,
-                'aggregation': self.aggregation != 'forward'}
-      bad = [name for name, used in logits.items() if used]
-      if bad:
-        raise ValueError(f'attention_kind={self.attention_kind!r} has no logits, so it cannot '
-                         f'take {bad}')
-    if self.shared_qk and (self.cross_attention or kv_heads != self.num_heads
-                           or not self.key_projection):
-      raise ValueError('shared_qk=True needs self-attention (cross_attention=False), '
-                       'num_kv_heads == num_heads and key_projection=True')
-    if not self.key_projection and kv_heads != self.num_heads:
-      raise ValueError(f'key_projection=False needs num_kv_heads == num_heads, got {kv_heads}')
-    if self.aggregation == 'backward' and (self.is_causal or self.cross_attention
-                                           or self.dropout_rate > 0.0):
-      raise ValueError("aggregation='backward' sums over queries, which would leak the future "
-                       'into a causal decoder: it needs bidirectional self-attention '
-                       '(is_causal=False, cross_attention=False) and no dropout_rate')
+  @property
+  def num_heads(self) -> int:
+    return self.config.num_heads
 
   def _performer_projection(self, head_dim: int) -> jax.Array:
     """The fixed FAVOR+ projection of this layer, computed while tracing (a constant)."""
     path = zlib.crc32('/'.join(self.scope.path).encode())
     with jax.ensure_compile_time_eval():
-      rng = jax.random.fold_in(jax.random.key(self.performer_seed), np.uint32(path))
-      return ops.performer_projection(rng, self.performer_features, head_dim)
+      rng = jax.random.fold_in(jax.random.key(self.config.performer_seed), np.uint32(path))
+      return ops.performer_projection(rng, self.config.performer_features, head_dim)
 
   def _check(self, features: int) -> tuple[int, int]:
-    kv_heads = self.num_heads if self.num_kv_heads is None else self.num_kv_heads
-    if self.positional not in POSITIONAL:
-      raise ValueError(f'positional={self.positional!r} is not one of {POSITIONAL}')
-    if self.logit_soft_cap is not None and self.logit_soft_cap <= 0:
-      raise ValueError(f'logit_soft_cap={self.logit_soft_cap} must be positive (or None)')
-    if self.cross_attention and (self.mask_mod is not None or self.score_mod is not None):
-      raise ValueError('mask_mod/score_mod apply to self-attention; this layer is cross-attention')
-    if kv_heads <= 0 or self.num_heads % kv_heads:
-      raise ValueError(
-          f'num_heads={self.num_heads} is not a multiple of num_kv_heads={kv_heads}')
+    """(kv heads, head dim); the rules for this layer's attributes with its config."""
+    if not isinstance(self.config, AttentionConfig):
+      raise ValueError(f'MultiHeadAttention needs config=AttentionConfig(...), got '
+                       f'{type(self.config).__name__}')
+    self.config.check_layer(positional=self.positional, is_causal=self.is_causal,
+                            cross_attention=self.cross_attention)
     if self.head_dim is None and features % self.num_heads:
       raise ValueError(
           f'input features {features} are not divisible by num_heads={self.num_heads}')
-    self._check_variants(kv_heads)
-    return kv_heads, self.head_dim or features // self.num_heads
+    return self.config.kv_heads, self.head_dim or features // self.num_heads
 
-  def _bias_fn(self):
-    """`(bias_fn, bias_params)` for ALiBi / T5, else `(None, None)`."""
-    if self.positional == 'alibi':
-      return ops.alibi_bias, ops.alibi_slopes(self.num_heads)
-    if self.positional == 't5':
-      table = self.param(
-          'relpos_bias', partitioned(nn.initializers.normal(0.1), ('relpos_buckets', 'heads')),
-          (self.t5_num_buckets, self.num_heads), self.param_dtype)
-      fn = functools.partial(ops.relative_position_bias, bidirectional=not self.is_causal,
-                             max_distance=self.t5_max_distance)
-      return fn, table
-    return None, None
+  def _score_mod(self, kv_heads: int, head_dim: int):
+    """The layer's score functions as one (see the class docstring for the order): each
+    modifier's parameters are created here, under the names it declares."""
+    cfg = self.config
+    layer = LayerInfo(cfg, self.num_heads, kv_heads, head_dim, self.is_causal)
+    chosen = [modifiers.POSITION_BIASES[self.positional]] if (
+        self.positional in modifiers.POSITION_BIASES) else []
+    chosen += [modifiers.resolve_modifier(name) for name in cfg.modifier_names]
+    fns, owned = [], set()
+    for modifier in chosen:
+      specs = dict(modifier.params(layer))
+      clash = sorted(owned & set(specs))
+      if clash:
+        raise ValueError(f'two attention modifiers both declare parameters {clash}')
+      owned |= set(specs)
+      values = {name: self.param(name, partitioned(spec.init, spec.axes), spec.shape,
+                                 self.param_dtype) for name, spec in specs.items()}
+      fns.append(modifier.score_mod(values, layer))
+    cap = None if cfg.logit_softcap is None else ops.score_mods.soft_cap(cfg.logit_softcap)
+    # The shared-QK self penalty comes last: a soft cap would bound it.
+    own_key = ops.exclude_self() if cfg.shared_qk else None
+    return ops.score_mods.chain(*fns, modifiers.resolve_mod(cfg.score_mod, 'score_mod'), cap,
+                                own_key)
 
   @nn.compact
   def __call__(self, inputs_q: jax.Array, inputs_kv: jax.Array | None = None, *,
@@ -269,6 +220,7 @@ class MultiHeadAttention(nn.Module):
     Returns:
       `[batch, q_len, out_features]` in `dtype`.
     """
+    cfg = self.config
     features = inputs_q.shape[-1]
     kv_heads, head_dim = self._check(features)
     capture = self.capture_attention if capture_attention is None else capture_attention
@@ -286,7 +238,7 @@ class MultiHeadAttention(nn.Module):
     cross_decode = decode and not is_self
     if cross_decode and self.positional != 'none':
       raise ValueError(f'cross-attention decoding takes no positional={self.positional!r}')
-    if decode and self.aggregation == 'backward':
+    if decode and cfg.aggregation == 'backward':
       raise ValueError("aggregation='backward' has no incremental decoding")
     inputs_kv = inputs_q if is_self else inputs_kv
 
@@ -295,7 +247,7 @@ class MultiHeadAttention(nn.Module):
         param_dtype=self.param_dtype)
 
     def heads_projection(heads: int, axes: tuple[str, str, str], name: str):
-      if not self.share_head_projections:
+      if not cfg.share_head_projections:
         return dense((heads, head_dim), axes, axes[1:], name=name)
       shared = dense((head_dim,), (axes[0], axes[2]), (axes[2],), name=name)
       return lambda x: jnp.broadcast_to(  # noqa: E731  one projection, every head
@@ -305,48 +257,45 @@ class MultiHeadAttention(nn.Module):
       return ops.split_heads(x.astype(self.dtype), kv_heads)
 
     query = heads_projection(self.num_heads, ('embed', 'heads', 'kv'), 'query')(inputs_q)
-    key_dense = split if not self.key_projection else (
-        None if self.shared_qk else heads_projection(kv_heads, ('embed', 'kv_heads', 'kv'),
+    key_dense = split if not cfg.key_projection else (
+        None if cfg.shared_qk else heads_projection(kv_heads, ('embed', 'kv_heads', 'kv'),
                                                      'key'))
     value_proj = heads_projection(kv_heads, ('embed', 'kv_heads', 'kv'), 'value') if (
-        self.value_projection) else split
+        cfg.value_projection) else split
     key_proj = key_dense
-    if self.qk_norm:
+    if cfg.qk_norm:
       norm = functools.partial(nn.RMSNorm, epsilon=1e-6, dtype=self.dtype,
                                param_dtype=self.param_dtype,
                                scale_init=partitioned(nn.initializers.ones, ('kv',)))
       query = norm(name='query_norm')(query)
-      if not self.shared_qk:
+      if not cfg.shared_qk:
         key_norm = norm(name='key_norm')
         key_proj = lambda x: key_norm(key_dense(x))  # noqa: E731
-    if self.shared_qk:
+    if cfg.shared_qk:
       # Reformer: the keys are the (normed) queries, of unit length; self-attention only.
       key, value = ops.l2_normalize(query), value_proj(inputs_kv)
     elif cross_decode:
       key, value = self._cross_cache(inputs_kv, key_proj, value_proj)
     else:
       key, value = key_proj(inputs_kv), value_proj(inputs_kv)
-    bias_fn, bias_params = self._bias_fn()
+    # Before `sinks`: a parameter's initial value depends on the order of creation.
+    score_mod = self._score_mod(kv_heads, head_dim)
     sinks = None
-    if self.sinks:
+    if cfg.sinks:
       sinks = self.param('sinks', partitioned(nn.initializers.zeros, ('heads',)),
                          (self.num_heads,), self.param_dtype)
 
     window = None
-    if self.sliding_window is not None:
-      window = (self.sliding_window, 0 if self.is_causal else self.sliding_window)
+    if cfg.sliding_window is not None:
+      window = (cfg.sliding_window, 0 if self.is_causal else cfg.sliding_window)
     kwargs: dict[str, Any] = dict(is_causal=self.is_causal, local_window=window, mask=mask,
                                   sinks=sinks)
-    mask_mod, score_mod = self.mask_mod, self.score_mod
-    cap = None if self.logit_soft_cap is None else ops.score_mods.soft_cap(self.logit_soft_cap)
-    if self.shared_qk:
-      # The self penalty comes last (a soft cap would bound it) and, when decoding, must see
-      # the tokens' positions like the user's functions: it joins them here.
-      score_mod, cap = ops.score_mods.chain(score_mod, cap, ops.exclude_self()), None
+    mask_mod = modifiers.resolve_mod(cfg.mask_mod, 'mask_mod')
+    if cfg.shared_qk:
       kwargs['scale'] = 1.0
     if decode and not cross_decode:
-      key, value, query, cache_kwargs = self._decode_cache(
-          query, key, value, segment_ids, positions, bias_fn, bias_params)
+      key, value, query, cache_kwargs = self._decode_cache(query, key, value, segment_ids,
+                                                           positions)
       cache_mask = cache_kwargs.pop('mask', None)
       q_positions, kv_positions = cache_kwargs.pop('positions')
       kwargs.update(cache_kwargs, mask=ops.combine_masks(mask, cache_mask))
@@ -354,25 +303,25 @@ class MultiHeadAttention(nn.Module):
                                           cache_kwargs['q_offset'])
     else:
       if self.positional == 'rope':
-        query = ops.rope(query, positions, self.rope_base)
-        key = ops.rope(key, positions if is_self else None, self.rope_base)
-      kwargs.update(segment_ids=segment_ids, bias_fn=bias_fn, bias_params=bias_params)
-    kwargs.update(mask_mod=mask_mod, score_mod=ops.score_mods.chain(score_mod, cap))
+        query = ops.rope(query, positions, cfg.rope_base)
+        key = ops.rope(key, positions if is_self else None, cfg.rope_base)
+      kwargs.update(segment_ids=segment_ids)
+    kwargs.update(mask_mod=mask_mod, score_mod=score_mod)
 
     dropout_rng = None
-    if not deterministic and self.dropout_rate > 0.0:
+    if not deterministic and cfg.dropout_rate > 0.0:
       dropout_rng = self.make_rng('dropout')
     filled = kwargs.pop('length', None)
     beams = 1
     if cross_decode and query.shape[0] != key.shape[0]:
       query, kwargs, beams = _group_beams(query, key, kwargs)
-    if self.aggregation == 'backward':
+    if cfg.aggregation == 'backward':
       result = self._backward_aggregation(query, key, value, kwargs, capture)
     else:
       attend, options = ops.dot_product_attention, dict(return_weights=capture)
-      if self.attention_kind == 'linear':
+      if cfg.kind == 'linear':
         attend = ops.linear_attention
-      elif self.attention_kind == 'performer':
+      elif cfg.kind == 'performer':
         attend = functools.partial(ops.performer_attention,
                                    projection=self._performer_projection(head_dim))
       elif filled is not None and not capture:
@@ -380,8 +329,8 @@ class MultiHeadAttention(nn.Module):
         attend, options = ops.prefix_attention, dict(
             length=filled, chunk_size=slot_chunk(key.shape[1]))
       result = attend(
-          query, key, value, dropout_rate=0.0 if dropout_rng is None else self.dropout_rate,
-          dropout_rng=dropout_rng, implementation='dense' if capture else self.implementation,
+          query, key, value, dropout_rate=0.0 if dropout_rng is None else cfg.dropout_rate,
+          dropout_rng=dropout_rng, implementation='dense' if capture else cfg.implementation,
           **options, **kwargs)
       if capture:
         result, weights = result
@@ -407,7 +356,7 @@ class MultiHeadAttention(nn.Module):
                                              implementation='dense', **kwargs)
       self.sow(names.INTERMEDIATES, names.ATTENTION_WEIGHTS, weights)
     return ops.backward_aggregation(query, key, ops.repeat_kv(value, self.num_heads),
-                                    implementation=self.implementation, **kwargs)
+                                    implementation=self.config.implementation, **kwargs)
 
   def _cross_cache(self, inputs_kv, key_proj, value_proj):
     """Cross-attention keys/values: projected from `inputs_kv` and stored, or read back.
@@ -427,7 +376,7 @@ class MultiHeadAttention(nn.Module):
                        'by an earlier call with inputs_kv')
     return self.get_variable('cache', 'cross_key'), self.get_variable('cache', 'cross_value')
 
-  def _decode_cache(self, query, key, value, segment_ids, positions, bias_fn, bias_params):
+  def _decode_cache(self, query, key, value, segment_ids, positions):
     """Writes this call's keys/values into the cache and returns what to attend to.
 
     The init call sizes the cache for its `max_len` tokens (`cache_slots`: whole chunks of
@@ -457,12 +406,11 @@ class MultiHeadAttention(nn.Module):
       raise ValueError(f'decode segment_ids must be [batch, q_len] = {(batch, q_len)}, '
                        f'got {segment_ids.shape}')
     if self.positional == 'rope':
-      query = ops.rope(query, positions, self.rope_base)
-      key = ops.rope(key, positions, self.rope_base)
+      query = ops.rope(query, positions, self.config.rope_base)
+      key = ops.rope(key, positions, self.config.rope_base)
     if not initialized:
       # The init call only creates the (max_len-sized) cache; attend within the input.
       return key, value, query, dict(q_offset=0, segment_ids=segment_ids,
-                                     bias_fn=bias_fn, bias_params=bias_params,
                                      positions=(positions, positions))
     max_len = cached_key.value.shape[1]
     if q_len > max_len:
@@ -479,13 +427,10 @@ class MultiHeadAttention(nn.Module):
     # Causal masking against the cache: slot j is visible to query i iff j <= index + i;
     # unwritten slots lie in the future, padding slots carry segment 0.
     valid = (cached_segment.value != 0)[:, None, None, :]
+    # Score functions (position biases included) read the stored positions rather than cache
+    # slots: a ragged prompt leaves padding slots between the prompt and generated tokens.
     kwargs: dict[str, Any] = dict(q_offset=index, mask=valid, length=index + q_len,
                                   positions=(positions, cached_position.value))
-    if bias_fn is not None:
-      # Biases from the stored positions rather than cache slots: a ragged prompt leaves
-      # padding slots between the prompt and the generated tokens.
-      bias = jax.vmap(lambda q, k: bias_fn(bias_params, q, k))(positions, cached_position.value)
-      kwargs['bias'] = bias
     return cached_key.value, cached_value.value, query, kwargs
 
 
@@ -582,36 +527,3 @@ class LuongAttention(nn.Module):
       raise ValueError(f"score must be 'dot' or 'general', got {self.score!r}")
     weights = ops.masked_softmax(scores[:, 0, 0], mask)
     return _context(weights, keys if values is None else values), weights
-
-
-# Named mask / score functions a config can pick (`TransformerConfig.mask_mod`); a research
-# script may add its own entries, or a config may name 'package.module:function' instead.
-MASK_MODS: dict[str, Any] = {
-    'chunked_64': ops.mask_mods.chunked(64),  # Llama 4's chunked local attention, CPU size
-    'dilated_2': ops.mask_mods.dilated(2),
-    'global_1': ops.mask_mods.global_tokens(1),
-}
-SCORE_MODS: dict[str, Any] = {
-    'soft_cap_5': ops.score_mods.soft_cap(5.0),
-}
-
-
-def resolve_mod(name: str, kind: str) -> Any:
-  """`kind` ('mask_mod' | 'score_mod') named `name`: a registry key, 'module:function', or ''
-  (None). Raises ValueError naming what is not found."""
-  if not name:
-    return None
-  registry = MASK_MODS if kind == 'mask_mod' else SCORE_MODS
-  if name in registry:
-    return registry[name]
-  module_name, sep, attribute = name.partition(':')
-  if not sep:
-    raise ValueError(f'{kind}={name!r} is not one of {sorted(registry)} nor '
-                     "'package.module:function'")
-  try:
-    fn = getattr(importlib.import_module(module_name), attribute)
-  except (ImportError, AttributeError) as e:
-    raise ValueError(f'{kind}={name!r} cannot be imported: {e}') from None
-  if not callable(fn):
-    raise ValueError(f'{kind}={name!r} is not callable')
-  return fn

@@ -1,7 +1,7 @@
 """Model configurations: frozen dataclasses, built from a named size plus overrides.
 
     cfg = transformer_config('base', vocab_size=37_000)          # the 2017 paper's base model
-    cfg = transformer_config('tiny', positional='rope', num_kv_heads=1)
+    cfg = transformer_config('tiny', positional='rope', attention=dict(num_kv_heads=1))
     rnn = rnn_config('small', cell='gru', attention='additive')
 
 Every field is checked in `__post_init__`, so a bad configuration raises a `ValueError`
@@ -35,6 +35,8 @@ IMPLEMENTATIONS = (None, 'dense', 'blockwise', 'cudnn')
 # global without position information (NoPE: no RoPE/ALiBi/T5 in that layer).
 LAYER_KINDS = ('G', 'L', 'N')
 IN_ATTENTION_POSITIONALS = ('rope', 'alibi', 't5')
+# What a single attention layer puts inside attention (the model decides it per layer).
+LAYER_POSITIONALS = ('none',) + IN_ATTENTION_POSITIONALS
 DTYPES = ('float32', 'bfloat16', 'float16')
 
 
@@ -69,48 +71,55 @@ class _VocabAndDtype:
     return jnp.dtype(self.dtype)
 
 
+def _check_optional_positive(cfg: Any, *names: str) -> None:
+  for name in names:
+    value = getattr(cfg, name)
+    if value is not None and value <= 0:
+      raise ValueError(f'{name} must be positive (or None), got {value}')
+
+
+def split_names(value: str) -> tuple[str, ...]:
+  """`'a, b'` -> `('a', 'b')`: the config's way of listing several names in one string field."""
+  return tuple(name.strip() for name in value.split(',') if name.strip())
+
+
 @dataclasses.dataclass(frozen=True)
-class TransformerConfig(_VocabAndDtype):
-  """Hyper-parameters of the Transformer models (`EncoderDecoder`, `DecoderLM`,
-  `EncoderClassifier`). Defaults are the 2017 paper's base model."""
-  vocab_size: int = 32_000
-  # Target vocabulary of EncoderDecoder; None = the same (shared) vocabulary.
-  output_vocab_size: int | None = None
-  num_classes: int = 2
-  d_model: int = 512
+class AttentionConfig:
+  """Every option of a multi-head attention layer, validated once, here.
+
+  `TransformerConfig.attention` holds one; `MultiHeadAttention(config)` takes it whole. What
+  differs between the layers of a model (causal or not, self or cross, local or global, which
+  positions) the model decides per layer (`transformer.layer_attention`); the options below
+  are the same for every layer. Options that shape the logits (windows, mask/score functions,
+  modifiers, sinks, soft-cap) apply to self-attention; cross-attention keeps the logits plain.
+
+  Mask and score functions and learned modifiers are chosen by name (see
+  `attn_jax.models.modifiers`): a key of its registries, `'package.module:function'`, or
+  `'package.module:factory(arguments)'`; in Python, the function itself.
+  """
   num_heads: int = 8
   # Key/value heads for GQA (1 = MQA); None = num_heads (plain multi-head attention).
   num_kv_heads: int | None = None
-  d_ff: int = 2048
-  num_encoder_layers: int = 6
-  num_decoder_layers: int = 6
-  activation: str = 'relu'
-  norm: str = 'layernorm'
-  norm_position: str = 'post'  # 'post' is the 2017 paper's; 'pre' trains deeper stacks.
-  norm_eps: float = 1e-6
-  positional: str = 'sinusoidal'
-  max_len: int = 512  # learned position table size; also the default decode cache size.
+  # 'softmax', or the linear-time baselines 'linear' (Katharopoulos et al. 2020, elu + 1
+  # features) and 'performer' (FAVOR+, Choromanski et al. 2021).
+  kind: str = 'softmax'
+  # Self-attention sliding window (keys at most this far in the past, and in the future for
+  # an encoder); None = full attention. The model's `layer_pattern` says which layers use it.
+  sliding_window: int | None = None
+  logit_softcap: float | None = None  # c * tanh(logit / c) on the logits (Gemma 2)
+  sinks: bool = False  # a learned per-head logit in every softmax (gpt-oss)
+  qk_norm: bool = False  # RMS-normalized query and key heads (OLMo 2, Gemma 3)
+  # User functions of self-attention (see the class docstring); '' = none.
+  mask_mod: Any = ''
+  score_mod: Any = ''
+  # Learned modifiers: comma-separated names of `modifiers.MODIFIERS` entries (or import
+  # paths), each owning its parameters and the score function that reads them.
+  modifiers: str = ''
+  dropout_rate: float = 0.0  # on the attention weights
+  # Parameters of the positions the model puts inside attention ('rope', 'alibi', 't5').
   rope_base: float = 10_000.0
   t5_num_buckets: int = 32
   t5_max_distance: int = 128
-  # Self-attention sliding window (keys at most this far in the past; and in the
-  # future for the encoder); None = full attention. With `layer_pattern`, only 'L' layers.
-  sliding_window: int | None = None
-  # Self-attention kind per layer, cycled over each stack: 'G' global, 'L' local (the
-  # sliding window), 'N' global with no position information (NoPE). '' = every layer 'L'
-  # when sliding_window is set, else 'G'. E.g. 'LLLLLG' is Gemma 3's five local to one global.
-  layer_pattern: str = ''
-  attn_logit_softcap: float | None = None  # c * tanh(logit / c) in every attention (Gemma 2)
-  attention_sinks: bool = False  # a learned per-head logit in every softmax (gpt-oss)
-  qk_norm: bool = False  # RMS-normalized query and key heads (OLMo 2, Gemma 3)
-  # User mask / score functions of self-attention: a key of `attn_jax.models.attention`'s
-  # MASK_MODS / SCORE_MODS, or 'package.module:function' (imported); '' = none.
-  mask_mod: str = ''
-  score_mod: str = ''
-  # Variants (issue #13); the defaults are the standard Transformer.
-  # 'softmax', or the linear-time baselines 'linear' (Katharopoulos et al. 2020, elu + 1
-  # features) and 'performer' (FAVOR+, Choromanski et al. 2021) in every attention.
-  attention_kind: str = 'softmax'
   # Performer: random features per head, and the seed of their fixed (non-trained) projection
   # (each layer folds its module path into it; a layer stack under nn.scan shares one).
   performer_features: int = 64
@@ -121,103 +130,46 @@ class TransformerConfig(_VocabAndDtype):
   # False: the input itself (split into heads) is the attention's value (and key).
   value_projection: bool = True
   key_projection: bool = True
-  # One query/key/value projection for all heads of a layer (every head gets the same
-  # vectors), and one layer's weights for every layer of a stack (ALBERT; the stack is then
-  # always an nn.scan over the shared layer, whatever scan_layers says).
+  # One query/key/value projection for all heads of a layer (every head gets the same vectors).
   share_head_projections: bool = False
-  share_layers: bool = False
-  # 'backward': encoder self-attention outputs sum_i alpha_ij v_i at each key position j.
-  encoder_aggregation: str = 'forward'
-  # positional='concat_geometric': m, the (sin, cos) pairs appended to each token embedding.
-  geometric_frequencies: int = 16
-  dropout_rate: float = 0.1  # residual and embedding dropout
-  attention_dropout_rate: float = 0.0
-  # Source and target embeddings shared (EncoderDecoder, needs one vocabulary) and the
-  # output projection tied to the target embedding.
-  share_embeddings: bool = True
-  tie_output: bool = True
-  pooling: str = 'cls'  # EncoderClassifier: learned [CLS] vector or mean over non-pad tokens.
-  use_bias: bool = True  # biases in attention / FFN projections
-  scan_layers: bool = False  # stack layers with nn.scan (fast compiles) or a Python loop.
-  remat: bool = False  # rematerialize each layer in the backward pass (nn.remat).
+  # 'backward': bidirectional self-attention outputs sum_i alpha_ij v_i at each key position j
+  # (`ops.backward_aggregation`); the model applies it to its encoder.
+  aggregation: str = 'forward'
   implementation: str | None = None  # attention path, passed to ops.dot_product_attention.
-  dtype: str = 'float32'  # compute dtype; parameters are always float32.
-  capture_attention: bool = False  # sow attention weights into 'intermediates'.
-  # Feed-forward and output-logit rows of padding are sorted to the end and skipped in
-  # chunks of this many tokens (`ops.map_valid_chunks`; exact); 0 = compute every row.
-  pad_skip_chunk: int = 512
 
   def __post_init__(self):
-    _check_positive(self, 'vocab_size', 'num_classes', 'd_model', 'num_heads', 'd_ff',
-                    'max_len', 't5_num_buckets', 't5_max_distance')
-    if self.num_encoder_layers < 0 or self.num_decoder_layers < 0:
-      raise ValueError('num_encoder_layers and num_decoder_layers must be >= 0, got '
-                       f'{self.num_encoder_layers} and {self.num_decoder_layers}')
-    if self.output_vocab_size is not None and self.output_vocab_size <= 0:
-      raise ValueError(f'output_vocab_size must be positive, got {self.output_vocab_size}')
-    if self.d_model % self.num_heads:
-      raise ValueError(f'd_model={self.d_model} is not divisible by num_heads={self.num_heads}')
+    _check_positive(self, 'num_heads', 't5_num_buckets', 't5_max_distance',
+                    'performer_features')
     if self.num_kv_heads is not None and (
         self.num_kv_heads <= 0 or self.num_heads % self.num_kv_heads):
       raise ValueError(f'num_heads={self.num_heads} is not a multiple of '
                        f'num_kv_heads={self.num_kv_heads}')
-    _check_choice('activation', self.activation, ACTIVATIONS)
-    _check_choice('norm', self.norm, NORMS)
-    _check_choice('norm_position', self.norm_position, NORM_POSITIONS)
-    _check_choice('positional', self.positional, POSITIONALS)
-    _check_choice('pooling', self.pooling, POOLINGS)
+    _check_choice('kind', self.kind, ATTENTION_KINDS)
+    _check_choice('aggregation', self.aggregation, AGGREGATIONS)
     _check_choice('implementation', self.implementation, IMPLEMENTATIONS)
-    _check_choice('dtype', self.dtype, DTYPES)
-    _check_rate(self, 'dropout_rate', 'attention_dropout_rate')
-    if self.positional == 'rope' and self.head_dim % 2:
-      raise ValueError(f'positional=rope needs an even head_dim, got {self.head_dim}')
-    if self.positional == 'sinusoidal' and self.d_model % 2:
-      raise ValueError(f'positional=sinusoidal needs an even d_model, got {self.d_model}')
-    if self.pad_skip_chunk < 0:
-      raise ValueError(f'pad_skip_chunk must be >= 0 (0 = off), got {self.pad_skip_chunk}')
+    _check_rate(self, 'dropout_rate')
+    _check_optional_positive(self, 'logit_softcap')
     if self.sliding_window is not None and self.sliding_window < 0:
       raise ValueError(f'sliding_window must be >= 0, got {self.sliding_window}')
-    bad = sorted(set(self.layer_pattern) - set(LAYER_KINDS))
-    if bad:
-      raise ValueError(f'layer_pattern={self.layer_pattern!r} has {bad}; use {LAYER_KINDS}')
-    if 'L' in self.layer_pattern and self.sliding_window is None:
-      raise ValueError(f"layer_pattern={self.layer_pattern!r} has local 'L' layers but "
-                       'sliding_window is None')
-    if 'N' in self.layer_pattern and self.positional not in IN_ATTENTION_POSITIONALS:
-      raise ValueError(f"layer_pattern={self.layer_pattern!r} has NoPE 'N' layers, which need "
-                       f'positions inside attention, positional in {IN_ATTENTION_POSITIONALS}; '
-                       f'got {self.positional!r}')
-    if self.scan_layers and len(set(self.layer_pattern)) > 1:
-      raise ValueError(f'layer_pattern={self.layer_pattern!r} makes layers differ, which '
-                       'scan_layers=True cannot stack; use scan_layers=False')
-    if self.attn_logit_softcap is not None and self.attn_logit_softcap <= 0:
-      raise ValueError(f'attn_logit_softcap must be positive, got {self.attn_logit_softcap}')
-    self._check_variants()
-    if (self.share_embeddings and self.output_vocab_size is not None
-        and self.output_vocab_size != self.vocab_size):
-      raise ValueError(
-          f'share_embeddings needs one vocabulary, but vocab_size={self.vocab_size} and '
-          f'output_vocab_size={self.output_vocab_size}')
+    if not isinstance(self.modifiers, str):
+      raise ValueError(f'modifiers must be a comma-separated string of names, got '
+                       f'{self.modifiers!r}')
+    self._check_combinations()
 
-  def _check_variants(self) -> None:
-    """The issue #13 options: values, and the combinations that have no meaning."""
-    _check_choice('attention_kind', self.attention_kind, ATTENTION_KINDS)
-    _check_choice('encoder_aggregation', self.encoder_aggregation, AGGREGATIONS)
-    _check_positive(self, 'performer_features', 'geometric_frequencies')
-    mha = self.num_kv_heads is None or self.num_kv_heads == self.num_heads
-    if self.attention_kind != 'softmax':
-      # A kernelized similarity has no logits to bias, cap, window or mask per block.
-      logits = {'positional': self.positional in ('alibi', 't5'),
-                'sliding_window': self.sliding_window is not None,
-                'attn_logit_softcap': self.attn_logit_softcap is not None,
-                'attention_sinks': self.attention_sinks, 'mask_mod': bool(self.mask_mod),
-                'score_mod': bool(self.score_mod), 'shared_qk': self.shared_qk,
-                'attention_dropout_rate': self.attention_dropout_rate > 0.0,
-                'encoder_aggregation': self.encoder_aggregation != 'forward'}
+  def _check_combinations(self) -> None:
+    """The options that have no meaning together."""
+    mha = self.kv_heads == self.num_heads
+    if self.kind != 'softmax':
+      # A kernelized similarity has no logits to cap, window, mask or modify per block.
+      logits = {'sliding_window': self.sliding_window is not None,
+                'logit_softcap': self.logit_softcap is not None, 'sinks': self.sinks,
+                'mask_mod': bool(self.mask_mod), 'score_mod': bool(self.score_mod),
+                'modifiers': bool(self.modifier_names), 'shared_qk': self.shared_qk,
+                'dropout_rate': self.dropout_rate > 0.0,
+                'aggregation': self.aggregation != 'forward'}
       bad = [name for name, used in logits.items() if used]
       if bad:
-        raise ValueError(f'attention_kind={self.attention_kind!r} has no logits, so it cannot '
-                         f'take {bad} (positional alibi/t5 are logit biases)')
+        raise ValueError(f'attention kind={self.kind!r} has no logits, so it cannot take {bad}')
     if self.shared_qk and not mha:
       raise ValueError(f'shared_qk=True makes the keys the queries, one per query head: '
                        f'num_kv_heads={self.num_kv_heads} must be None or num_heads')
@@ -227,44 +179,215 @@ class TransformerConfig(_VocabAndDtype):
     if not self.key_projection and not mha:
       raise ValueError(f'key_projection=False splits the input into num_heads keys: '
                        f'num_kv_heads={self.num_kv_heads} must be None or num_heads')
-    if self.encoder_aggregation == 'backward':
-      if self.num_encoder_layers == 0:
-        raise ValueError("encoder_aggregation='backward' applies to encoder self-attention, "
-                         'but num_encoder_layers=0')
-      if self.attention_dropout_rate > 0.0:
-        raise ValueError("encoder_aggregation='backward' takes no attention_dropout_rate")
-    if self.share_layers and len(set(self.layer_pattern)) > 1:
-      raise ValueError(f'share_layers=True gives every layer one set of weights, but '
-                       f'layer_pattern={self.layer_pattern!r} makes layers differ')
-
-  @property
-  def head_dim(self) -> int:
-    return self.d_model // self.num_heads
+    if self.aggregation == 'backward' and self.dropout_rate > 0.0:
+      raise ValueError("aggregation='backward' takes no attention dropout_rate")
 
   @property
   def kv_heads(self) -> int:
     return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
 
+  @property
+  def modifier_names(self) -> tuple[str, ...]:
+    return split_names(self.modifiers)
+
+  def check_layer(self, *, positional: str, is_causal: bool, cross_attention: bool) -> None:
+    """The rules a layer's own choices must follow with this config (one home for them):
+    `MultiHeadAttention` calls it with its attributes."""
+    _check_choice('positional', positional, LAYER_POSITIONALS)
+    if self.kind != 'softmax' and positional in ('alibi', 't5'):
+      raise ValueError(f'attention kind={self.kind!r} has no logits, so it cannot take '
+                       f'positional={positional!r} (a logit bias)')
+    if cross_attention:
+      self_only = {'mask_mod': bool(self.mask_mod), 'score_mod': bool(self.score_mod),
+                   'modifiers': bool(self.modifier_names), 'shared_qk': self.shared_qk,
+                   'aggregation': self.aggregation != 'forward',
+                   'sliding_window': self.sliding_window is not None,
+                   'positional': positional != 'none'}
+      bad = [name for name, used in self_only.items() if used]
+      if bad:
+        raise ValueError(f'{bad} apply to self-attention; this layer is cross-attention '
+                         '(derive its config with AttentionConfig.for_cross())')
+    if self.aggregation == 'backward' and is_causal:
+      raise ValueError("aggregation='backward' sums over queries, which would leak the future "
+                       'into a causal decoder: it needs bidirectional self-attention')
+
+  def for_cross(self) -> AttentionConfig:
+    """This config for cross-attention: the self-attention-only options off."""
+    return dataclasses.replace(self, mask_mod='', score_mod='', modifiers='', shared_qk=False,
+                               aggregation='forward', sliding_window=None)
+
+
+def _attention_config(value: Any) -> AttentionConfig:
+  """An `AttentionConfig` from itself or a dict of its fields (unknown names raise)."""
+  if isinstance(value, AttentionConfig):
+    return value
+  if not isinstance(value, dict):
+    raise ValueError(f'attention must be an AttentionConfig or a dict of its fields, got '
+                     f'{type(value).__name__}')
+  known = {f.name for f in dataclasses.fields(AttentionConfig)}
+  unknown = sorted(set(value) - known)
+  if unknown:
+    raise ValueError(f'unknown AttentionConfig field(s) {unknown}; known: {sorted(known)}')
+  return AttentionConfig(**value)
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig(_VocabAndDtype):
+  """Hyper-parameters of the Transformer models (`EncoderDecoder`, `DecoderLM`,
+  `EncoderClassifier`); the attention options are `attention` (an `AttentionConfig`, or a
+  dict of its fields). Defaults are the 2017 paper's base model."""
+  vocab_size: int = 32_000
+  # Target vocabulary of EncoderDecoder; None = the same (shared) vocabulary.
+  output_vocab_size: int | None = None
+  num_classes: int = 2
+  d_model: int = 512
+  d_ff: int = 2048
+  num_encoder_layers: int = 6
+  num_decoder_layers: int = 6
+  attention: AttentionConfig = dataclasses.field(default_factory=AttentionConfig)
+  activation: str = 'relu'
+  norm: str = 'layernorm'
+  norm_position: str = 'post'  # 'post' is the 2017 paper's; 'pre' trains deeper stacks.
+  norm_eps: float = 1e-6
+  positional: str = 'sinusoidal'
+  max_len: int = 512  # learned position table size; also the default decode cache size.
+  # Self-attention kind per layer, cycled over each stack: 'G' global, 'L' local (the
+  # attention's sliding window), 'N' global with no position information (NoPE). '' = every
+  # layer 'L' when attention.sliding_window is set, else 'G'. E.g. 'LLLLLG' is Gemma 3's.
+  layer_pattern: str = ''
+  # positional='concat_geometric': m, the (sin, cos) pairs appended to each token embedding.
+  geometric_frequencies: int = 16
+  dropout_rate: float = 0.1  # residual and embedding dropout
+  # Source and target embeddings shared (EncoderDecoder, needs one vocabulary) and the
+  # output projection tied to the target embedding.
+  share_embeddings: bool = True
+  tie_output: bool = True
+  pooling: str = 'cls'  # EncoderClassifier: learned [CLS] vector or mean over non-pad tokens.
+  use_bias: bool = True  # biases in attention / FFN projections
+  scan_layers: bool = False  # stack layers with nn.scan (fast compiles) or a Python loop.
+  # One layer's weights for every layer of a stack (ALBERT; the stack is then always an
+  # nn.scan over the shared layer, whatever scan_layers says).
+  share_layers: bool = False
+  remat: bool = False  # rematerialize each layer in the backward pass (nn.remat).
+  dtype: str = 'float32'  # compute dtype; parameters are always float32.
+  capture_attention: bool = False  # sow attention weights into 'intermediates'.
+  # Feed-forward and output-logit rows of padding are sorted to the end and skipped in
+  # chunks of this many tokens (`ops.map_valid_chunks`; exact); 0 = compute every row.
+  pad_skip_chunk: int = 512
+
+  def __post_init__(self):
+    object.__setattr__(self, 'attention', _attention_config(self.attention))
+    _check_positive(self, 'vocab_size', 'num_classes', 'd_model', 'd_ff', 'max_len',
+                    'geometric_frequencies')
+    if self.num_encoder_layers < 0 or self.num_decoder_layers < 0:
+      raise ValueError('num_encoder_layers and num_decoder_layers must be >= 0, got '
+                       f'{self.num_encoder_layers} and {self.num_decoder_layers}')
+    if self.output_vocab_size is not None and self.output_vocab_size <= 0:
+      raise ValueError(f'output_vocab_size must be positive, got {self.output_vocab_size}')
+    if self.d_model % self.num_heads:
+      raise ValueError(f'd_model={self.d_model} is not divisible by num_heads={self.num_heads}')
+    _check_choice('activation', self.activation, ACTIVATIONS)
+    _check_choice('norm', self.norm, NORMS)
+    _check_choice('norm_position', self.norm_position, NORM_POSITIONS)
+    _check_choice('positional', self.positional, POSITIONALS)
+    _check_choice('pooling', self.pooling, POOLINGS)
+    _check_choice('dtype', self.dtype, DTYPES)
+    _check_rate(self, 'dropout_rate')
+    if self.positional == 'rope' and self.head_dim % 2:
+      raise ValueError(f'positional=rope needs an even head_dim, got {self.head_dim}')
+    if self.positional == 'sinusoidal' and self.d_model % 2:
+      raise ValueError(f'positional=sinusoidal needs an even d_model, got {self.d_model}')
+    if self.pad_skip_chunk < 0:
+      raise ValueError(f'pad_skip_chunk must be >= 0 (0 = off), got {self.pad_skip_chunk}')
+    self._check_layers()
+    if (self.share_embeddings and self.output_vocab_size is not None
+        and self.output_vocab_size != self.vocab_size):
+      raise ValueError(
+          f'share_embeddings needs one vocabulary, but vocab_size={self.vocab_size} and '
+          f'output_vocab_size={self.output_vocab_size}')
+
+  def _check_layers(self) -> None:
+    """The layer pattern and what the model's layers need from the attention config."""
+    attn = self.attention
+    bad = sorted(set(self.layer_pattern) - set(LAYER_KINDS))
+    if bad:
+      raise ValueError(f'layer_pattern={self.layer_pattern!r} has {bad}; use {LAYER_KINDS}')
+    if 'L' in self.layer_pattern and attn.sliding_window is None:
+      raise ValueError(f"layer_pattern={self.layer_pattern!r} has local 'L' layers but "
+                       'attention.sliding_window is None')
+    if 'N' in self.layer_pattern and self.positional not in IN_ATTENTION_POSITIONALS:
+      raise ValueError(f"layer_pattern={self.layer_pattern!r} has NoPE 'N' layers, which need "
+                       f'positions inside attention, positional in {IN_ATTENTION_POSITIONALS}; '
+                       f'got {self.positional!r}')
+    if len(set(self.layer_pattern)) > 1 and (self.scan_layers or self.share_layers):
+      name = 'scan_layers' if self.scan_layers else 'share_layers'
+      raise ValueError(f'layer_pattern={self.layer_pattern!r} makes layers differ, which '
+                       f'{name}=True cannot stack (one set of layer code)')
+    if attn.kind != 'softmax' and self.positional in ('alibi', 't5'):
+      raise ValueError(f'attention kind={attn.kind!r} has no logits, so it cannot take '
+                       f'positional={self.positional!r} (a logit bias)')
+    if attn.aggregation == 'backward' and self.num_encoder_layers == 0:
+      raise ValueError("attention.aggregation='backward' applies to encoder self-attention, "
+                       'but num_encoder_layers=0')
+
+  @property
+  def num_heads(self) -> int:
+    return self.attention.num_heads
+
+  @property
+  def head_dim(self) -> int:
+    return self.d_model // self.attention.num_heads
+
+  @property
+  def kv_heads(self) -> int:
+    return self.attention.kv_heads
+
   def layer_kind(self, index: int) -> str:
     """The self-attention kind of layer `index` of a stack: 'G', 'L' or 'N'."""
     if self.layer_pattern:
       return self.layer_pattern[index % len(self.layer_pattern)]
-    return 'L' if self.sliding_window is not None else 'G'
+    return 'L' if self.attention.sliding_window is not None else 'G'
+
+
+# Config dataclasses held by a field of another (by the field's annotation).
+NESTED_CONFIGS: dict[str, type] = {'AttentionConfig': AttentionConfig}
+
+
+def nested_config_class(field: dataclasses.Field) -> type | None:
+  """The config dataclass a field holds (`TransformerConfig.attention`), else None."""
+  return NESTED_CONFIGS.get(str(field.type))
+
+
+def field_defaults(cls: type) -> dict[str, Any]:
+  """`{field: default}` of a config dataclass (nested configs as their default instance)."""
+  return {f.name: (f.default_factory() if f.default is dataclasses.MISSING else f.default)
+          for f in dataclasses.fields(cls)}
 
 
 TRANSFORMER_VARIANTS: dict[str, dict[str, Any]] = {
     # Unit tests and CPU smoke runs.
-    'tiny': dict(d_model=32, num_heads=4, d_ff=64, num_encoder_layers=2, num_decoder_layers=2,
-                 max_len=128),
+    'tiny': dict(d_model=32, d_ff=64, num_encoder_layers=2, num_decoder_layers=2, max_len=128,
+                 attention=dict(num_heads=4)),
     # Small-data experiments on one CPU/GPU (IWSLT-size translation, algorithmic tasks).
-    'small': dict(d_model=256, num_heads=4, d_ff=1024, num_encoder_layers=3,
-                  num_decoder_layers=3),
+    'small': dict(d_model=256, d_ff=1024, num_encoder_layers=3, num_decoder_layers=3,
+                  attention=dict(num_heads=4)),
     # Vaswani et al. 2017, Table 3 "base" and "big".
-    'base': dict(d_model=512, num_heads=8, d_ff=2048, num_encoder_layers=6,
-                 num_decoder_layers=6),
-    'big': dict(d_model=1024, num_heads=16, d_ff=4096, num_encoder_layers=6,
-                num_decoder_layers=6, dropout_rate=0.3),
+    'base': dict(d_model=512, d_ff=2048, num_encoder_layers=6, num_decoder_layers=6,
+                 attention=dict(num_heads=8)),
+    'big': dict(d_model=1024, d_ff=4096, num_encoder_layers=6, num_decoder_layers=6,
+                dropout_rate=0.3, attention=dict(num_heads=16)),
 }
+
+
+def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+  """`base` with `overrides`; dict values of nested configs (`attention`) merge field by field."""
+  out = dict(base)
+  for name, value in overrides.items():
+    if isinstance(value, dict) and isinstance(out.get(name), dict):
+      out[name] = {**out[name], **value}
+    else:
+      out[name] = value
+  return out
 
 
 def _build(cls, variants: dict[str, dict[str, Any]], variant: str, overrides: dict[str, Any]):
@@ -273,12 +396,16 @@ def _build(cls, variants: dict[str, dict[str, Any]], variant: str, overrides: di
   fields = {f.name for f in dataclasses.fields(cls)}
   unknown = sorted(set(overrides) - fields)
   if unknown:
-    raise ValueError(f'unknown {cls.__name__} field(s) {unknown}; known: {sorted(fields)}')
-  return cls(**{**variants[variant], **overrides})
+    nested = [n for n in unknown if n in {f.name for f in dataclasses.fields(AttentionConfig)}]
+    hint = (f'; {nested} are attention options: pass attention=dict({nested[0]}=...)'
+            if nested and cls is TransformerConfig else '')
+    raise ValueError(f'unknown {cls.__name__} field(s) {unknown}{hint}; known: {sorted(fields)}')
+  return cls(**_merge(variants[variant], overrides))
 
 
 def transformer_config(variant: str = 'base', **overrides: Any) -> TransformerConfig:
-  """The named size (`tiny`, `small`, `base`, `big`) with `overrides` applied."""
+  """The named size (`tiny`, `small`, `base`, `big`) with `overrides` applied; attention
+  options go in `attention=dict(...)`, merged with the size's own (its `num_heads`)."""
   return _build(TransformerConfig, TRANSFORMER_VARIANTS, variant, overrides)
 
 

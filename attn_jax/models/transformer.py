@@ -11,6 +11,7 @@ applied `num_layers` times, while its cache and sown weights keep one entry per 
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import flax.linen as nn
@@ -19,37 +20,41 @@ import jax.numpy as jnp
 
 from attn_jax import ops
 from attn_jax.models import decoding, names
-from attn_jax.models.attention import MultiHeadAttention, partitioned, resolve_mod
-from attn_jax.models.configs import TransformerConfig
+from attn_jax.models.attention import MultiHeadAttention, partitioned
+from attn_jax.models.configs import IN_ATTENTION_POSITIONALS, AttentionConfig, TransformerConfig
 from attn_jax.models.layers import Dropout, Embedder, FeedForward, make_norm, shift_right
 from attn_jax.tokens import BOS_ID, PAD_ID
 
 
+def layer_attention(cfg: TransformerConfig, *, causal: bool, self_attention: bool,
+                    kind: str = 'G') -> tuple[AttentionConfig, str]:
+  """The attention config and in-attention positions of one layer: the one place where a
+  layer's role narrows the model's `cfg.attention`.
+
+  `kind` ('G', 'L', 'N': see `layer_pattern`) says whether self-attention keeps the sliding
+  window ('L') and the positions ('N' drops them); cross-attention gets neither, nor the
+  other self-attention-only options; only bidirectional self-attention aggregates backward.
+  """
+  attn = cfg.attention
+  if not self_attention:
+    return attn.for_cross(), 'none'
+  changes: dict[str, Any] = {}
+  if kind != 'L':
+    changes['sliding_window'] = None
+  if causal:
+    changes['aggregation'] = 'forward'
+  in_attention = cfg.positional in IN_ATTENTION_POSITIONALS and kind != 'N'
+  return (dataclasses.replace(attn, **changes) if changes else attn,
+          cfg.positional if in_attention else 'none')
+
+
 def _attention(cfg: TransformerConfig, *, causal: bool, self_attention: bool, name: str,
                capture: bool, kind: str = 'G') -> MultiHeadAttention:
-  """The attention of a layer; `kind` ('G', 'L', 'N': see `layer_pattern`), `shared_qk` and
-  the encoder's aggregation shape self-attention only; `attention_kind`, the projections'
-  options apply to every attention."""
-  in_attention = cfg.positional in ('rope', 'alibi', 't5') and kind != 'N'
-  return MultiHeadAttention(
-      num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, is_causal=causal,
-      cross_attention=not self_attention,
-      positional=cfg.positional if in_attention and self_attention else 'none',
-      rope_base=cfg.rope_base, t5_num_buckets=cfg.t5_num_buckets,
-      t5_max_distance=cfg.t5_max_distance,
-      sliding_window=cfg.sliding_window if self_attention and kind == 'L' else None,
-      dropout_rate=cfg.attention_dropout_rate, logit_soft_cap=cfg.attn_logit_softcap,
-      sinks=cfg.attention_sinks, qk_norm=cfg.qk_norm,
-      mask_mod=resolve_mod(cfg.mask_mod, 'mask_mod') if self_attention else None,
-      score_mod=resolve_mod(cfg.score_mod, 'score_mod') if self_attention else None,
-      use_bias=cfg.use_bias, dtype=cfg.compute_dtype,
-      implementation=cfg.implementation, capture_attention=capture,
-      attention_kind=cfg.attention_kind, performer_features=cfg.performer_features,
-      performer_seed=cfg.performer_seed, shared_qk=cfg.shared_qk and self_attention,
-      value_projection=cfg.value_projection, key_projection=cfg.key_projection,
-      share_head_projections=cfg.share_head_projections,
-      aggregation=cfg.encoder_aggregation if self_attention and not causal else 'forward',
-      name=name)
+  config, positional = layer_attention(cfg, causal=causal, self_attention=self_attention,
+                                       kind=kind)
+  return MultiHeadAttention(config, is_causal=causal, cross_attention=not self_attention,
+                            positional=positional, use_bias=cfg.use_bias,
+                            dtype=cfg.compute_dtype, capture_attention=capture, name=name)
 
 
 class _Block(nn.Module):
@@ -344,8 +349,8 @@ class DecoderLM(nn.Module):
 
   def setup(self):
     cfg = self.config
-    if cfg.encoder_aggregation != 'forward':
-      raise ValueError(f'encoder_aggregation={cfg.encoder_aggregation!r} applies to an '
+    if cfg.attention.aggregation != 'forward':
+      raise ValueError(f'attention.aggregation={cfg.attention.aggregation!r} applies to an '
                        "encoder's self-attention; DecoderLM has none (and summing a causal "
                        "decoder's weights over queries would leak the future)")
     self.embed = Embedder(cfg, cfg.vocab_size)

@@ -85,8 +85,8 @@ def test_build_model_config_takes_sizes_from_data():
 
 
 def test_classification_loss_ignores_padding_rows():
-  model = model_section('encoder_classifier', 'tiny', d_model=16, num_heads=2, d_ff=16,
-                        num_encoder_layers=1, dropout_rate=0.0)
+  model = model_section('encoder_classifier', 'tiny', d_model=16, d_ff=16, num_encoder_layers=1,
+                        dropout_rate=0.0, attention=dict(num_heads=2))
   config = ml_collections.ConfigDict({'model': model,
                                       'loss': {'label_smoothing': 0.0}})
   task = tasks.make_task(config, {'task': 'classification', 'vocab_size': 12,

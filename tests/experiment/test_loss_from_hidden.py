@@ -13,6 +13,7 @@ import pytest
 from attn_jax.experiment import config as experiment_config
 from attn_jax.experiment import tasks
 from attn_jax.experiment.tasks import softmax_loss_from_hidden
+from attn_jax.models.configs import TransformerConfig
 from attn_jax.train import losses
 from configs import translation
 
@@ -72,5 +73,5 @@ def test_a_run_saved_before_pad_skip_chunk_loads_with_it_filled_in(arg, has_fiel
   # Filled in for the Transformer, whose config has the field; nothing added to the RNN's.
   assert ('pad_skip_chunk' in config.model) == has_field
   if has_field:
-    assert config.model.pad_skip_chunk == experiment_config.ADDED_MODEL_FIELDS['pad_skip_chunk']
+    assert config.model.pad_skip_chunk == TransformerConfig().pad_skip_chunk  # its default
   tasks.make_task(config, meta)

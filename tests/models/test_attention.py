@@ -12,10 +12,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from attn_jax.models import AdditiveAttention, LuongAttention, MultiHeadAttention
+from attn_jax.models import AdditiveAttention, AttentionConfig, LuongAttention, MultiHeadAttention
 
 B, L, F, H = 2, 7, 16, 4
 ATOL = 1e-5
+LAYER = ('is_causal', 'cross_attention', 'positional', 'dtype')
+
+
+def _mha(num_heads=H, **options):
+  """MultiHeadAttention with `options` split between its config and the layer's own."""
+  layer = {k: options.pop(k) for k in LAYER if k in options}
+  return MultiHeadAttention(AttentionConfig(num_heads=num_heads, **options), **layer)
 
 
 def _x(seed=0, shape=(B, L, F)):
@@ -45,7 +52,7 @@ def test_matches_flax_multihead_attention_with_copied_params():
   mask = jax.random.bernoulli(jax.random.key(2), 0.7, (B, 1, L, 5)).at[..., 0].set(True)
   ref = nn.MultiHeadDotProductAttention(num_heads=H, qkv_features=F, out_features=F)
   # num_kv_heads == num_heads is plain multi-head attention.
-  ours = MultiHeadAttention(num_heads=H, num_kv_heads=H, cross_attention=True)
+  ours = _mha(num_heads=H, num_kv_heads=H, cross_attention=True)
 
   @jax.jit  # one program: compiling dominates the runtime of this test
   def outputs_and_grads(x):
@@ -67,14 +74,14 @@ def test_matches_flax_multihead_attention_with_copied_params():
 
 def test_grouped_query_attention_equals_mha_with_repeated_kv_heads():
   x = _x(0)
-  gqa = MultiHeadAttention(num_heads=H, num_kv_heads=2, is_causal=True)
+  gqa = _mha(num_heads=H, num_kv_heads=2, is_causal=True)
   params = _init(gqa, x)['params']
   assert params['key']['kernel'].shape == (F, 2, F // H)
   # Query head h reads k/v head h // groups: repeat each kv head `groups` times.
   mha_params = dict(params)
   for name in ('key', 'value'):
     mha_params[name] = jax.tree.map(lambda w: jnp.repeat(w, 2, axis=-2), params[name])
-  mha = MultiHeadAttention(num_heads=H, is_causal=True)
+  mha = _mha(num_heads=H, is_causal=True)
   np.testing.assert_allclose(_apply(gqa)({'params': params}, x),
                              _apply(mha)({'params': mha_params}, x), atol=ATOL)
 
@@ -82,7 +89,7 @@ def test_grouped_query_attention_equals_mha_with_repeated_kv_heads():
 @pytest.mark.parametrize('positional', ['none', 'rope', 'alibi', 't5'])
 def test_causal_self_attention_has_no_gradient_from_the_future(positional):
   x = _x(0)
-  attn = MultiHeadAttention(num_heads=H, is_causal=True, positional=positional)
+  attn = _mha(num_heads=H, is_causal=True, positional=positional)
   params = _init(attn, x)['params']
   jac = jax.jit(jax.jacobian(lambda v: attn.apply({'params': params}, v)))(x)  # [B, L, F, B, L, F]
   dependence = jnp.abs(jac).sum(axis=(2, 5))[0, :, 0]  # [L (out), L (in)]
@@ -103,7 +110,7 @@ CACHE_CASES = {
 @pytest.mark.parametrize('case', sorted(CACHE_CASES))
 def test_prefill_then_stepwise_decoding_equals_full_forward(case):
   x = _x(0, (B, 8, F))
-  attn = MultiHeadAttention(num_heads=H, is_causal=True, **CACHE_CASES[case])
+  attn = _mha(num_heads=H, is_causal=True, **CACHE_CASES[case])
 
   @jax.jit  # one program per case: compiling is what costs time here
   def full_and_cached(x):
@@ -127,7 +134,7 @@ def test_prefill_then_stepwise_decoding_equals_full_forward(case):
 def test_decoding_a_ragged_prompt_matches_each_row_alone():
   """Row 0's prompt has 2 padding slots; its next token must see positions, not slots."""
   x = _x(0, (1, 5, F))
-  attn = MultiHeadAttention(num_heads=H, is_causal=True, positional='alibi')
+  attn = _mha(num_heads=H, is_causal=True, positional='alibi')
   params = _init(attn, x)['params']
   apply = _apply(attn)
   full = apply({'params': params}, x)  # the unpadded 5-token sequence
@@ -143,7 +150,7 @@ def test_decoding_a_ragged_prompt_matches_each_row_alone():
 
 def test_sliding_window_limits_the_receptive_field():
   x = _x(0)
-  attn = MultiHeadAttention(num_heads=H, sliding_window=1)  # bidirectional, +-1 token
+  attn = _mha(num_heads=H, sliding_window=1)  # bidirectional, +-1 token
   params = _init(attn, x)['params']
   jac = jax.jit(jax.jacobian(lambda v: attn.apply({'params': params}, v)))(x)
   dependence = np.asarray(jnp.abs(jac).sum(axis=(2, 5))[0, :, 0])
@@ -153,7 +160,7 @@ def test_sliding_window_limits_the_receptive_field():
 
 def test_attention_weights_are_sown_and_dropout_needs_train():
   x = _x(0)
-  attn = MultiHeadAttention(num_heads=H, dropout_rate=0.5)
+  attn = _mha(num_heads=H, dropout_rate=0.5)
 
   @jax.jit
   def run(x):
@@ -173,22 +180,22 @@ def test_attention_weights_are_sown_and_dropout_needs_train():
 def test_bad_head_configuration_raises_naming_the_field():
   x = _x(0)
   with pytest.raises(ValueError, match='num_kv_heads'):
-    MultiHeadAttention(num_heads=4, num_kv_heads=3).init(jax.random.key(0), x)
+    _mha(num_heads=4, num_kv_heads=3).init(jax.random.key(0), x)
   with pytest.raises(ValueError, match='num_heads'):
-    MultiHeadAttention(num_heads=5).init(jax.random.key(0), x)
+    _mha(num_heads=5).init(jax.random.key(0), x)
   with pytest.raises(ValueError, match='positional'):
-    MultiHeadAttention(num_heads=4, positional='xpos').init(jax.random.key(0), x)
+    _mha(num_heads=4, positional='xpos').init(jax.random.key(0), x)
 
 
 def test_self_or_cross_attention_is_said_not_inferred():
   x, memory = _x(0), _x(1, (B, 5, F))
   with pytest.raises(ValueError, match='set cross_attention=True'):
-    MultiHeadAttention(num_heads=H).init(jax.random.key(0), x, memory)
+    _mha(num_heads=H).init(jax.random.key(0), x, memory)
   with pytest.raises(ValueError, match='cross_attention=True needs inputs_kv'):
-    MultiHeadAttention(num_heads=H, cross_attention=True).init(jax.random.key(0), x)
+    _mha(num_heads=H, cross_attention=True).init(jax.random.key(0), x)
   # Non-causal self-attention cannot decode (it used to be taken for cross-attention).
   with pytest.raises(ValueError, match='needs is_causal=True'):
-    MultiHeadAttention(num_heads=H).init(jax.random.key(0), x, decode=True)
+    _mha(num_heads=H).init(jax.random.key(0), x, decode=True)
 
 
 def _naive_attention(scores, mask, values):
@@ -230,8 +237,8 @@ def test_luong_attention_matches_the_formula(score):
 
 def test_bfloat16_compute_stays_close_to_float32():
   x = _x(0)
-  attn32 = MultiHeadAttention(num_heads=H, is_causal=True, positional='rope')
-  attn16 = MultiHeadAttention(num_heads=H, is_causal=True, positional='rope',
+  attn32 = _mha(num_heads=H, is_causal=True, positional='rope')
+  attn16 = _mha(num_heads=H, is_causal=True, positional='rope',
                               dtype=jnp.bfloat16)
   params = _init(attn32, x)['params']
   out16 = _apply(attn16)({'params': params}, x)

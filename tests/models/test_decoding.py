@@ -161,7 +161,8 @@ def test_cached_greedy_decoding_agrees_with_the_full_forward(kind):
   if kind == 'rnn':
     model = models.RNNSeq2Seq(models.rnn_config('tiny', vocab_size=VOCAB, attention='general'))
   else:
-    model = models.EncoderDecoder(_tiny(scan_layers=True, num_kv_heads=2, num_decoder_layers=1))
+    model = models.EncoderDecoder(_tiny(scan_layers=True, num_decoder_layers=1,
+                                        attention=dict(num_kv_heads=2)))
 
   @jax.jit  # one program per case: compiling is what costs time here
   def decode(inputs):
@@ -209,8 +210,8 @@ def test_beam_search_with_shared_cross_keys_and_filled_slots_equals_the_full_cac
   (and reordering) every slot with per-beam cross-attention keys/values. (Greedy decoding
   takes the same attention path with one hypothesis per row.)"""
   monkeypatch.setattr(attention, 'DECODE_CHUNK', 4)  # 13 slots -> 16: four chunks
-  cfg = _tiny(num_decoder_layers=2, num_kv_heads=1, positional='rope', d_ff=24,
-              tie_output=False)
+  cfg = _tiny(num_decoder_layers=2, positional='rope', d_ff=24, tie_output=False,
+              attention=dict(num_kv_heads=1))
   model = models.EncoderDecoder(cfg)
   # Every slot attended (capture_attention's dense path), whole caches reordered, cross
   # keys/values projected per hypothesis: the path before beam search was made to scale.

@@ -72,12 +72,12 @@ TARGETS = _tokens(1, [3, 6, 1])
 
 @pytest.mark.parametrize('options', [
     # Post-LN with the encoder's attention summed over queries (padding hidden as a query).
-    dict(encoder_aggregation='backward'),
+    dict(attention=dict(aggregation='backward')),
     # Pre-LN, RMSNorm, SwiGLU, scanned + rematerialized layers, separate untied embeddings,
     # linear attention (padding masked inside the kernel sums).
     dict(norm_position='pre', norm='rmsnorm', activation='swiglu', scan_layers=True, remat=True,
          share_embeddings=False, tie_output=False, output_vocab_size=VOCAB,
-         attention_kind='linear'),
+         attention=dict(kind='linear')),
 ], ids=['post_ln_backward_aggregation', 'pre_rms_swiglu_scan_remat_untied_linear'])
 def test_encoder_decoder_loss_and_gradients_equal_the_dense_path(options):
   _assert_same(_cfg(**options), models.EncoderDecoder, (SOURCES, TARGETS), {}, TARGETS)
@@ -104,7 +104,8 @@ def test_packed_encoder_decoder_equals_the_dense_path():
 
 def test_decoder_lm_with_a_mask_mod_equals_the_dense_path():
   inputs = _tokens(2, [7, 3, 5])
-  _assert_same(_cfg(positional='rope', mask_mod='global_1'), models.DecoderLM, (inputs,), {},
+  _assert_same(_cfg(positional='rope', attention=dict(mask_mod='global_1')), models.DecoderLM,
+               (inputs,), {},
                inputs)
 
 

@@ -41,7 +41,7 @@ def _tokens(seed, shape, lengths=None):
 
 
 def test_decoder_lm_logits_do_not_depend_on_later_tokens():
-  cfg = _cfg(positional='rope', num_kv_heads=2)
+  cfg = _cfg(positional='rope', attention=dict(num_kv_heads=2))
   model = models.DecoderLM(cfg)
   tokens = _tokens(0, (1, 8))
   params = _init(model, tokens)['params']
@@ -124,19 +124,19 @@ def _empty_cache(model, *args, **kwargs):
 
 
 LM_CACHE_CASES = {
-    'gqa_rope_scan_pre_swiglu_rms': dict(positional='rope', num_kv_heads=2, scan_layers=True,
-                                         norm_position='pre', activation='swiglu',
-                                         norm='rmsnorm'),
-    'alibi_sliding_window': dict(positional='alibi', sliding_window=2),
+    'gqa_rope_scan_pre_swiglu_rms': dict(positional='rope', scan_layers=True, norm_position='pre',
+                                         activation='swiglu', norm='rmsnorm',
+                                         attention=dict(num_kv_heads=2)),
+    'alibi_sliding_window': dict(positional='alibi', attention=dict(sliding_window=2)),
     't5_untied': dict(positional='t5', tie_output=False),
     'learned_mha': dict(positional='learned'),
     # Open attention options: every one must hold in the cached path too.
-    'softcap_sinks_qknorm': dict(positional='rope', attn_logit_softcap=2.0,
-                                 attention_sinks=True, qk_norm=True, num_kv_heads=2),
-    'local_global_nope': dict(positional='rope', sliding_window=2, layer_pattern='LN',
-                              num_decoder_layers=2),
-    'user_mask_and_score_mods': dict(positional='alibi', mask_mod='dilated_2',
-                                     score_mod='soft_cap_5'),
+    'softcap_sinks_qknorm': dict(positional='rope', attention=dict(
+        logit_softcap=2.0, sinks=True, qk_norm=True, num_kv_heads=2)),
+    'local_global_nope': dict(positional='rope', layer_pattern='LN', num_decoder_layers=2,
+                              attention=dict(sliding_window=2)),
+    'user_mask_and_score_mods': dict(positional='alibi', attention=dict(
+        mask_mod='dilated_2', score_mod='soft_cap_5')),
 }
 
 
@@ -162,10 +162,10 @@ def test_decoder_lm_cached_decoding_equals_full_forward(case):
 
 
 @pytest.mark.parametrize('options', [
-    dict(num_kv_heads=1),
+    dict(attention=dict(num_kv_heads=1)),
     # QK-norm is applied before the cross-attention keys are cached; sinks and the soft cap in
     # self- and cross-attention alike.
-    dict(qk_norm=True, attention_sinks=True, attn_logit_softcap=3.0, num_kv_heads=1),
+    dict(attention=dict(qk_norm=True, sinks=True, logit_softcap=3.0, num_kv_heads=1)),
 ])
 def test_encoder_decoder_cached_decoding_equals_full_forward(options):
   model = models.EncoderDecoder(_cfg(**options))

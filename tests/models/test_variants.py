@@ -28,16 +28,16 @@ def _cfg(**overrides):
 LM_CACHE_CASES = {
     # The self penalty after the soft cap, seen at token positions; one layer applied twice
     # with a cache per application.
-    'shared_qk_rope_softcap_share_layers': dict(shared_qk=True, positional='rope',
-                                                attn_logit_softcap=2.0, share_layers=True,
-                                                num_decoder_layers=2),
-    'no_kv_projection_concat_geometric': dict(value_projection=False, key_projection=False,
-                                              positional='concat_geometric',
-                                              geometric_frequencies=4),
-    'linear_gqa_shared_heads': dict(attention_kind='linear', num_kv_heads=2,
-                                    share_head_projections=True),
-    'performer_rope': dict(attention_kind='performer', positional='rope',
-                           performer_features=16),
+    'shared_qk_rope_softcap_share_layers': dict(
+        positional='rope', share_layers=True, num_decoder_layers=2,
+        attention=dict(shared_qk=True, logit_softcap=2.0)),
+    'no_kv_projection_concat_geometric': dict(
+        positional='concat_geometric', geometric_frequencies=4,
+        attention=dict(value_projection=False, key_projection=False)),
+    'linear_gqa_shared_heads': dict(attention=dict(kind='linear', num_kv_heads=2,
+                                                   share_head_projections=True)),
+    'performer_rope': dict(positional='rope',
+                           attention=dict(kind='performer', performer_features=16)),
 }
 
 
@@ -64,10 +64,10 @@ def test_decoder_lm_cached_decoding_equals_full_forward(case):
 
 @pytest.mark.parametrize('options', [
     # Backward aggregation in the encoder; projection-free cross-attention values.
-    dict(encoder_aggregation='backward', value_projection=False, num_encoder_layers=2),
+    dict(num_encoder_layers=2, attention=dict(aggregation='backward', value_projection=False)),
     # Linear attention in every attention, cross-attention included; ALBERT stacks.
-    dict(attention_kind='linear', share_layers=True, num_encoder_layers=2,
-         num_decoder_layers=2),
+    dict(share_layers=True, num_encoder_layers=2, num_decoder_layers=2,
+         attention=dict(kind='linear')),
 ])
 def test_encoder_decoder_cached_decoding_equals_full_forward(options):
   model = models.EncoderDecoder(_cfg(**options))
@@ -122,8 +122,8 @@ def _tie(params, case):
 
 @pytest.mark.parametrize('case, options', [
     ('share_layers', dict(share_layers=True)),
-    ('share_head_projections', dict(share_head_projections=True)),
-    ('no_value_projection', dict(value_projection=False)),
+    ('share_head_projections', dict(attention=dict(share_head_projections=True))),
+    ('no_value_projection', dict(attention=dict(value_projection=False))),
 ])
 def test_variant_equals_the_standard_model_with_tied_weights(case, options):
   variant = models.DecoderLM(_cfg(num_decoder_layers=2, positional='alibi', **options))
@@ -144,8 +144,8 @@ def test_variant_equals_the_standard_model_with_tied_weights(case, options):
 
 
 def test_backward_aggregation_encoder_ignores_padding_and_differs_from_forward():
-  backward = models.EncoderClassifier(_cfg(encoder_aggregation='backward', pooling='mean',
-                                           num_classes=3))
+  backward = models.EncoderClassifier(_cfg(pooling='mean', num_classes=3,
+                                           attention=dict(aggregation='backward')))
   forward = models.EncoderClassifier(_cfg(pooling='mean', num_classes=3))
   inputs = _tokens(0, (2, 6), lengths=[4, 6])
 
@@ -163,8 +163,8 @@ def test_backward_aggregation_encoder_ignores_padding_and_differs_from_forward()
 
 def test_performer_projection_is_a_constant_of_the_seed_not_a_parameter():
   tokens = _tokens(0, (1, 5))
-  seeds = [models.DecoderLM(_cfg(attention_kind='performer', performer_seed=seed,
-                                 performer_features=8)) for seed in (0, 1)]
+  seeds = [models.DecoderLM(_cfg(attention=dict(kind='performer', performer_seed=seed,
+                                                 performer_features=8))) for seed in (0, 1)]
   standard = models.DecoderLM(_cfg())
 
   @jax.jit
@@ -180,15 +180,18 @@ def test_performer_projection_is_a_constant_of_the_seed_not_a_parameter():
 
 
 @pytest.mark.parametrize('overrides, message', [
-    (dict(attention_kind='linear', positional='alibi'), r"'linear' has no logits.*positional"),
-    (dict(attention_kind='performer', attention_sinks=True), 'attention_sinks'),
-    (dict(attention_kind='softmax2'), 'attention_kind'),
-    (dict(shared_qk=True, num_kv_heads=2), 'shared_qk=True makes the keys the queries'),
-    (dict(shared_qk=True, key_projection=False), 'key_projection=False'),
-    (dict(key_projection=False, num_kv_heads=1), 'key_projection=False splits'),
-    (dict(encoder_aggregation='sideways'), 'encoder_aggregation'),
-    (dict(encoder_aggregation='backward', num_encoder_layers=0), 'num_encoder_layers=0'),
-    (dict(share_layers=True, layer_pattern='LG', sliding_window=2), 'share_layers=True'),
+    (dict(positional='alibi', attention=dict(kind='linear')),
+     r"'linear' has no logits.*positional"),
+    (dict(attention=dict(kind='performer', sinks=True)), 'sinks'),
+    (dict(attention=dict(kind='softmax2')), "kind='softmax2'"),
+    (dict(attention=dict(shared_qk=True, num_kv_heads=2)),
+     'shared_qk=True makes the keys the queries'),
+    (dict(attention=dict(shared_qk=True, key_projection=False)), 'key_projection=False'),
+    (dict(attention=dict(key_projection=False, num_kv_heads=1)), 'key_projection=False splits'),
+    (dict(attention=dict(aggregation='sideways')), 'aggregation'),
+    (dict(num_encoder_layers=0, attention=dict(aggregation='backward')), 'num_encoder_layers=0'),
+    (dict(share_layers=True, layer_pattern='LG', attention=dict(sliding_window=2)),
+     'share_layers=True'),
     (dict(positional='concat_geometric', geometric_frequencies=0), 'geometric_frequencies'),
 ])
 def test_bad_variant_combinations_raise_naming_the_field(overrides, message):
@@ -197,6 +200,6 @@ def test_bad_variant_combinations_raise_naming_the_field(overrides, message):
 
 
 def test_backward_aggregation_is_refused_in_a_decoder_lm():
-  model = models.DecoderLM(_cfg(encoder_aggregation='backward'))
-  with pytest.raises(ValueError, match="encoder_aggregation='backward' applies to an encoder"):
+  model = models.DecoderLM(_cfg(attention=dict(aggregation='backward')))
+  with pytest.raises(ValueError, match="attention.aggregation='backward' applies to an encoder"):
     jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.ones((1, 3), jnp.int32)))
