@@ -30,6 +30,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 from attn_jax import ops
 from attn_jax.models.configs import AttentionConfig
@@ -101,7 +102,28 @@ POSITION_BIASES: dict[str, Modifier] = {
         max_distance=layer.config.t5_max_distance)),
 }
 
-MODIFIERS: dict[str, Modifier] = {}
+
+def _temperature_params(layer: LayerInfo) -> dict[str, ParamSpec]:
+  # The log of each head's logit scale: 0 at init, the usual 1/sqrt(head_dim) scaling.
+  return {'log_temperature': ParamSpec((layer.num_heads,), nn.initializers.zeros, ('heads',))}
+
+
+def _temperature(params: Mapping[str, jax.Array], layer: LayerInfo) -> Any:
+  del layer
+  log_temperature = params['log_temperature']
+
+  def scaled(score, b, h, q_idx, kv_idx):
+    del b, q_idx, kv_idx
+    return score * jnp.exp(log_temperature[h].astype(jnp.float32))
+
+  return scaled
+
+
+MODIFIERS: dict[str, Modifier] = {
+    # A learned per-head temperature: head h's logits times exp(t_h) (t = 0 at init), so each
+    # head learns how sharp its attention is.
+    'temperature': Modifier(_temperature_params, _temperature),
+}
 
 
 def _call_spec(spec: str, kind: str) -> tuple[str, tuple, dict]:
