@@ -294,8 +294,15 @@ class MultiHeadAttention(nn.Module):
     if cfg.shared_qk:
       kwargs['scale'] = 1.0
     if decode and not cross_decode:
-      key, value, query, cache_kwargs = self._decode_cache(query, key, value, segment_ids,
-                                                           positions)
+      windowed = cfg.sliding_window is not None
+      cache = self._window_cache if windowed else self._decode_cache
+      key, value, query, cache_kwargs = cache(query, key, value, segment_ids, positions)
+      if windowed:
+        # Causality and the window are counted in token positions: a ragged prompt's padding
+        # slots must not take real keys' places in the window.
+        kwargs.update(is_causal=False, local_window=None)
+        mask_mod = ops.and_masks(ops.mask_mods.causal(),
+                                 ops.mask_mods.sliding_window(cfg.sliding_window), mask_mod)
       cache_mask = cache_kwargs.pop('mask', None)
       q_positions, kv_positions = cache_kwargs.pop('positions')
       kwargs.update(cache_kwargs, mask=ops.combine_masks(mask, cache_mask))
@@ -396,18 +403,8 @@ class MultiHeadAttention(nn.Module):
     cached_position = self.variable('cache', 'cached_position', jnp.zeros, slots, jnp.int32)
     cache_index = self.variable('cache', 'cache_index', lambda: jnp.array(0, jnp.int32))
     index = cache_index.value
-    if positions is None:
-      positions = index + jnp.arange(q_len)
-    positions = jnp.broadcast_to(jnp.asarray(positions, jnp.int32), (batch, q_len))
-    if segment_ids is None:
-      segment_ids = jnp.ones((batch, q_len), jnp.int32)
-    segment_ids = jnp.asarray(segment_ids, jnp.int32)
-    if segment_ids.shape != (batch, q_len):
-      raise ValueError(f'decode segment_ids must be [batch, q_len] = {(batch, q_len)}, '
-                       f'got {segment_ids.shape}')
-    if self.positional == 'rope':
-      query = ops.rope(query, positions, self.config.rope_base)
-      key = ops.rope(key, positions, self.config.rope_base)
+    query, key, positions, segment_ids = self._decode_inputs(query, key, index, positions,
+                                                             segment_ids)
     if not initialized:
       # The init call only creates the (max_len-sized) cache; attend within the input.
       return key, value, query, dict(q_offset=0, segment_ids=segment_ids,
@@ -432,6 +429,76 @@ class MultiHeadAttention(nn.Module):
     kwargs: dict[str, Any] = dict(q_offset=index, mask=valid, length=index + q_len,
                                   positions=(positions, cached_position.value))
     return cached_key.value, cached_value.value, query, kwargs
+
+  def _decode_inputs(self, query, key, index, positions, segment_ids):
+    """A decoding call's positions `[batch, q_len]` (default: from the cache index on) and
+    segment ids (default all 1; 0 marks padding), checked, and RoPE applied by them."""
+    batch, q_len = query.shape[:2]
+    if positions is None:
+      positions = index + jnp.arange(q_len)
+    positions = jnp.broadcast_to(jnp.asarray(positions, jnp.int32), (batch, q_len))
+    if segment_ids is None:
+      segment_ids = jnp.ones((batch, q_len), jnp.int32)
+    segment_ids = jnp.asarray(segment_ids, jnp.int32)
+    if segment_ids.shape != (batch, q_len):
+      raise ValueError(f'decode segment_ids must be [batch, q_len] = {(batch, q_len)}, '
+                       f'got {segment_ids.shape}')
+    if self.positional == 'rope':
+      query = ops.rope(query, positions, self.config.rope_base)
+      key = ops.rope(key, positions, self.config.rope_base)
+    return query, key, positions, segment_ids
+
+  def _window_cache(self, query, key, value, segment_ids, positions):
+    """The cache of a sliding-window layer: only the window, so a step costs O(window).
+
+    It holds `window_key`/`window_value` `[batch, window + 1, kv_heads, head_dim]` and
+    `window_segment`/`window_position` `[batch, window + 1]` (segment 0: empty or padding):
+    a real token at position p lives in slot `p % (window + 1)` until position
+    `p + window + 1`, which no query that can see p reaches, overwrites it. Padding tokens are
+    not written, so each row's ring follows its own positions. A call attends to the ring as
+    it was plus its own keys (a prefill longer than the window sees all of its tokens), then
+    writes its newest `window + 1` real tokens; the caller masks causality and the window by
+    position (`cache_index` counts calls' tokens, for default positions).
+    """
+    batch, q_len = query.shape[:2]
+    size = self.config.sliding_window + 1
+    initialized = self.has_variable('cache', 'window_key')
+    ring = (batch, size)
+    window_key = self.variable('cache', 'window_key', jnp.zeros, ring + key.shape[2:],
+                               key.dtype)
+    window_value = self.variable('cache', 'window_value', jnp.zeros, ring + value.shape[2:],
+                                 value.dtype)
+    window_segment = self.variable('cache', 'window_segment', jnp.zeros, ring, jnp.int32)
+    window_position = self.variable('cache', 'window_position', jnp.zeros, ring, jnp.int32)
+    cache_index = self.variable('cache', 'cache_index', lambda: jnp.array(0, jnp.int32))
+    query, key, positions, segment_ids = self._decode_inputs(query, key, cache_index.value,
+                                                             positions, segment_ids)
+    if not initialized:
+      return key, value, query, dict(q_offset=0, segment_ids=segment_ids,
+                                     positions=(positions, positions))
+    keys = jnp.concatenate([window_key.value, key.astype(window_key.value.dtype)], axis=1)
+    values = jnp.concatenate([window_value.value, value.astype(window_value.value.dtype)],
+                             axis=1)
+    kv_positions = jnp.concatenate([window_position.value, positions], axis=1)
+    kv_segments = jnp.concatenate([window_segment.value, segment_ids], axis=1)
+    # The newest `size` real tokens of each row go to distinct slots; the rest are dropped
+    # (slot `size` is out of range), so no two writes of a row meet in one slot.
+    real = segment_ids != 0
+    newest = jnp.max(jnp.where(real, positions, -1), axis=1, keepdims=True)
+    slot = jnp.where(real & (positions > newest - size), positions % size, size)
+    rows = jnp.arange(batch)[:, None]
+
+    def write(ring_value, x):
+      return ring_value.at[rows, slot].set(x.astype(ring_value.dtype), mode='drop')
+
+    window_key.value = write(window_key.value, key)
+    window_value.value = write(window_value.value, value)
+    window_segment.value = write(window_segment.value, segment_ids)
+    window_position.value = write(window_position.value, positions)
+    cache_index.value = cache_index.value + q_len
+    valid = (kv_segments != 0)[:, None, None, :]
+    return keys, values, query, dict(q_offset=0, mask=valid,
+                                     positions=(positions, kv_positions))
 
 
 def _group_beams(query: jax.Array, key: jax.Array, kwargs: dict[str, Any]):

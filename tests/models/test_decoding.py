@@ -254,3 +254,43 @@ def test_beam_search_over_a_shared_layer_stack():
   scores = np.asarray(scores)
   assert seqs.shape == (2, 3, 5) and np.all(np.isfinite(scores[:, 0]))
   assert np.all(scores[:, :1] >= scores)  # best first
+
+
+@pytest.mark.parametrize('positional, pattern', [('rope', 'L'), ('alibi', 'LG'),
+                                                 ('sinusoidal', 'LLG')])
+def test_ragged_prompts_with_sliding_window_layers_decode_as_if_alone(positional, pattern):
+  """Each row of a batch of ragged prompts, fed the same continuation step by step, gets the
+  logits it gets alone and that the full forward pass gives: the window counts token
+  positions, not cache slots (a short prompt's padding slots must not take real keys' places
+  in its window). Logits, not greedy tokens, so a context-blind model cannot pass."""
+  cfg = models.transformer_config('tiny', vocab_size=VOCAB, dropout_rate=0.0,
+                                  num_encoder_layers=0, positional=positional,
+                                  num_decoder_layers=len(pattern), layer_pattern=pattern,
+                                  attention=dict(sliding_window=2))
+  model = models.DecoderLM(cfg)
+  prompts = jnp.array([[5, 6, 7, 8, 0, 0], [4, 9, 0, 0, 0, 0], [4, 9, 8, 3, 10, 6]], jnp.int32)
+  lengths = [4, 2, 6]
+  continuation = jnp.array([[7, 3, 9, 4, 6], [8, 8, 5, 10, 3], [5, 4, 6, 7, 9]], jnp.int32)
+
+  def stepwise(params, prompt, tokens):
+    fns = model.decoding_fns(params, prompt=prompt, max_decode_len=tokens.shape[1])
+    first, state = fns.start()
+    _, rest = jax.lax.scan(lambda state, t: fns.step(state, t)[::-1], state,
+                           tokens[:, :-1].T)  # one compiled step, not one per token
+    return jnp.concatenate([first[:, None], jnp.swapaxes(rest, 0, 1)], axis=1)
+
+  @jax.jit
+  def run(prompts, continuation):
+    params = nn.unbox(model.init(jax.random.key(0), prompts))['params']
+    batched = stepwise(params, prompts, continuation)  # [rows, steps, vocab]
+    full = [model.apply({'params': params}, jnp.concatenate(
+        [prompts[r:r + 1, :n], continuation[r:r + 1]], axis=1))[0, n:]
+            for r, n in enumerate(lengths)]
+    # The shortest prompt (most padding in the batch) decoded alone as well.
+    alone = stepwise(params, prompts[1:2, :lengths[1]], continuation[1:2])[0]
+    return batched, alone, full
+
+  batched, alone, full = run(prompts, continuation)
+  for r in range(len(lengths)):
+    np.testing.assert_allclose(batched[r], full[r], atol=1e-5, err_msg=f'row {r} vs forward')
+  np.testing.assert_allclose(alone, batched[1], atol=1e-5, err_msg='row 1 alone vs batched')
