@@ -18,7 +18,7 @@
     per_key = ops.backward_aggregation(q, k, values)
 """
 
-from attn_jax.ops import mask_mods, score_mods
+from attn_jax.ops import mask_mods, score_mods, sequence_layout
 from attn_jax.ops.aggregation import backward_aggregation
 from attn_jax.ops.attention import (
     BLOCKWISE_MIN_LOGITS,
@@ -29,6 +29,11 @@ from attn_jax.ops.attention import (
 )
 from attn_jax.ops.block_mask import BlockMask, block_mask
 from attn_jax.ops.blockwise import blockwise_attention
+from attn_jax.ops.context_parallel import (
+    choose_strategy,
+    context_parallel_attention,
+    sequence_sharded_attention,
+)
 from attn_jax.ops.dense import dense_attention, masked_softmax
 from attn_jax.ops.dropout import dropout, dropout_mask, keep_probability
 from attn_jax.ops.geometric import concat_geometric, geometric_positions
@@ -71,7 +76,8 @@ from attn_jax.ops.token_chunks import map_valid_chunks, valid_first_order
 __all__ = [
     'BLOCKWISE_MIN_LOGITS', 'add_sinusoidal', 'additive_scores', 'alibi_bias', 'alibi_slopes',
     'and_masks', 'backward_aggregation', 'block_mask', 'BlockMask', 'blockwise_attention',
-    'causal_mask', 'choose_implementation', 'combine_masks', 'concat_geometric',
+    'causal_mask', 'choose_implementation', 'choose_strategy', 'combine_masks', 'concat_geometric',
+    'context_parallel_attention',
     'dense_attention', 'dot_product_attention', 'dot_scores', 'dropout', 'dropout_mask',
     'elu_features', 'exclude_self', 'fused_attention', 'general_scores', 'geometric_positions',
     'keep_probability', 'kernel_attention',
@@ -82,6 +88,7 @@ __all__ = [
     'performer_features', 'performer_projection', 'prefix_attention', 'query_key_mask',
     'relative_position_bias', 'relative_position_buckets', 'repeat_kv', 'rope',
     'scaled_dot_scores', 'score_mods',
-    'segment_mask', 'shared_qk_attention', 'sinusoidal', 'split_heads', 'valid_first_order',
+    'segment_mask', 'sequence_layout', 'sequence_sharded_attention', 'shared_qk_attention',
+    'sinusoidal', 'split_heads', 'valid_first_order',
     'valid_positions',
 ]
