@@ -38,7 +38,7 @@ import jax.numpy as jnp
 
 from attn_jax.ops import blockwise
 from attn_jax.ops import sequence_layout as layout_lib
-from attn_jax.ops.attention import dot_product_attention, merge_attention
+from attn_jax.ops.attention import choose_implementation, dot_product_attention, merge_attention
 from attn_jax.ops.block_mask import block_mask as make_block_mask
 from attn_jax.ops.mods import Band, Mod, and_masks
 from attn_jax.ops.shapes import check_qkv
@@ -103,26 +103,36 @@ def _split(x, parts: int):
 
 def _part(spec: RingSpec, dims, qa, ka, q_seg, kv_seg, mask_consts, nondiff, offsets):
   """One query chunk (true start `qa`) against one key chunk (start `ka`): whether any pair is
-  visible, and `attend(q, k, v, diff) -> (out, lse)` over it."""
+  visible, and `attend(q, k, v, diff, saved=None) -> (out, lse)` over it (with `saved`, the
+  whole attention's (out, lse): blockwise's hook for this part's share of the gradients)."""
   b0, h0 = offsets
   user = None if spec.mask is None else shifted(spec.mask, mask_consts, b0, h0, ka)
   mask = blockwise.combined_mask_mod(
       segment_ids=None if q_seg is None else (q_seg, kv_seg), mask_mod=and_masks(spec.band, user),
       q_offset=qa - ka, dims=dims)
   bm = make_block_mask(mask, batch=dims.batch, heads=dims.heads, q_len=dims.q_len,
-                                 kv_len=dims.kv_len, block_size=spec.block_size,
-                                 q_offset=qa - ka)
+                       kv_len=dims.kv_len, block_size=spec.block_size, q_offset=qa - ka)
   visible = jnp.any(bm.full_num > 0) | jnp.any(bm.partial_num > 0)
 
-  def attend(q, k, v, diff):
+  def attend(q, k, v, diff, saved=None):
     score = None
     if spec.score is not None:
       score = shifted(spec.score, merge_consts(spec.score_diff, diff, nondiff), b0, h0, ka)
-    return dot_product_attention(q, k, v, block_mask=bm, score_mod=score, scale=spec.scale,
-                                 return_lse=True, implementation=spec.implementation,
-                                 precision=spec.precision)
+    common = dict(block_mask=bm, score_mod=score, scale=spec.scale, return_lse=True,
+                  precision=spec.precision)
+    if saved is not None:
+      return blockwise.blockwise_attention(q, k, v, saved=saved, **common)
+    return dot_product_attention(q, k, v, implementation=spec.implementation, **common)
 
   return visible, attend
+
+
+def _is_blockwise(spec: RingSpec, q: jax.Array, k: jax.Array) -> bool:
+  """Whether the local calls take the blockwise path (whose backward takes saved stats)."""
+  if spec.implementation is not None:
+    return spec.implementation == 'blockwise'
+  return choose_implementation(q, k, return_weights=False, dropout_rate=0.0, bias_fn=None,
+                               q_offset=0, open_attention=True) == 'blockwise'
 
 
 def _pairs(spec: RingSpec, step, local_len: int):
@@ -219,7 +229,11 @@ def _backward(spec: RingSpec, res, cotangents):
 
       def grads(attend=attend, primals=primals, qi=qi, ki=ki):
         _notify(spec, 'backward', s, qi, ki)
-        (out_part, lse_part), vjp = jax.vjp(attend, *primals)
+        if _is_blockwise(spec, *primals[:2]):  # this part's share from the saved stats
+          saved = (outs[qi], lses[qi])
+          _, vjp = jax.vjp(lambda *p: attend(*p, saved=saved), *primals)
+          return f32(vjp((d_outs[qi].astype(q.dtype), d_lses[qi])))
+        (out_part, lse_part), vjp = jax.vjp(attend, *primals)  # recompute the part
         return f32(vjp(_part_cotangents(out_part, lse_part, outs[qi], lses[qi], d_outs[qi],
                                         d_lses[qi])))
 

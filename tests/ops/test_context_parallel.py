@@ -45,12 +45,15 @@ def _causal(q, k):
 
 
 CASES = {
-    # Balanced causal ring with packed documents as sharded segment ids, soft-cap and sinks.
+    # Balanced causal ring with packed documents as sharded segment ids, capped ALiBi and
+    # sinks; dense local calls (their backward recomputes each part).
     'zigzag_causal_segments_softcap_sinks_gqa': _case(
-        ((8,), ('sequence',)), 'zigzag', 2, segments=True, sinks=True,
-        score=lambda p: sm.soft_cap(2.0), is_causal=True,
+        ((8,), ('sequence',)), 'zigzag', 2, segments=True, sinks=True, is_causal=True,
+        score=lambda p: sm.chain(sm.alibi(p['slopes']), sm.soft_cap(2.0)),
+        params={'slopes': np.asarray(ops.alibi_slopes(H))}, implementation='dense',
         visible=lambda b, q, k: _causal(q, k) & (IDS[b, q] == IDS[b, k])),
-    # Heads split over a second axis (ALiBi must see global heads), blockwise local calls.
+    # Heads split over a second axis (ALiBi must see global heads), blockwise local calls
+    # (their backward takes the saved global out and lse).
     'contiguous_window_alibi_heads_sharded': _case(
         ((4, 2), ('sequence', 'tensor')), 'contiguous', 2, head_axis='tensor',
         local_window=(5, 0), implementation='blockwise', block_size=4,
@@ -60,7 +63,7 @@ CASES = {
     # learned T5 table whose gradient is summed over the devices.
     'zigzag_documents_t5_batch_sharded': _case(
         ((2, 4), ('data', 'sequence')), 'zigzag', 2, batch_axis='data',
-        mask=mm.and_masks(mm.causal(), mm.document(IDS)),
+        implementation='blockwise', block_size=4, mask=mm.and_masks(mm.causal(), mm.document(IDS)),
         visible=lambda b, q, k: _causal(q, k) & (IDS[b, q] == IDS[b, k]),
         score=lambda p: sm.t5_bias(p['table'], bidirectional=False, max_distance=32),
         params={'table': TABLE}),
