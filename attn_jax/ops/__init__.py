@@ -65,16 +65,24 @@ from attn_jax.ops.positional import (
     learned_positional_init,
     relative_position_bias,
     relative_position_buckets,
-    rope,
     sinusoidal,
 )
 from attn_jax.ops.prefix import prefix_attention
+from attn_jax.ops.rope import (
+    SCALING_KINDS,
+    RopeScaling,
+    apply_rotary,
+    rope,
+    rope_attention_factor,
+    rope_frequencies,
+)
 from attn_jax.ops.scores import additive_scores, dot_scores, general_scores, scaled_dot_scores
 from attn_jax.ops.shared_qk import exclude_self, l2_normalize, shared_qk_attention
 from attn_jax.ops.token_chunks import map_valid_chunks, valid_first_order
 
 __all__ = [
-    'BLOCKWISE_MIN_LOGITS', 'add_sinusoidal', 'additive_scores', 'alibi_bias', 'alibi_slopes',
+    'BLOCKWISE_MIN_LOGITS', 'SCALING_KINDS', 'RopeScaling', 'add_sinusoidal', 'additive_scores',
+    'alibi_bias', 'alibi_slopes', 'apply_rotary',
     'and_masks', 'backward_aggregation', 'block_mask', 'BlockMask', 'blockwise_attention',
     'causal_mask', 'choose_implementation', 'choose_strategy', 'combine_masks', 'concat_geometric',
     'context_parallel_attention',
@@ -87,6 +95,7 @@ __all__ = [
     'merge_heads', 'num_groups', 'or_masks', 'padding_mask', 'performer_attention',
     'performer_features', 'performer_projection', 'prefix_attention', 'query_key_mask',
     'relative_position_bias', 'relative_position_buckets', 'repeat_kv', 'rope',
+    'rope_attention_factor', 'rope_frequencies',
     'scaled_dot_scores', 'score_mods',
     'segment_mask', 'sequence_layout', 'sequence_sharded_attention', 'shared_qk_attention',
     'sinusoidal', 'split_heads', 'valid_first_order',
