@@ -16,6 +16,12 @@
     out = ops.performer_attention(q, k, v, projection=w, is_causal=True)
     out = ops.shared_qk_attention(q, v, is_causal=True)
     per_key = ops.backward_aggregation(q, k, values)
+
+    # Long context: one sequence split over a 'sequence' mesh axis (ring or all-gather), and
+    # RoPE scaled past the training length.
+    x = ops.sequence_layout.to_layout(x, devices=4, layout='zigzag')  # balanced for causal
+    out = ops.sequence_sharded_attention(q, k, v, mesh=mesh, layout='zigzag', is_causal=True)
+    q = ops.rope(q, positions, scaling=ops.RopeScaling('yarn', 4.0, original_max_position=4096))
 """
 
 from attn_jax.ops import mask_mods, score_mods, sequence_layout
