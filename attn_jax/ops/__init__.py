@@ -16,9 +16,15 @@
     out = ops.performer_attention(q, k, v, projection=w, is_causal=True)
     out = ops.shared_qk_attention(q, v, is_causal=True)
     per_key = ops.backward_aggregation(q, k, values)
+
+    # Long context: one sequence split over a 'sequence' mesh axis (ring or all-gather), and
+    # RoPE scaled past the training length.
+    x = ops.sequence_layout.to_layout(x, devices=4, layout='zigzag')  # balanced for causal
+    out = ops.sequence_sharded_attention(q, k, v, mesh=mesh, layout='zigzag', is_causal=True)
+    q = ops.rope(q, positions, scaling=ops.RopeScaling('yarn', 4.0, original_max_position=4096))
 """
 
-from attn_jax.ops import mask_mods, score_mods
+from attn_jax.ops import mask_mods, score_mods, sequence_layout
 from attn_jax.ops.aggregation import backward_aggregation
 from attn_jax.ops.attention import (
     BLOCKWISE_MIN_LOGITS,
@@ -29,6 +35,11 @@ from attn_jax.ops.attention import (
 )
 from attn_jax.ops.block_mask import BlockMask, block_mask
 from attn_jax.ops.blockwise import blockwise_attention
+from attn_jax.ops.context_parallel import (
+    choose_strategy,
+    context_parallel_attention,
+    sequence_sharded_attention,
+)
 from attn_jax.ops.dense import dense_attention, masked_softmax
 from attn_jax.ops.dropout import dropout, dropout_mask, keep_probability
 from attn_jax.ops.geometric import concat_geometric, geometric_positions
@@ -60,18 +71,27 @@ from attn_jax.ops.positional import (
     learned_positional_init,
     relative_position_bias,
     relative_position_buckets,
-    rope,
     sinusoidal,
 )
 from attn_jax.ops.prefix import prefix_attention
+from attn_jax.ops.rope import (
+    SCALING_KINDS,
+    RopeScaling,
+    apply_rotary,
+    rope,
+    rope_attention_factor,
+    rope_frequencies,
+)
 from attn_jax.ops.scores import additive_scores, dot_scores, general_scores, scaled_dot_scores
 from attn_jax.ops.shared_qk import exclude_self, l2_normalize, shared_qk_attention
 from attn_jax.ops.token_chunks import map_valid_chunks, valid_first_order
 
 __all__ = [
-    'BLOCKWISE_MIN_LOGITS', 'add_sinusoidal', 'additive_scores', 'alibi_bias', 'alibi_slopes',
+    'BLOCKWISE_MIN_LOGITS', 'SCALING_KINDS', 'RopeScaling', 'add_sinusoidal', 'additive_scores',
+    'alibi_bias', 'alibi_slopes', 'apply_rotary',
     'and_masks', 'backward_aggregation', 'block_mask', 'BlockMask', 'blockwise_attention',
-    'causal_mask', 'choose_implementation', 'combine_masks', 'concat_geometric',
+    'causal_mask', 'choose_implementation', 'choose_strategy', 'combine_masks', 'concat_geometric',
+    'context_parallel_attention',
     'dense_attention', 'dot_product_attention', 'dot_scores', 'dropout', 'dropout_mask',
     'elu_features', 'exclude_self', 'fused_attention', 'general_scores', 'geometric_positions',
     'keep_probability', 'kernel_attention',
@@ -81,7 +101,9 @@ __all__ = [
     'merge_heads', 'num_groups', 'or_masks', 'padding_mask', 'performer_attention',
     'performer_features', 'performer_projection', 'prefix_attention', 'query_key_mask',
     'relative_position_bias', 'relative_position_buckets', 'repeat_kv', 'rope',
+    'rope_attention_factor', 'rope_frequencies',
     'scaled_dot_scores', 'score_mods',
-    'segment_mask', 'shared_qk_attention', 'sinusoidal', 'split_heads', 'valid_first_order',
+    'segment_mask', 'sequence_layout', 'sequence_sharded_attention', 'shared_qk_attention',
+    'sinusoidal', 'split_heads', 'valid_first_order',
     'valid_positions',
 ]

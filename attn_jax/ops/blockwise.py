@@ -419,6 +419,26 @@ def _core_bwd(st, res, cotangents):
 _blockwise_core.defvjp(_core_fwd, _core_bwd)
 
 
+# A part of a larger attention (ring attention's backward): the forward hands back the whole
+# attention's saved output and lse, and the backward -- the same `_backward`, fed with them --
+# gives exactly this part's keys' share of the gradients, without recomputing the part.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _saved_core(st, q, k, v, score_diff, score_nondiff, bias, sinks, bm, rng, out, lse):
+  del q, k, v, score_diff, score_nondiff, bias, sinks, bm, rng
+  return out, lse
+
+
+def _saved_fwd(st, *args):
+  return args[-2:], args
+
+
+def _saved_bwd(st, res, cotangents):
+  return _core_bwd(st, res, cotangents) + (None, None)
+
+
+_saved_core.defvjp(_saved_fwd, _saved_bwd)
+
+
 # --- Entry point ---------------------------------------------------------------------------
 
 
@@ -465,13 +485,17 @@ def blockwise_attention(query, key, value, *, bias=None, mask=None, is_causal=Fa
                         segment_ids=None, local_window=None, q_offset=0, bias_fn=None,
                         bias_params=None, mask_mod=None, score_mod=None, block_mask=None,
                         sinks=None, return_lse=False, dropout_rate=0.0, dropout_rng=None,
-                        block_size=None, precision=None):
+                        block_size=None, precision=None, saved=None):
   """Memory-efficient `dot_product_attention`; same arguments and result.
 
   Args:
     block_size: `(q_block, kv_block)` or one int for both (default 512, capped at the
       sequence lengths); lengths need not divide by it. Taken from `block_mask` if given.
     block_mask: a prebuilt `ops.block_mask(...)` (then no other mask argument is allowed).
+    saved: `(out [B, T, H, Dv], lse float32 [B, H, T])` of a larger attention whose keys
+      include these (ring attention). Then nothing is computed forward -- `saved` is returned
+      (as with `return_lse`) -- and the VJP gives this call's keys' share of the gradients of
+      that larger attention (its dK/dV, and its part of dQ and of the score arrays').
 
   Returns:
     `[batch, q_len, heads, v_dim]` in `query.dtype` (and float32 lse `[batch, heads, q_len]`
@@ -529,14 +553,26 @@ def blockwise_attention(query, key, value, *, bias=None, mask=None, is_causal=Fa
   diff = tuple(c for c, d in zip(consts, score_diff, strict=True) if d)
   nondiff = tuple(c for c, d in zip(consts, score_diff, strict=True) if not d)
 
-  out, lse = _blockwise_core(st, q, k, v, diff, nondiff, bias_g, sinks_g, bm,
-                             dropout_rng if dropout_rate > 0.0 else None)
+  rng = dropout_rng if dropout_rate > 0.0 else None
+  if saved is None:
+    out, lse = _blockwise_core(st, q, k, v, diff, nondiff, bias_g, sinks_g, bm, rng)
+  else:
+    out, lse = _saved_core(st, q, k, v, diff, nondiff, bias_g, sinks_g, bm, rng,
+                           *_saved_to_groups(st, *saved, t_pad))
   out = _from_groups(st, out)[:, :, :t].transpose(0, 2, 1, 3)  # [B, T, H, Dv]
   out = out.astype(query.dtype)
   if not return_lse:
     return out
   lse = _from_groups(st, lse)[:, :, :t]
   return out, jnp.where(jnp.isposinf(lse), -jnp.inf, lse)
+
+
+def _saved_to_groups(st: _Static, out: jax.Array, lse: jax.Array, t_pad: int):
+  """A saved `[B, T, H, Dv]` output and `[B, H, T]` lse in the core's layout (lse +inf for a
+  row that sees nothing, padding rows included, so that their probabilities come out 0)."""
+  out = _to_groups(st, _pad_axis(out.astype(jnp.float32), 1, t_pad).transpose(0, 2, 1, 3))
+  lse = jnp.where(jnp.isneginf(lse), jnp.inf, lse.astype(jnp.float32))
+  return out, _to_groups(st, _pad_axis(lse, 2, t_pad, jnp.inf))
 
 
 def _bias_to_groups(st: _Static, bias: jax.Array, t_pad: int, s_pad: int) -> jax.Array:

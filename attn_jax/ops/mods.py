@@ -133,6 +133,18 @@ def band_of(mask_mod: MaskMod | None) -> Band | None:
   return None
 
 
+def split_band(mask_mod: MaskMod | None) -> tuple[Band | None, MaskMod | None]:
+  """`mask_mod` as `and_masks(band, rest)`: its band part (None: none) and the rest (None:
+  nothing else). Code that moves positions (context parallelism shifts every index by a
+  chunk's start) keeps the band as a `Band`, whose block rule needs only differences."""
+  if isinstance(mask_mod, Band):
+    return mask_mod, None
+  if isinstance(mask_mod, _And):
+    band = band_of(mask_mod)
+    return band, and_masks(*(p for p in mask_mod.parts if not isinstance(p, Band)))
+  return None, mask_mod
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class Mod:
   """A mask or score function traced once: its jaxpr and which of `b, h, q_idx, kv_idx` it

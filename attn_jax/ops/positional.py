@@ -1,5 +1,6 @@
-"""Positional information: absolute encodings (sinusoidal, learned), rotary (RoPE),
-and additive position biases (ALiBi, T5 relative buckets).
+"""Positional information: absolute encodings (sinusoidal, learned), rotary (RoPE, whose home
+with its layouts and long-context scalings is `rope.py`; re-exported here), and additive
+position biases (ALiBi, T5 relative buckets).
 
 The biases share one signature, `fn(params, q_positions, kv_positions) -> [heads, q, kv]`
 with float32 output, so `dot_product_attention(bias_fn=..., bias_params=...)` can
@@ -14,6 +15,8 @@ from typing import Literal
 
 import jax
 import jax.numpy as jnp
+
+from attn_jax.ops.rope import rope as rope  # re-exported: positional.rope is public
 
 
 def sinusoidal(positions: jax.Array, dim: int, max_wavelength: float = 10_000.0,
@@ -95,45 +98,6 @@ def learned_positional(table: jax.Array, positions: jax.Array) -> jax.Array:
     raise ValueError(
         f'position {int(positions.max())} is past the learned table of {table.shape[0]} entries')
   return jnp.take(table, positions, axis=0)
-
-
-def rope(x: jax.Array, positions: jax.Array | None = None, base: float = 10_000.0,
-         rotary_dim: int | None = None) -> jax.Array:
-  """Rotary position embedding (Su et al. 2021), "rotate-half" channel pairing.
-
-  Channel `i` is paired with channel `i + rotary_dim/2` (the GPT-NeoX/Llama layout)
-  and the pair is rotated by `position * base^(-2i/rotary_dim)`. Dot products of
-  rotated q and k then depend only on the position difference.
-
-  Args:
-    x: `[batch, length, heads, head_dim]`.
-    positions: int `[batch, length]` or `[length]`; defaults to `0..length-1`.
-    rotary_dim: rotate only the first `rotary_dim` channels (partial RoPE); even.
-
-  Returns:
-    `x`'s shape and dtype; the rotation is computed in float32.
-  """
-  if x.ndim != 4:
-    raise ValueError(f'rope expects [batch, length, heads, head_dim], got {x.shape}')
-  head_dim = x.shape[-1]
-  rotary_dim = head_dim if rotary_dim is None else rotary_dim
-  if rotary_dim % 2 or not 0 < rotary_dim <= head_dim:
-    raise ValueError(f'rotary_dim must be even and in (0, {head_dim}], got {rotary_dim}')
-  if positions is None:
-    positions = jnp.arange(x.shape[1])
-  positions = jnp.asarray(positions)
-  if positions.ndim == 1:
-    positions = positions[None]
-  if positions.shape[-1] != x.shape[1]:
-    raise ValueError(f'rope: positions {positions.shape} do not match x {x.shape}')
-  half = rotary_dim // 2
-  inv_freq = base ** (-jnp.arange(half, dtype=jnp.float32) * 2 / rotary_dim)
-  angles = positions.astype(jnp.float32)[..., None, None] * inv_freq  # [b, l, 1, half]
-  sin, cos = jnp.sin(angles), jnp.cos(angles)
-  x_rot, x_pass = x[..., :rotary_dim].astype(jnp.float32), x[..., rotary_dim:]
-  x1, x2 = x_rot[..., :half], x_rot[..., half:]
-  rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-  return jnp.concatenate([rotated.astype(x.dtype), x_pass], axis=-1)
 
 
 def alibi_slopes(num_heads: int) -> jax.Array:

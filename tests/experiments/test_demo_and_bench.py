@@ -71,3 +71,19 @@ def test_bench_train_step_compares_with_flax_and_writes_json(tmp_path):
   # Same model: the same parameter count on both sides.
   assert result['results']['attn_jax']['params'] == result['results']['flax_linen']['params']
   assert result['matmul_gflops'] > 0 and 'attn_jax / flax_linen tokens/s' in proc.stdout
+
+
+def test_bench_context_parallel_memory_falls_with_devices(tmp_path):
+  # Small, compile-only: the ring's per-device temporaries at 4 devices are about half those
+  # at 2 (the length-dependent buffers halve; blocks of 16 keep the fixed scratch small).
+  proc = subprocess.run(
+      [sys.executable, 'experiments/bench_context_parallel.py', f'--output_dir={tmp_path}',
+       '--length=1024', '--heads=2', '--kv_heads=2', '--head_dim=16', '--devices=2,4',
+       '--strategies=ring', '--block_size=16'],
+      cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  result = json.loads((tmp_path / 'context_parallel_memory.json').read_text())
+  assert result['provenance']['git_revision'] and result['provenance']['jax']
+  temp = {(r['strategy'], r['devices']): r['temp_bytes'] for r in result['results']}
+  assert set(temp) == {('unsharded', 1), ('ring', 2), ('ring', 4)}
+  assert 0.4 < temp[('ring', 4)] / temp[('ring', 2)] < 0.6, temp

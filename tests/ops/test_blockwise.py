@@ -153,3 +153,43 @@ def test_property_blockwise_equals_dense(t, s, kh, groups, bq, bk, causal, windo
                                     block_size=(bq, bk), **kwargs))(q, k, v)
   np.testing.assert_allclose(block, dense, **FP32)
   assert np.all(np.isfinite(block))
+
+
+def test_saved_stats_give_each_key_parts_share_of_the_gradients():
+  # Ring attention's backward: with the whole attention's (out, lse) saved, the VJP of a call
+  # over a subset of the keys is that subset's share; the shares of a partition add up to the
+  # whole attention's gradients (q, k, v and a T5 table), lse cotangent included.
+  q, k, v = _qkv(2, 13, 20, 4, 2, 8)
+  table = jnp.asarray(np.random.default_rng(2).normal(size=(16, 4)), jnp.float32)
+  doc = jnp.asarray(np.repeat([[0, 1, 2, 3]], 5, axis=1).repeat(2, axis=0))  # [2, 20]
+  split = 9
+
+  def part(q, k, v, table, lo, hi, saved):
+    # Queries are positions 3..15 of the 20 keys; this call sees keys lo..hi-1 from 0, so
+    # its queries sit at q_offset 3 - lo and the document ids are read `lo` further on.
+    score = ops.score_mods.t5_bias(table, max_distance=32)
+    mask = lambda b, h, q_idx, kv_idx: doc[b, q_idx + lo] == doc[b, kv_idx + lo]  # noqa: E731
+    return ops.blockwise_attention(q, k[:, lo:hi], v[:, lo:hi], mask_mod=mask,
+                                   score_mod=score, q_offset=3 - lo, return_lse=True,
+                                   block_size=(4, 4), saved=saved)
+
+  def loss(out, lse):
+    return jnp.sum(jnp.sin(out)) + jnp.sum(jnp.where(jnp.isfinite(lse), jnp.cos(lse), 0.0))
+
+  @jax.jit
+  def whole_and_shares(q, k, v, table):
+    (out, lse), vjp = jax.vjp(functools.partial(part, lo=0, hi=20, saved=None), q, k, v, table)
+    d_out, d_lse = jax.grad(loss, argnums=(0, 1))(out, lse)
+    shares = []
+    for lo, hi in ((0, split), (split, 20)):
+      saved_out, saved_vjp = jax.vjp(functools.partial(part, lo=lo, hi=hi, saved=(out, lse)),
+                                     q, k, v, table)
+      shares.append((saved_out, saved_vjp((d_out, d_lse))))
+    return out, vjp((d_out, d_lse)), shares
+
+  out, want, shares = whole_and_shares(q, k, v, table)
+  for saved_out, _ in shares:
+    np.testing.assert_array_equal(saved_out[0], out)  # the forward only hands them back
+  for i, name in enumerate(('q', 'k', 'v', 'table')):
+    got = shares[0][1][i] + shares[1][1][i]
+    np.testing.assert_allclose(got, want[i], atol=1e-5, rtol=1e-5, err_msg=name)
