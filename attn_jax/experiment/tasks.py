@@ -24,6 +24,7 @@ from attn_jax import models, ops
 from attn_jax.experiment.config import DATA_FIELDS, MODEL_KINDS, check_model_kind
 from attn_jax.models import configs as model_configs
 from attn_jax.models import modifiers
+from attn_jax.models.attention import rope_scaling
 from attn_jax.train import losses
 
 # kind -> module class; the config dataclass and data task of each kind are in `config`.
@@ -71,6 +72,7 @@ def build_model_config(model_config: Mapping[str, Any], meta: Mapping[str, Any])
   model_config = cls(**fields, **data)
   if isinstance(model_config, model_configs.TransformerConfig):  # names resolve before compiles
     modifiers.check_names(model_config.attention)
+    rope_scaling(model_config.attention)  # and the RoPE scaling's options fit
   return model_config
 
 

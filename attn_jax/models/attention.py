@@ -310,8 +310,8 @@ class MultiHeadAttention(nn.Module):
                                           cache_kwargs['q_offset'])
     else:
       if self.positional == 'rope':
-        query = ops.rope(query, positions, cfg.rope_base)
-        key = ops.rope(key, positions if is_self else None, cfg.rope_base)
+        query = self._rope(query, positions)
+        key = self._rope(key, positions if is_self else None)
       kwargs.update(segment_ids=segment_ids)
     kwargs.update(mask_mod=mask_mod, score_mod=score_mod)
 
@@ -444,9 +444,14 @@ class MultiHeadAttention(nn.Module):
       raise ValueError(f'decode segment_ids must be [batch, q_len] = {(batch, q_len)}, '
                        f'got {segment_ids.shape}')
     if self.positional == 'rope':
-      query = ops.rope(query, positions, self.config.rope_base)
-      key = ops.rope(key, positions, self.config.rope_base)
+      query, key = self._rope(query, positions), self._rope(key, positions)
     return query, key, positions, segment_ids
+
+  def _rope(self, x: jax.Array, positions: jax.Array | None) -> jax.Array:
+    """RoPE with the config's base, rotated share, layout and scaling."""
+    cfg = self.config
+    return ops.rope(x, positions, cfg.rope_base, fraction=cfg.rope_fraction,
+                    interleaved=cfg.rope_interleaved, scaling=rope_scaling(cfg))
 
   def _window_cache(self, query, key, value, segment_ids, positions):
     """The cache of a sliding-window layer: only the window, so a step costs O(window).
@@ -499,6 +504,22 @@ class MultiHeadAttention(nn.Module):
     valid = (kv_segments != 0)[:, None, None, :]
     return keys, values, query, dict(q_offset=0, mask=valid,
                                      positions=(positions, kv_positions))
+
+
+def rope_scaling(config: AttentionConfig) -> ops.RopeScaling | None:
+  """The config's RoPE frequency scaling (None: plain RoPE); raises ValueError naming the
+  field when the options do not fit (e.g. 'yarn' without `rope_original_length`)."""
+  if config.rope_scaling == 'none':
+    if config.rope_scaling_factor != 1.0:
+      raise ValueError(f'rope_scaling_factor={config.rope_scaling_factor} needs a rope_scaling '
+                       f"kind; rope_scaling is 'none'")
+    return None
+  try:
+    return ops.RopeScaling(config.rope_scaling, factor=config.rope_scaling_factor,
+                           original_max_position=config.rope_original_length)
+  except ValueError as e:
+    raise ValueError(f'attention rope_scaling={config.rope_scaling!r}: {e} (the training '
+                     'context is rope_original_length)') from None
 
 
 def _group_beams(query: jax.Array, key: jax.Array, kwargs: dict[str, Any]):

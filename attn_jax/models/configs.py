@@ -35,6 +35,8 @@ IMPLEMENTATIONS = (None, 'dense', 'blockwise', 'cudnn')
 # global without position information (NoPE: no RoPE/ALiBi/T5 in that layer).
 LAYER_KINDS = ('G', 'L', 'N')
 IN_ATTENTION_POSITIONALS = ('rope', 'alibi', 't5')
+# RoPE frequency scalings (`ops.rope.SCALING_KINDS`; a test keeps the two equal).
+ROPE_SCALINGS = ('none', 'linear', 'ntk', 'yarn', 'llama3')
 # What a single attention layer puts inside attention (the model decides it per layer).
 LAYER_POSITIONALS = ('none',) + IN_ATTENTION_POSITIONALS
 DTYPES = ('float32', 'bfloat16', 'float16')
@@ -118,6 +120,16 @@ class AttentionConfig:
   dropout_rate: float = 0.0  # on the attention weights
   # Parameters of the positions the model puts inside attention ('rope', 'alibi', 't5').
   rope_base: float = 10_000.0
+  # RoPE for long context (`ops.rope`): the rotated share of each head's channels (GPT-NeoX's
+  # rotary_pct), GPT-J's interleaved pairs instead of "rotate half", and a frequency scaling
+  # to run past the training length: 'linear' (position interpolation), 'ntk', 'yarn',
+  # 'llama3' by `rope_scaling_factor`, the last two from the training context
+  # `rope_original_length`.
+  rope_fraction: float = 1.0
+  rope_interleaved: bool = False
+  rope_scaling: str = 'none'
+  rope_scaling_factor: float = 1.0
+  rope_original_length: int | None = None
   t5_num_buckets: int = 32
   t5_max_distance: int = 128
   # Performer: random features per head, and the seed of their fixed (non-trained) projection
@@ -147,6 +159,9 @@ class AttentionConfig:
     _check_choice('kind', self.kind, ATTENTION_KINDS)
     _check_choice('aggregation', self.aggregation, AGGREGATIONS)
     _check_choice('implementation', self.implementation, IMPLEMENTATIONS)
+    _check_choice('rope_scaling', self.rope_scaling, ROPE_SCALINGS)
+    if not 0.0 < self.rope_fraction <= 1.0:
+      raise ValueError(f'rope_fraction must be in (0, 1], got {self.rope_fraction}')
     _check_rate(self, 'dropout_rate')
     _check_optional_positive(self, 'logit_softcap')
     if self.sliding_window is not None and self.sliding_window < 0:
@@ -293,8 +308,10 @@ class TransformerConfig(_VocabAndDtype):
     _check_choice('pooling', self.pooling, POOLINGS)
     _check_choice('dtype', self.dtype, DTYPES)
     _check_rate(self, 'dropout_rate')
-    if self.positional == 'rope' and self.head_dim % 2:
-      raise ValueError(f'positional=rope needs an even head_dim, got {self.head_dim}')
+    if self.positional == 'rope' and self.rotary_dim % 2:
+      raise ValueError(f'positional=rope rotates channel pairs: head_dim {self.head_dim} x '
+                       f'attention.rope_fraction {self.attention.rope_fraction} = '
+                       f'{self.rotary_dim} channels must be even')
     if self.positional == 'sinusoidal' and self.d_model % 2:
       raise ValueError(f'positional=sinusoidal needs an even d_model, got {self.d_model}')
     if self.pad_skip_chunk < 0:
@@ -341,6 +358,11 @@ class TransformerConfig(_VocabAndDtype):
   @property
   def kv_heads(self) -> int:
     return self.attention.kv_heads
+
+  @property
+  def rotary_dim(self) -> int:
+    """Channels of each head that RoPE rotates."""
+    return int(self.head_dim * self.attention.rope_fraction)
 
   def layer_kind(self, index: int) -> str:
     """The self-attention kind of layer `index` of a stack: 'G', 'L' or 'N'."""

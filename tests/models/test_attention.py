@@ -251,3 +251,50 @@ def test_bfloat16_compute_stays_close_to_float32():
   # bfloat16 keeps 8 mantissa bits: ~1e-2 relative error after three projections.
   np.testing.assert_allclose(out16.astype(jnp.float32), _apply(attn32)({'params': params}, x),
                              atol=5e-2, rtol=5e-2)
+
+
+@pytest.mark.parametrize('options', [
+    dict(rope_fraction=0.5, rope_interleaved=True),
+    dict(rope_scaling='yarn', rope_scaling_factor=4.0, rope_original_length=8),
+])
+def test_rope_options_reach_the_rotation_and_the_cache(options):
+  """The layer's RoPE equals `ops.rope` with the config's options (the projections are the
+  identity here, so the logits are the rotated inputs'), and cached decoding follows."""
+  from attn_jax import ops
+  from attn_jax.models.attention import rope_scaling
+  x = _x(0, (B, 8, F))
+  attn = _mha(is_causal=True, positional='rope', **options)
+  config = attn.config
+  params = _init(attn, x)['params']
+
+  @jax.jit
+  def run(x):
+    full = attn.apply({'params': params}, x)
+    cache = _empty_cache(attn, jnp.zeros((B, 8, F)))
+    out, _ = attn.apply({'params': params, 'cache': cache}, x, decode=True, mutable=['cache'])
+    q = jnp.einsum('blf,fhd->blhd', x, params['query']['kernel']) + params['query']['bias']
+    k = jnp.einsum('blf,fhd->blhd', x, params['key']['kernel']) + params['key']['bias']
+    v = jnp.einsum('blf,fhd->blhd', x, params['value']['kernel']) + params['value']['bias']
+    rot = lambda t: ops.rope(t, None, config.rope_base, fraction=config.rope_fraction,  # noqa: E731
+                             interleaved=config.rope_interleaved, scaling=rope_scaling(config))
+    ref = ops.dot_product_attention(rot(q), rot(k), v, is_causal=True, implementation='dense')
+    ref = jnp.einsum('blhd,hdf->blf', ref, params['out']['kernel']) + params['out']['bias']
+    return full, out, ref
+
+  full, cached, reference = run(x)
+  np.testing.assert_allclose(full, reference, atol=ATOL)
+  np.testing.assert_allclose(cached, full, atol=ATOL)
+
+
+def test_rope_options_are_checked_before_tracing():
+  from attn_jax import models
+  from attn_jax.models.attention import rope_scaling
+  from attn_jax.models.configs import ROPE_SCALINGS
+  from attn_jax.ops.rope import SCALING_KINDS
+  assert ROPE_SCALINGS == SCALING_KINDS
+  with pytest.raises(ValueError, match='rope_original_length'):
+    rope_scaling(AttentionConfig(rope_scaling='yarn', rope_scaling_factor=2.0))
+  with pytest.raises(ValueError, match='rope_scaling'):
+    AttentionConfig(rope_scaling='xpos')
+  with pytest.raises(ValueError, match='must be even'):
+    models.transformer_config('tiny', positional='rope', attention=dict(rope_fraction=0.375))
