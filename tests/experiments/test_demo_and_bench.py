@@ -87,3 +87,18 @@ def test_bench_context_parallel_memory_falls_with_devices(tmp_path):
   temp = {(r['strategy'], r['devices']): r['temp_bytes'] for r in result['results']}
   assert set(temp) == {('unsharded', 1), ('ring', 2), ('ring', 4)}
   assert 0.4 < temp[('ring', 4)] / temp[('ring', 2)] < 0.6, temp
+
+
+def test_bench_decode_window_compares_patterns_and_records_provenance(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, 'experiments/bench_decode_window.py', '--layers=2', '--patterns=LG,G',
+       '--context=32', '--steps=2', '--window=4', '--repeats=1', '--d_model=32',
+       f'--output_dir={tmp_path}'],
+      cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  result = json.loads((tmp_path / 'decode_window.json').read_text())
+  rows = {r['pattern']: r for r in result['rows']}
+  assert rows['G']['step_ratio'] == 1.0 and rows['LG']['ms_per_step'] > 0
+  # The local layer's rolling cache holds window + 1 slots, not the whole context.
+  assert rows['LG']['cache_bytes'] < rows['G']['cache_bytes']
+  assert result['provenance']['git_revision'] and result['provenance']['machine']['cores']
