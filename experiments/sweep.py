@@ -6,9 +6,18 @@ r"""Runs the `sweep()` of a config file, one training process per entry, then a 
   python experiments/sweep.py --config configs/translation.py --base_workdir /tmp/mt \
       --override data.local.train=/data/train --override data.local.validation=/data/dev ...
 
-Runs go one after another in BASE/NAME; a finished run (DONE file) is skipped, an unfinished
-one is launched again and resumes from its checkpoint, a crashed one is reported (FAILED,
-BASE/NAME/sweep.log) and the sweep goes on. After running, BASE/summary.csv and
+On a SLURM cluster, as one job array through submitit (settings from the config's
+`cluster()` and `--cluster field=value`; see attn_jax.experiment.cluster):
+
+  python experiments/sweep.py --config configs/ablation.py --base_workdir /shared/ablation \
+      --launcher=slurm --cluster partition=gpu --cluster gpus_per_node=1 \
+      --cluster "setup=source $PWD/.venv/bin/activate"
+
+`--launcher=submitit_local` runs the same array through submitit's local executor.
+
+Runs go one after another in BASE/NAME (or as array tasks); a finished run (DONE file) is
+skipped, an unfinished one is launched again and resumes from its checkpoint, a crashed one is
+reported (FAILED, BASE/NAME/sweep.log) and the sweep goes on. After running, BASE/summary.csv and
 BASE/summary.md list each run's status and final/best eval metrics (see attn_jax.experiment.sweep).
 SIGTERM (a preempted sweep job) is passed to the current run, which checkpoints; no further
 run starts and the exit code is 143. Otherwise the exit code is 1 if any selected run failed.
@@ -20,7 +29,7 @@ import sys
 
 from absl import app, flags, logging
 
-from attn_jax.experiment import cli, sweep
+from attn_jax.experiment import cli, cluster, sweep
 
 _CONFIG = flags.DEFINE_string('config', None, 'config file defining sweep()', required=True)
 _BASE = flags.DEFINE_string('base_workdir', None, 'runs go to BASE/NAME', required=True)
@@ -36,6 +45,29 @@ _SUMMARY_METRICS = flags.DEFINE_list(
     'summary_metrics', None, 'eval metrics in the summary table (default: all), e.g. '
     'validation/sequence_accuracy,test/loss')
 _SUMMARY_ONLY = flags.DEFINE_bool('summary_only', False, 'only (re)write the summary table')
+_LAUNCHER = flags.DEFINE_enum(
+    'launcher', 'here', ['here', 'slurm', 'submitit_local'],
+    'here: one run after another in this process; slurm: a job array through submitit; '
+    'submitit_local: the same array as local processes')
+_CLUSTER = flags.DEFINE_multi_string(
+    'cluster', [], 'field=value of attn_jax.experiment.cluster.ClusterSettings (repeatable), '
+    'over the config\'s cluster(); e.g. --cluster partition=gpu --cluster time_minutes=600')
+_WAIT = flags.DEFINE_bool('wait', True, 'with a cluster launcher: wait for the tasks, resubmit '
+                          'unfinished runs and write the summary (else submit and exit)')
+
+
+def _cluster_overrides(items: list[str]) -> dict:
+  """`['partition=gpu', 'gpus_per_node=1']` -> typed values for ClusterSettings."""
+  types = {f.name: f.type for f in cluster.dataclasses.fields(cluster.ClusterSettings)}
+  out = {}
+  for item in items:
+    key, sep, value = item.partition('=')
+    if not sep or key not in types:
+      raise app.UsageError(f'--cluster {item!r}: want field=value with field in {sorted(types)}')
+    kind = str(types[key])
+    out[key] = (int(value) if kind == 'int' else float(value) if kind == 'float'
+                else value)
+  return out
 
 
 def main(argv):
@@ -44,7 +76,17 @@ def main(argv):
   common = sweep.parse_common_overrides(_OVERRIDE.value)
   runs = sweep.load_sweep(_CONFIG.value, common_overrides=common)
   statuses, exit_code = {}, 0
-  if not _SUMMARY_ONLY.value:
+  if _LAUNCHER.value != 'here' and not _SUMMARY_ONLY.value and not _DRY_RUN.value:
+    settings = cluster.settings(sweep.load_config_module(_CONFIG.value),
+                                _cluster_overrides(_CLUSTER.value))
+    statuses = cluster.run_sweep_on_cluster(
+        runs, config_path=_CONFIG.value, base_workdir=_BASE.value, cluster=settings,
+        launcher='slurm' if _LAUNCHER.value == 'slurm' else 'local',
+        train_script=_TRAIN_SCRIPT.value, python=_PYTHON.value, only=_ONLY.value,
+        common_overrides=common, wait=_WAIT.value)
+    if not _WAIT.value:
+      return 0
+  elif not _SUMMARY_ONLY.value:
     try:
       statuses = sweep.run_sweep(
           runs, config_path=_CONFIG.value, base_workdir=_BASE.value,

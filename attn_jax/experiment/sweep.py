@@ -375,7 +375,7 @@ def _wait_forwarding_sigterm(cmd: list[str], **popen_kwargs: Any) -> tuple[int, 
   return rc, (received[0] if received else None)
 
 
-def _launch(run: Run, cmd: list[str], workdir: pathlib.Path) -> tuple[str, int | None]:
+def launch(run: Run, cmd: list[str], workdir: pathlib.Path) -> tuple[str, int | None]:
   """Runs one training process, output appended to workdir/sweep.log.
 
   Returns:
@@ -459,7 +459,7 @@ def run_sweep(runs: Sequence[Run], *, config_path: str, base_workdir: str | os.P
     logging.info('[%d/%d] %s: %s (output in %s)', i, len(selected), run.name,
                  'resuming' if status in ('running', 'failed') else 'starting',
                  workdir / SWEEP_LOG)
-    statuses[run.name], signum = _launch(run, cmd, workdir)
+    statuses[run.name], signum = launch(run, cmd, workdir)
     if signum is not None:
       raise SweepInterrupted(signum, statuses)
   return statuses

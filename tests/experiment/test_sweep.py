@@ -209,7 +209,7 @@ def test_run_skip_resume_and_failure(tmp_path, caplog):
   config = json.loads((tmp_path / TF / 'config.json').read_text())
   assert config['fake'] == {'num_steps': 4, 'fail_at_step': 0, 'fail_launches': 0,
                             'tag': "it's a b", 'use_bias': False, 'dims': [4, 8],
-                            'wait_for_sigterm': False}
+                            'wait_for_sigterm': False, 'preempt_launches': 0}
   assert config['model'] == {'name': 'transformer'}
   assert json.loads((tmp_path / RNN / 'config.json').read_text())['optim'] == {
       'learning_rate': 0.002}
