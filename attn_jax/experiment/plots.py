@@ -55,6 +55,11 @@ def _save(fig: Figure, path: str | os.PathLike, dpi: int) -> pathlib.Path:
 # --- Attention maps ---------------------------------------------------------------------------
 
 
+def save_figure(fig: Figure, path: str | os.PathLike, dpi: int = 100) -> pathlib.Path:
+  """Writes `fig` as a PNG at `path` (parents created); returns the path."""
+  return _save(fig, path, dpi)
+
+
 def _check_tokens(tokens: Sequence[Any] | None, length: int, what: str, shape) -> list[str] | None:
   if tokens is None:
     return None
