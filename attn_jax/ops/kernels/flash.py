@@ -25,8 +25,10 @@ tells the forward rule which inputs are perturbed.
 Not taken by the kernels (`unsupported_reason` says which; the dispatcher then keeps the
 blockwise or dense path, and `implementation='pallas'` raises): dropout, a dense `bias` array,
 a dense `mask` that varies along both q and kv (a `[B, 1, 1, S]` key mask is fused), mask or
-score functions the split cannot evaluate in a kernel (see mod_eval.py), and a user
-`BlockMask` whose blocks admit no tile on a target platform (see blocks.py).
+score functions the split cannot evaluate in a kernel (see mod_eval.py), and a `BlockMask`
+whose blocks admit no tile of this platform's kernel (see blocks.py; the default visit block
+and `ops.block_mask`'s default fit both). A block mask that fits one platform only (blocks of
+64 fit the GPU kernels, not the TPU ones) lowers for that platform only.
 """
 
 from __future__ import annotations
@@ -48,7 +50,6 @@ from attn_jax.ops.mods import Band, Mod, band_of
 from attn_jax.ops.shapes import Dims, check_qkv
 
 KERNELS = ('auto', 'gpu', 'tpu')
-_PLATFORMS = {'auto': ('gpu', 'tpu'), 'gpu': ('gpu',), 'tpu': ('tpu',)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +59,7 @@ class _Static:
   dims: Dims
   dtype: Any
   kernel: str  # 'auto' | 'gpu' | 'tpu'
+  platforms: tuple[str, ...]  # the kernels ('gpu', 'tpu') whose tiles fit the block mask
   interpret: bool | None  # None: interpret on CPU only
   score_mod: Mod | None
   score_float: tuple[bool, ...]  # which of the score function's consts are floating
@@ -154,13 +156,21 @@ def _normalize(query, key, value, *, bias, mask, is_causal, scale, segment_ids, 
   else:
     geometry = _geometry(bm)
   block_q, block_kv, nq, nk, b_groups, h_groups = geometry
-  for platform in _PLATFORMS[kernel]:
+  platforms, reasons = [], {}
+  for platform in ('gpu', 'tpu') if kernel == 'auto' else (kernel,):
     lay = blocks.layout(platform, _kernel_dtype(platform, query.dtype).itemsize,
                         q_len=dims.q_len, kv_len=dims.kv_len, head_dim=dims.head_dim,
                         v_dim=dims.v_dim, block_q=block_q, block_kv=block_kv, num_q_blocks=nq,
                         num_kv_blocks=nk)
     if isinstance(lay, str):
-      return _Call(None, lay)
+      reasons[platform] = lay
+    else:
+      platforms.append(platform)
+  # 'auto' lowers the kernels that fit (the default visit block fits both); the platform this
+  # process runs on must be one of them, so a misfit shows here rather than at lowering.
+  here = jax.default_backend()
+  if not platforms or here in reasons:
+    return _Call(None, reasons.get(here) or next(iter(reasons.values())))
 
   transposed = None if band is None else Band(
       None if band.hi is None else -band.hi, None if band.lo is None else -band.lo)
@@ -175,8 +185,8 @@ def _normalize(query, key, value, *, bias, mask, is_causal, scale, segment_ids, 
       max_visits_t=band_visits(transposed, block_kv, block_q, nq))
   score_float = tuple(bool(jnp.issubdtype(jnp.asarray(c).dtype, jnp.inexact))
                       for c in score_consts)
-  static = _Static(plan, dims, jnp.dtype(query.dtype), kernel, interpret, score_obj,
-                   score_float)
+  static = _Static(plan, dims, jnp.dtype(query.dtype), kernel, tuple(platforms), interpret,
+                   score_obj, score_float)
   return _Call(static, None, bm, tuple(score_consts))
 
 
@@ -256,17 +266,22 @@ def pallas_attention(query, key, value, *, bias=None, mask=None, is_causal=False
 
 
 def _by_platform(static: _Static, fn, *args):
-  """`fn(platform, interpret, *args)` for the platform the program is lowered for."""
+  """`fn(kernel platform, interpret, *args)` for the platform the program is lowered for.
+
+  A platform whose kernel does not fit the call's block mask has no branch: lowering for it
+  fails (`platform_dependent` names the platforms it has).
+  """
   if static.kernel != 'auto':
     interpret = True if static.interpret is None else static.interpret
     return fn(static.kernel, interpret, *args)
   interpret = static.interpret
-  return jax.lax.platform_dependent(
-      *args,
-      cpu=functools.partial(fn, 'gpu', True if interpret is None else interpret),
-      cuda=functools.partial(fn, 'gpu', bool(interpret)),
-      rocm=functools.partial(fn, 'gpu', bool(interpret)),
-      tpu=functools.partial(fn, 'tpu', bool(interpret)))
+  branches = dict(cpu=functools.partial(fn, static.platforms[0],
+                                        True if interpret is None else interpret))
+  if 'gpu' in static.platforms:
+    branches['cuda'] = branches['rocm'] = functools.partial(fn, 'gpu', bool(interpret))
+  if 'tpu' in static.platforms:
+    branches['tpu'] = functools.partial(fn, 'tpu', bool(interpret))
+  return jax.lax.platform_dependent(*args, **branches)
 
 
 def _mod_inputs(static: _Static, lay: blocks.Layout, bm, score_consts):
@@ -372,10 +387,12 @@ def _blockwise_backward(static: _Static, q, k, v, bm, score_consts, sinks, out, 
   by_head = lambda x, n: blockwise._pad_axis(x, 1, n).transpose(0, 2, 1, 3)  # noqa: E731
 
   def layout(q, k, v, sinks):
-    # The blockwise path takes q scaled; float32 keeps the kernel's logits exactly.
-    q_g = rows(by_head(q.astype(jnp.float32) * plan.scale, t_pad))
-    k_g = blockwise._kv_to_groups(st, by_head(k, s_pad))
-    v_g = blockwise._kv_to_groups(st, by_head(v, s_pad))
+    # The blockwise path takes q scaled; float32 keeps the kernel's logits exactly, and the
+    # gradients (float32) sum over grouped heads in float32.
+    f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
+    q_g = rows(by_head(f32(q) * plan.scale, t_pad))
+    k_g = blockwise._kv_to_groups(st, by_head(f32(k), s_pad))
+    v_g = blockwise._kv_to_groups(st, by_head(f32(v), s_pad))
     s_g = None if sinks is None else rows(jnp.broadcast_to(sinks[None], (dims.batch,
                                                                           dims.heads)))
     return q_g, k_g, v_g, s_g
