@@ -139,9 +139,10 @@ KERNEL_CASES = {
         kernel='tpu', t=260, s=260, block=128, sinks=True,
         mask=(mm.and_masks(mm.causal(), mm.document(IDS[:, :260])),
               lambda b, h, q, k: (IDS[b, q] == IDS[b, k]) & (k <= q))),
-    # A constant ALiBi table stays fused in the backward; a band bounds the grid.
+    # A constant ALiBi table stays fused in the backward; the band bounds the grid to 3 of
+    # the 5 key blocks (the visible ones are 2-4).
     'tpu_window_offset_alibi_cap': dict(
-        kernel='tpu', t=150, s=300, offset=120, block=128,
+        kernel='tpu', t=150, s=600, offset=400, block=128,
         mask=(mm.and_masks(mm.causal(), mm.sliding_window(100)),
               lambda b, h, q, k: (k <= q) & (k >= q - 100)),
         score=(lambda p: sm.chain(sm.alibi(SLOPES), sm.soft_cap(4.0)),
@@ -266,6 +267,16 @@ def test_the_dispatcher_takes_the_kernels_on_accelerators_only():
   assert choose(short, backend='tpu', pallas_ok=True) == 'dense'
   for t, want in ((128, 'dense'), (short, 'blockwise')):  # CPU: as before, never pallas
     assert choose(t, backend='cpu', open_attention=True, pallas_ok=True) == want
+
+
+def test_the_block_mask_geometry_is_known_before_building_it():
+  # unsupported_reason (the dispatcher's test) predicts what pallas_attention builds.
+  from attn_jax.ops.kernels import flash
+  for t, s, sizes, mask_mod in ((37, 300, (128, 128), mm.causal()), (300, 37, 64, None),
+                                (256, 256, (128, 64), mm.document(IDS[:, :256]))):
+    dims = ops.shapes.Dims(B, t, s, H, 2, 8, 8)
+    bm = ops.block_mask(mask_mod, batch=B, heads=H, q_len=t, kv_len=s, block_size=sizes)
+    assert flash._geometry_of(dims, sizes, bm.mod) == flash._geometry(bm)
 
 
 def test_calls_the_kernels_cannot_take_say_why():

@@ -19,6 +19,15 @@ import jax.numpy as jnp
 from attn_jax.ops.kernels.mod_eval import KernelMod
 
 
+def pad(x, axis: int, size: int, value=0):
+  """`x` padded with `value` to `size` along `axis`."""
+  if x.shape[axis] == size:
+    return x
+  widths = [(0, 0)] * x.ndim
+  widths[axis] = (0, size - x.shape[axis])
+  return jnp.pad(x, widths, constant_values=value)
+
+
 def div(x, n: int):
   """`x // n` for traced `x >= 0`. jnp's floor division lowers through `sign`, which Mosaic
   lowers only with a TPU attached: a CPU-only export for TPU would fail."""

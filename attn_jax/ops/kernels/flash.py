@@ -109,99 +109,107 @@ def _normalize(query, key, value, *, bias, mask, is_causal, scale, segment_ids, 
   dims = check_qkv(query, key, value)
   if kernel not in KERNELS:
     raise ValueError(f'kernel must be one of {KERNELS}, got {kernel!r}')
+  if sinks is not None and jnp.shape(sinks) != (dims.heads,):
+    raise ValueError(f'sinks must be one logit per query head, [{dims.heads}], got '
+                     f'{jnp.shape(sinks)}')
   if dropout_rate > 0.0:
     return _Call(None, 'dropout is not implemented in the kernels')
   if bias is not None:
     return _Call(None, 'a dense bias array is not read by the kernels (give position biases '
                        'as a score_mod, e.g. score_mods.alibi / t5_bias)')
-  if sinks is not None and jnp.shape(sinks) != (dims.heads,):
-    raise ValueError(f'sinks must be one logit per query head, [{dims.heads}], got '
-                     f'{jnp.shape(sinks)}')
-  band = None
   if block_mask is not None:
     blockwise.check_block_mask_call(block_mask, dims, mask=mask, is_causal=is_causal,
                                     local_window=local_window, segment_ids=segment_ids,
                                     mask_mod=mask_mod, q_offset=q_offset, block_size=block_size)
-    bm, mask_fn = block_mask, None
-    mask_mod_obj = block_mask.mod
+    mask_fn, mask_obj = None, block_mask.mod
   else:
     mask_fn = blockwise.combined_mask_mod(mask=mask, is_causal=is_causal,
                                           local_window=local_window, segment_ids=segment_ids,
                                           mask_mod=mask_mod, q_offset=q_offset, dims=dims)
-    band = band_of(mask_fn)
-    if mask_fn is None or (isinstance(mask_fn, Band) and mask_fn == Band(None, None)):
-      mask_mod_obj = None
-    else:
-      mask_mod_obj, _ = Mod.of_mask(mask_fn)
-    bm = None
+    everything = mask_fn is None or (isinstance(mask_fn, Band) and mask_fn == Band(None, None))
+    mask_obj = None if everything else Mod.of_mask(mask_fn)[0]
+  # Built-in position biases first, then the user's function (as the blockwise path does).
   score_fn = score_mods.chain(
       blockwise._bias_fn_score(bias_fn, bias_params) if bias_fn is not None else None,
       score_mod)
   score_obj, score_consts = (None, ()) if score_fn is None else Mod.of_score(score_fn)
-  split = {}
-  for name, mod in (('mask', mask_mod_obj), ('score', score_obj)):
-    split[name] = None if mod is None else KernelMod.of(mod)
-    if isinstance(split[name], str):
-      return _Call(None, split[name])
+  split = [None if m is None else KernelMod.of(m) for m in (mask_obj, score_obj)]
+  for reason in split:
+    if isinstance(reason, str):
+      return _Call(None, reason)
 
-  if bm is None:
-    sizes = block_size if block_size is not None else blocks.VISIT_BLOCK
-    if build:
-      bm = build_block_mask(mask_fn, batch=dims.batch, heads=dims.heads,
-                                     q_len=dims.q_len, kv_len=dims.kv_len, block_size=sizes,
-                                     q_offset=q_offset)
-      geometry = _geometry(bm)
-    else:
-      geometry = _geometry_of(dims, sizes, mask_mod_obj)
-  else:
-    geometry = _geometry(bm)
-  block_q, block_kv, nq, nk, b_groups, h_groups = geometry
-  platforms, reasons = [], {}
-  for platform in ('gpu', 'tpu') if kernel == 'auto' else (kernel,):
-    lay = blocks.layout(platform, _kernel_dtype(platform, query.dtype).itemsize,
-                        q_len=dims.q_len, kv_len=dims.kv_len, head_dim=dims.head_dim,
-                        v_dim=dims.v_dim, block_q=block_q, block_kv=block_kv, num_q_blocks=nq,
-                        num_kv_blocks=nk)
-    if isinstance(lay, str):
-      reasons[platform] = lay
-    else:
-      platforms.append(platform)
-  # 'auto' lowers the kernels that fit (the default visit block fits both); the platform this
-  # process runs on must be one of them, so a misfit shows here rather than at lowering.
-  here = jax.default_backend()
-  if not platforms or here in reasons:
-    return _Call(None, reasons.get(here) or next(iter(reasons.values())))
-
-  transposed = None if band is None else Band(
-      None if band.hi is None else -band.hi, None if band.lo is None else -band.lo)
-  plan = Plan(
-      batch=dims.batch, heads=dims.heads, kv_heads=dims.kv_heads, q_len=dims.q_len,
-      kv_len=dims.kv_len, head_dim=dims.head_dim, v_dim=dims.v_dim, block_q=block_q,
-      block_kv=block_kv, num_q_blocks=nq, num_kv_blocks=nk, batch_groups=b_groups,
-      head_groups=h_groups, mask=split['mask'], score=split['score'],
-      has_sinks=sinks is not None,
-      scale=float(1.0 / math.sqrt(dims.head_dim) if scale is None else scale),
-      precision=precision, max_visits=band_visits(band, block_q, block_kv, nk),
-      max_visits_t=band_visits(transposed, block_kv, block_q, nq))
+  bm = block_mask
+  sizes = block_size if block_size is not None else blocks.VISIT_BLOCK
+  if bm is None and build:
+    bm = build_block_mask(mask_fn, batch=dims.batch, heads=dims.heads, q_len=dims.q_len,
+                          kv_len=dims.kv_len, block_size=sizes, q_offset=q_offset)
+  geometry = _geometry(bm) if bm is not None else _geometry_of(dims, sizes, mask_obj)
+  platforms, reason = _fitting_platforms(kernel, query.dtype, dims, geometry)
+  if reason is not None:
+    return _Call(None, reason)
+  plan = _plan(dims, geometry, *split, band=band_of(mask_fn), has_sinks=sinks is not None,
+               scale=scale, precision=precision)
   score_float = tuple(bool(jnp.issubdtype(jnp.asarray(c).dtype, jnp.inexact))
                       for c in score_consts)
-  static = _Static(plan, dims, jnp.dtype(query.dtype), kernel, tuple(platforms), interpret,
+  static = _Static(plan, dims, jnp.dtype(query.dtype), kernel, platforms, interpret,
                    score_obj, score_float)
   return _Call(static, None, bm, tuple(score_consts))
 
 
 def _geometry(bm) -> tuple[int, ...]:
+  """(block_q, block_kv, num_q_blocks, num_kv_blocks, batch_groups, head_groups)."""
   return (bm.block_q, bm.block_kv, bm.num_q_blocks, bm.num_kv_blocks, bm.batch_groups,
           bm.head_groups)
 
 
 def _geometry_of(dims: Dims, sizes, mod: Mod | None) -> tuple[int, ...]:
-  """The geometry `block_mask` would give, without building it."""
+  """The `_geometry` `block_mask(...)` would give, without building it (blocks capped at the
+  lengths, one row group per batch row / head the mask reads)."""
   bq, bk = (sizes, sizes) if isinstance(sizes, int) else sizes
   bq, bk = min(bq, dims.q_len), min(bk, dims.kv_len)
   reads = mod.reads if mod is not None else (False, False)
   return (bq, bk, -(-dims.q_len // bq), -(-dims.kv_len // bk),
           dims.batch if reads[0] else 1, dims.heads if reads[1] else 1)
+
+
+def _fitting_platforms(kernel: str, dtype, dims: Dims, geometry
+                       ) -> tuple[tuple[str, ...], str | None]:
+  """The platforms whose kernels fit the block mask, or why the call cannot run here.
+
+  'auto' lowers the kernels that fit (the default visit block fits both); the platform this
+  process runs on must be one of them, so that a misfit shows at trace time rather than as a
+  lowering error.
+  """
+  block_q, block_kv, nq, nk, _, _ = geometry
+  platforms, reasons = [], {}
+  for platform in ('gpu', 'tpu') if kernel == 'auto' else (kernel,):
+    lay = blocks.layout(platform, _kernel_dtype(platform, dtype).itemsize, q_len=dims.q_len,
+                        kv_len=dims.kv_len, head_dim=dims.head_dim, v_dim=dims.v_dim,
+                        block_q=block_q, block_kv=block_kv, num_q_blocks=nq, num_kv_blocks=nk)
+    if isinstance(lay, str):
+      reasons[platform] = lay
+    else:
+      platforms.append(platform)
+  here = jax.default_backend()
+  if not platforms or here in reasons:
+    return (), reasons.get(here) or next(iter(reasons.values()))
+  return tuple(platforms), None
+
+
+def _plan(dims: Dims, geometry, mask: KernelMod | None, score: KernelMod | None, *, band,
+          has_sinks: bool, scale, precision) -> Plan:
+  block_q, block_kv, nq, nk, b_groups, h_groups = geometry
+  # A band (causal + window) bounds the blocks a row visits: the TPU grid's width.
+  transposed = None if band is None else Band(
+      None if band.hi is None else -band.hi, None if band.lo is None else -band.lo)
+  return Plan(
+      batch=dims.batch, heads=dims.heads, kv_heads=dims.kv_heads, q_len=dims.q_len,
+      kv_len=dims.kv_len, head_dim=dims.head_dim, v_dim=dims.v_dim, block_q=block_q,
+      block_kv=block_kv, num_q_blocks=nq, num_kv_blocks=nk, batch_groups=b_groups,
+      head_groups=h_groups, mask=mask, score=score, has_sinks=has_sinks,
+      scale=float(1.0 / math.sqrt(dims.head_dim) if scale is None else scale),
+      precision=precision, max_visits=band_visits(band, block_q, block_kv, nk),
+      max_visits_t=band_visits(transposed, block_kv, block_q, nq))
 
 
 def unsupported_reason(query, key, value, *, bias=None, mask=None, is_causal=False, scale=None,

@@ -32,7 +32,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltr
 
 from attn_jax.ops.kernels.blocks import Layout
-from attn_jax.ops.kernels.common import ModReaders, Plan, div, tile_scores
+from attn_jax.ops.kernels.common import ModReaders, Plan, div, pad, tile_scores
 
 F32 = jnp.float32
 
@@ -40,14 +40,6 @@ F32 = jnp.float32
 def _whole(x):
   """A BlockSpec passing the whole array (lists, tables, per-position vectors)."""
   return pl.BlockSpec(x.shape, lambda *_: (0,) * x.ndim)
-
-
-def _pad(x, axis: int, size: int, value=0):
-  if x.shape[axis] == size:
-    return x
-  widths = [(0, 0)] * x.ndim
-  widths[axis] = (0, size - x.shape[axis])
-  return jnp.pad(x, widths, constant_values=value)
 
 
 def _dot(a, b, plan: Plan, trans_b: bool = False):
@@ -170,9 +162,9 @@ def forward(plan: Plan, lay: Layout, q, k, v, q_offset, lists, sinks, mask_input
   b, t, h, _ = q.shape
   tq, _ = lay.fwd
   g = plan.q_per_kv
-  q_p = _pad(_pad(q, 1, lay.q_pad), 3, lay.head_dim)
-  k_p = _pad(_pad(k, 1, lay.kv_pad), 3, lay.head_dim)
-  v_p = _pad(_pad(v, 1, lay.kv_pad), 3, lay.v_dim)
+  q_p = pad(pad(q, 1, lay.q_pad), 3, lay.head_dim)
+  k_p = pad(pad(k, 1, lay.kv_pad), 3, lay.head_dim)
+  v_p = pad(pad(v, 1, lay.kv_pad), 3, lay.v_dim)
   offset = jnp.reshape(q_offset, (1,)).astype(jnp.int32)
   extra = ([sinks] if plan.has_sinks else []) + list(mask_inputs) + list(score_inputs)
   in_specs = ([_whole(offset)] + [_whole(x) for x in lists] + [
@@ -291,12 +283,12 @@ def backward(plan: Plan, lay: Layout, q, k, v, q_offset, lists, lists_t, mask_in
   s, kh = k.shape[1], k.shape[2]
   tq, tk = lay.bwd
   g = plan.q_per_kv
-  q_p = _pad(_pad(q, 1, lay.q_pad), 3, lay.head_dim)
-  k_p = _pad(_pad(k, 1, lay.kv_pad), 3, lay.head_dim)
-  v_p = _pad(_pad(v, 1, lay.kv_pad), 3, lay.v_dim)
-  do_p = _pad(_pad(d_out.astype(q.dtype), 1, lay.q_pad), 3, lay.v_dim)
-  lse_p = _pad(lse, 2, lay.q_pad, jnp.inf)  # padding rows: probabilities 0
-  delta_p = _pad(delta, 2, lay.q_pad)
+  q_p = pad(pad(q, 1, lay.q_pad), 3, lay.head_dim)
+  k_p = pad(pad(k, 1, lay.kv_pad), 3, lay.head_dim)
+  v_p = pad(pad(v, 1, lay.kv_pad), 3, lay.v_dim)
+  do_p = pad(pad(d_out.astype(q.dtype), 1, lay.q_pad), 3, lay.v_dim)
+  lse_p = pad(lse, 2, lay.q_pad, jnp.inf)  # padding rows: probabilities 0
+  delta_p = pad(delta, 2, lay.q_pad)
   offset = jnp.reshape(q_offset, (1,)).astype(jnp.int32)
   extra = list(mask_inputs) + list(score_inputs)
   params = pltr.CompilerParams(num_warps=lay.num_warps, num_stages=lay.num_stages)

@@ -154,16 +154,16 @@ class KernelMod:
   evaluate inside (`evaluate`). Build with `KernelMod.of(mod)`."""
   mod: Mod
   inputs: tuple[Input, ...]
-  _args: list  # the program's index inputs: [score?], b, h, q, kv
-  _consts: list  # nodes of the mod's consts, then inlined (node, value) constants
-  _extra: list
+  _args: list  # nodes of the program's arguments: [score], b, h, q_idx, kv_idx
+  _consts: list  # nodes of the mod's consts (the arrays `prepare` gets)
+  _extra: list  # (node, value) of constants closed over by inlined calls
   _eqns: list  # the whole flattened program (for `prepare`)
   _frontier: list  # nodes, aligned with `inputs`
   _kernel: list  # equations evaluated in the kernel, in order
   _out: Any
 
   @staticmethod
-  @functools.cache
+  @functools.lru_cache(maxsize=512)  # Mods compare by their jaxpr: one split per function
   def of(mod: Mod) -> KernelMod | str:
     """The split of `mod`, or a sentence saying why a kernel cannot evaluate it."""
     try:

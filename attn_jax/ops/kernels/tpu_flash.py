@@ -36,7 +36,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from attn_jax.ops.kernels.blocks import LANES, SUBLANES, Layout
-from attn_jax.ops.kernels.common import ModReaders, Plan, combined_visits, div, tile_scores
+from attn_jax.ops.kernels.common import ModReaders, Plan, combined_visits, div, pad, tile_scores
 
 F32 = jnp.float32
 NT = (((1,), (1,)), ((), ()))  # a @ b.T
@@ -45,14 +45,6 @@ NN = (((1,), (0,)), ((), ()))  # a @ b
 
 def _dot(a, b, dims, plan: Plan):
   return jax.lax.dot_general(a, b, dims, precision=plan.precision, preferred_element_type=F32)
-
-
-def _pad(x, axis: int, size: int, value=0):
-  if x.shape[axis] == size:
-    return x
-  widths = [(0, 0)] * x.ndim
-  widths[axis] = (0, size - x.shape[axis])
-  return jnp.pad(x, widths, constant_values=value)
 
 
 def _lanes(x, n: int):
@@ -160,11 +152,6 @@ def _run_visit(num_ref, nfull_ref, g, block, t, per_block: int, body):
   pl.when(on_list & jnp.logical_not(full))(lambda: body(True))
 
 
-def _prefetch(bm_lists, width: int):
-  num, nfull, idx = combined_visits(*bm_lists, width)
-  return num, nfull, idx
-
-
 # --- Forward -------------------------------------------------------------------------------
 
 
@@ -223,7 +210,7 @@ def _fwd_kernel(offset_ref, num_ref, nfull_ref, idx_ref, q_ref, k_ref, v_ref, *r
 
 def _heads_major(x, length: int, dim: int):
   """`[B, len, heads, d]` -> padded `[B, heads, length, dim]`."""
-  return _pad(_pad(x, 1, length), 3, dim).transpose(0, 2, 1, 3)
+  return pad(pad(x, 1, length), 3, dim).transpose(0, 2, 1, 3)
 
 
 def forward(plan: Plan, lay: Layout, q, k, v, q_offset, lists, sinks, mask_inputs, score_inputs,
@@ -236,7 +223,7 @@ def forward(plan: Plan, lay: Layout, q, k, v, q_offset, lists, sinks, mask_input
   g = plan.q_per_kv
   per_block = plan.tiles_per_block('kv', tk, lay.kv_pad)
   width = plan.max_visits * per_block
-  num, nfull, idx = _prefetch(lists, plan.max_visits)
+  num, nfull, idx = combined_visits(*lists, plan.max_visits)
 
   def coords(bi, hi, s, step, offset_ref, num_ref, nfull_ref, idx_ref):
     del offset_ref, nfull_ref
@@ -375,15 +362,15 @@ def backward(plan: Plan, lay: Layout, q, k, v, q_offset, lists, lists_t, mask_in
   do_h = _heads_major(d_out.astype(q.dtype), lay.q_pad, lay.v_dim)
   k_h = _heads_major(k, lay.kv_pad, lay.head_dim)
   v_h = _heads_major(v, lay.kv_pad, lay.v_dim)
-  lse_p = _pad(lse, 2, lay.q_pad, jnp.inf)  # padding rows: probabilities 0
-  delta_p = _pad(delta, 2, lay.q_pad)
+  lse_p = pad(lse, 2, lay.q_pad, jnp.inf)  # padding rows: probabilities 0
+  delta_p = pad(delta, 2, lay.q_pad)
   rows = lambda x: jnp.broadcast_to(x[:, :, None, :], (b, h, SUBLANES, lay.q_pad))  # noqa: E731
   columns = lambda x: jnp.broadcast_to(x[..., None], (b, h, lay.q_pad, LANES))  # noqa: E731
   plan_bwd = dataclasses.replace(plan, has_sinks=False)  # sinks' gradient: outside, from lse
 
   # dK/dV: grid (b, kv head, kv tile, query head in group, visit).
   per_q = plan.tiles_per_block('q', tq, lay.q_pad)
-  num_t, nfull_t, idx_t = _prefetch(lists_t, plan.max_visits_t)
+  num_t, nfull_t, idx_t = combined_visits(*lists_t, plan.max_visits_t)
 
   def coords_t(bi, ki, kv_tile, j, step, offset_ref, num_ref, nfull_ref, idx_ref):
     del offset_ref, nfull_ref
@@ -434,7 +421,7 @@ def backward(plan: Plan, lay: Layout, q, k, v, q_offset, lists, lists_t, mask_in
 
   # dQ: grid (b, head, q tile, visit), as the forward.
   per_kv = plan.tiles_per_block('kv', tk, lay.kv_pad)
-  num, nfull, idx = _prefetch(lists, plan.max_visits)
+  num, nfull, idx = combined_visits(*lists, plan.max_visits)
 
   def coords(bi, hi, s_tile, step, offset_ref, num_ref, nfull_ref, idx_ref):
     del offset_ref, nfull_ref
