@@ -79,7 +79,8 @@ def _round_up(x: int, m: int) -> int:
   return -(-x // m) * m
 
 
-def _valid(platform: str, axis: str, tile: int) -> bool:
+def _valid(platform: str, tile: int) -> bool:
+  """A tile side the platform's kernels take when there are several tiles along the axis."""
   if platform == 'gpu':
     return tile >= GPU_MIN_TILE and tile & (tile - 1) == 0
   return tile % LANES == 0
@@ -97,9 +98,9 @@ def choose_tile(platform: str, axis: str, want: int, visit_block: int, num_block
       return min(want, max(GPU_MIN_TILE, 1 << (length - 1).bit_length()))
     # One tile covering the whole (8-row padded) length is always valid on TPU.
     whole = _round_up(length, SUBLANES if axis == 'q' else LANES)
-    return whole if whole <= want else (want if _valid(platform, axis, want) else None)
+    return whole if whole <= want else (want if _valid(platform, want) else None)
   for tile in range(min(want, visit_block), 0, -1):
-    if visit_block % tile == 0 and _valid(platform, axis, tile):
+    if visit_block % tile == 0 and _valid(platform, tile):
       return tile
   return None
 
