@@ -154,11 +154,14 @@ KERNEL_CASES = {
               lambda b, h, q, k: (k < LENGTHS[b]) & (q < Q_LENS[b])),
         score=(lambda p: sm.t5_bias(p['table'], max_distance=64),
                lambda x, g, p: x + p['table'][_t5(g[3] - g[2]), g[1]])),
-    # Visit blocks of 64 walked in 32-tiles (fp32 GPU tiles), per-row prefix lengths.
-    'gpu_subtiles_prefix_lm': dict(
+    # Visit blocks of 64 walked in 32-tiles (fp32 GPU tiles), per-row prefix lengths; a
+    # constant T5 table: gathered in the fused backward too.
+    'gpu_subtiles_prefix_lm_t5': dict(
         kernel='gpu', t=150, s=150, block=64, sinks=True,
         mask=(mm.prefix_lm(np.array([40, 100])),
-              lambda b, h, q, k: (k < np.array([40, 100])[b]) | (k <= q))),
+              lambda b, h, q, k: (k < np.array([40, 100])[b]) | (k <= q)),
+        score=(lambda p: sm.t5_bias(TABLE, max_distance=64),
+               lambda x, g, p: x + TABLE[_t5(g[3] - g[2]), g[1]])),
 }
 
 

@@ -55,11 +55,13 @@ def _t5_learned_segments(ids, q_offset, table):
   return dict(score_mod=sm.t5_bias(table, max_distance=128), segment_ids=ids)
 
 
-def _index_masks(ids, q_offset, table):
-  del ids, q_offset, table
+def _index_masks_t5_constant(ids, q_offset, table):
+  del ids, q_offset
+  # A table not differentiated: the fused backward reads it too (gather / one-hot).
   return dict(mask_mod=mm.and_masks(mm.chunked(64), mm.or_masks(mm.global_tokens(4),
                                                                 mm.dilated(3),
-                                                                mm.sliding_window(8, 8))))
+                                                                mm.sliding_window(8, 8))),
+              score_mod=sm.t5_bias(table))
 
 
 def _key_mask_mqa(ids, q_offset, table):
@@ -75,7 +77,8 @@ COMBOS = {
     'padding_prefix_rows_f16_d256': (_padding_prefix, dict(head_dim=256), jnp.float16, False),
     'alibi_softcap_bf16_d64': (_alibi_cap, dict(head_dim=64), jnp.bfloat16, False),
     't5_learned_table_segments_bf16': (_t5_learned_segments, {}, jnp.bfloat16, True),
-    'chunked_global_dilated_d80': (_index_masks, dict(head_dim=80), jnp.bfloat16, False),
+    'chunked_global_dilated_t5_d80': (_index_masks_t5_constant, dict(head_dim=80),
+                                      jnp.bfloat16, False),
     'key_mask_mqa_odd_lengths': (_key_mask_mqa, dict(kv_heads=1, q_len=200, kv_len=333),
                                  jnp.float32, False),
 }

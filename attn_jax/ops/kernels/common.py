@@ -88,11 +88,13 @@ class Plan:
 @dataclasses.dataclass(frozen=True)
 class ModReaders:
   """How a kernel reads the inputs of the mask and the score function for the current tile:
-  `read(i)` / `table(i, index)` per function (see `KernelMod.evaluate`)."""
+  `read(i)` / `table(i, index)` per function, and whether tables take array indices (see
+  `KernelMod.evaluate`)."""
   mask_read: Any = None
   mask_table: Any = None
   score_read: Any = None
   score_table: Any = None
+  gather: bool = False
 
 
 def tile_scores(plan: Plan, logits, *, b, h, q_idx, kv_idx, readers: ModReaders, masked: bool,
@@ -112,7 +114,7 @@ def tile_scores(plan: Plan, logits, *, b, h, q_idx, kv_idx, readers: ModReaders,
   if plan.score is not None:
     def score(x):
       out = plan.score.evaluate(readers.score_read, readers.score_table, b, h, q_idx, kv_idx,
-                                score=x)
+                                score=x, gather=readers.gather)
       return jnp.broadcast_to(out, x.shape).astype(jnp.float32)
     if grad:
       logits, d_scores = jax.jvp(score, (logits,), (jnp.ones_like(logits),))
@@ -120,7 +122,8 @@ def tile_scores(plan: Plan, logits, *, b, h, q_idx, kv_idx, readers: ModReaders,
       logits = score(logits)
   visible = None
   if masked and plan.mask is not None:
-    visible = plan.mask.evaluate(readers.mask_read, readers.mask_table, b, h, q_idx, kv_idx)
+    visible = plan.mask.evaluate(readers.mask_read, readers.mask_table, b, h, q_idx, kv_idx,
+                                 gather=readers.gather)
   if masked or pad_keys:
     real = kv_idx < plan.kv_len
     visible = real if visible is None else jnp.logical_and(visible, real)

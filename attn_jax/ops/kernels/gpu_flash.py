@@ -70,7 +70,7 @@ def _readers(plan: Plan, mask_refs, score_refs, b, h, q_start, tq, kv_start, tk)
 
   mask_read, mask_table = make(plan.mask, mask_refs)
   score_read, score_table = make(plan.score, score_refs)
-  return ModReaders(mask_read, mask_table, score_read, score_table)
+  return ModReaders(mask_read, mask_table, score_read, score_table, gather=True)
 
 
 def _split_rest(plan: Plan, refs):

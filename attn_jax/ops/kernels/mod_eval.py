@@ -16,8 +16,9 @@ split by what each value depends on (`deps`: the score, b, h, q, kv and the cons
     - 'q' / 'kv': per query / key `[B|1, H|1, len]` (document ids, a padding mask);
 * **lookups** (`table[bucket(kv - q), h]`, T5): a point read of a const-derived table at an
   index that depends on both positions (or the score). The table `[B|1, H|1, *shape]` enters
-  the kernel ('table') and the read becomes a one-hot sum over the one axis indexed by the
-  positions (at most `LOOKUP_MAX` entries; the other axes are indexed by scalars).
+  the kernel ('table'); along the one axis indexed by the positions (at most `LOOKUP_MAX`
+  entries; the other axes are indexed by scalars) Triton gathers, Mosaic (no vector gather)
+  sums a one-hot select per entry.
 
 Anything else (a value depending on a const and on both positions that is not such a lookup,
 a non-elementwise primitive in the kernel-side code) is unsupported: `KernelMod.of` returns a
@@ -207,14 +208,16 @@ class KernelMod:
   # -- inside the kernel -------------------------------------------------------------------
 
   def evaluate(self, read: Callable[[int], Any], table: Callable[[int, tuple], Any], b, h,
-               q_idx, kv_idx, score=None):
+               q_idx, kv_idx, score=None, *, gather: bool = False):
     """The function on a tile, inside a kernel.
 
     Args:
       read: `read(i)` -> input `i` (a scalar or a vector) as an array broadcasting with the
         tile, in storage dtype.
-      table: `table(i, index)` -> one element (a scalar) of table input `i`; `index` holds
-        Python ints and int32 scalars.
+      table: `table(i, index)` -> elements of table input `i`; `index` holds Python ints and
+        int32 scalars, and with `gather` one int32 array (the position-dependent index).
+      gather: the kernel reads a table at an array of indices in one load (Triton can);
+        else (Mosaic) a lookup is a one-hot sum of scalar reads.
       b, h: int32 scalars (the batch row and query head).
       q_idx, kv_idx: int32 absolute positions broadcasting to the tile (e.g. `[tq, 1]`,
         `[1, tk]`).
@@ -231,7 +234,7 @@ class KernelMod:
     tables = {id(node): i for i, node in enumerate(self._frontier)}
     for eqn in self._kernel:
       if eqn.lookup is not None:
-        env[eqn.outs[0]] = self._lookup(eqn, env, tables, table)
+        env[eqn.outs[0]] = self._lookup(eqn, env, tables, table, gather)
       elif eqn.prim.name in RESHAPES:
         env[eqn.outs[0]] = _value(eqn.ins[0], env)
       elif eqn.prim.name == 'sign' and jnp.issubdtype(eqn.outs[0].aval.dtype, jnp.integer):
@@ -247,10 +250,10 @@ class KernelMod:
         env.update(zip(eqn.outs, outs, strict=True))
     return _value(self._out, env)
 
-  def _lookup(self, eqn, env, tables, table):
-    """`operand[i0, i1, ...]` (a point `dynamic_slice`) as a one-hot sum over the axis whose
-    index depends on the positions; the other indices are scalars. Indices are clamped into
-    range, as `dynamic_slice` does."""
+  def _lookup(self, eqn, env, tables, table, gather: bool):
+    """`operand[i0, i1, ...]` (a point `dynamic_slice`): one gather, or a one-hot sum over the
+    axis whose index depends on the positions; the other indices are scalars. Indices are
+    clamped into range, as `dynamic_slice` does."""
     operand, *indices = eqn.ins
     axis, size = eqn.lookup
     spec = self.inputs[tables[id(operand)]]
@@ -258,6 +261,9 @@ class KernelMod:
     scalars = [jnp.clip(_value(x, env), 0, n - 1) if i != axis else None
                for i, (x, n) in enumerate(zip(indices, dims, strict=True))]
     position = jnp.clip(_value(indices[axis], env), 0, size - 1)
+    if gather:
+      index = tuple(position if i == axis else s for i, s in enumerate(scalars))
+      return _from_storage(table(tables[id(operand)], index), spec.dtype)
     out = None
     for j in range(size):
       index = tuple(j if i == axis else s for i, s in enumerate(scalars))
