@@ -17,7 +17,7 @@ from attn_jax.experiment.config import base_config
 from configs import common
 
 SIZES = ('lra', 'cpu')
-ATTENTIONS = ('auto', 'dense', 'blockwise', 'cudnn')
+ATTENTIONS = ('auto', 'dense', 'blockwise', 'cudnn', 'pallas')
 POOLINGS = ('mean', 'cls')
 
 

@@ -37,6 +37,12 @@ keyword, a `mask_mod` or a `score_mod`, next to the peers that can express it:
 
   python experiments/bench_attention.py --suite patterns --lengths 4096,16384,32768 \
       --max_peer_length 4096 --out bench_out/patterns
+
+`--suite device` runs on one GPU or TPU: the fused Pallas kernels (`implementation='pallas'`)
+against cuDNN, XLA, the Pallas attention shipped with jax (GPU) or splash attention (TPU),
+FlexAttention and the blockwise path, bf16 and fp32, 4K-64K tokens (see bench_device.py):
+
+  python experiments/bench_attention.py --suite device --out bench_out/device
 """
 
 from __future__ import annotations
@@ -492,6 +498,29 @@ def plot(rows: list[dict], ceiling: float, path: str) -> None:
   fig.savefig(path, dpi=110)
 
 
+def run_device(parser, args) -> None:
+  """--suite device: in this process, on its one device (bench_device.py)."""
+  import bench_device  # a sibling module: experiments/ is the script's directory
+
+  defaults = {a.dest: a.default for a in parser._actions}
+  pick = lambda name, device_default: (  # noqa: E731  the kernels suite's defaults differ
+      device_default if getattr(args, name) == defaults[name] else getattr(args, name))
+  impls = pick('impls', ','.join(bench_device.IMPLS)).split(',')
+  patterns = pick('patterns', ','.join(bench_device.PATTERNS)).split(',')
+  for name, given, known in (('impls', impls, bench_device.IMPLS),
+                             ('patterns', patterns, bench_device.PATTERNS)):
+    if set(given) - set(known):
+      parser.error(f'unknown --{name} {sorted(set(given) - set(known))}; known: {list(known)}')
+  cfg = bench_device.Config(heads=args.heads, head_dim=args.head_dim, window=args.window,
+                            max_dense_length=args.max_dense_length,
+                            budget_s=pick('budget_s', 1.0), max_reps=pick('max_reps', 20))
+  lengths = [int(x) for x in pick('lengths', bench_device.DEFAULT_LENGTHS).split(',')]
+  passes = [{'fwd': False, 'fwd+bwd': True}[p] for p in args.passes.split(',')]
+  out = args.out if args.out != defaults['out'] else 'bench_out/device'
+  bench_device.run(argparse.Namespace(out=out), cfg, impls, lengths, args.dtypes.split(','),
+                   passes, patterns)
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('--lengths', default='512,1024,2048,4096,8192,16384,32768,65536')
@@ -506,14 +535,20 @@ def main():
   parser.add_argument('--max_dense_length', type=int, default=16384,
                       help='longest length tried for the implementations that store L^2 scores')
   parser.add_argument('--out', default='bench_out/attention')
-  parser.add_argument('--suite', default='kernels', choices=('kernels', 'patterns'))
+  parser.add_argument('--suite', default='kernels', choices=('kernels', 'patterns', 'device'))
   parser.add_argument('--patterns', default=','.join(PATTERNS), help='--suite patterns only')
   parser.add_argument('--max_peer_length', type=int, default=4096,
                       help='--suite patterns: longest length tried for the peers')
+  parser.add_argument('--dtypes', default='bfloat16,float32', help='--suite device only')
+  parser.add_argument('--heads', type=int, default=16, help='--suite device only')
+  parser.add_argument('--head_dim', type=int, default=128, help='--suite device only')
+  parser.add_argument('--window', type=int, default=1024, help='--suite device only')
   parser.add_argument('--_child', help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args._child:
     return _child(args._child)
+  if args.suite == 'device':
+    return run_device(parser, args)
   if args.suite == 'patterns':
     if args.impls == ','.join(IMPLS):
       args.impls = ','.join(PATTERN_IMPLS)

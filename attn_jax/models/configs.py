@@ -30,7 +30,7 @@ ATTENTION_KINDS = ('softmax', 'linear', 'performer')
 # queries for each key (`ops.backward_aggregation`).
 AGGREGATIONS = ('forward', 'backward')
 POOLINGS = ('cls', 'mean')
-IMPLEMENTATIONS = (None, 'dense', 'blockwise', 'cudnn')
+IMPLEMENTATIONS = (None, 'dense', 'blockwise', 'cudnn', 'pallas')
 # Per-layer self-attention kinds of `layer_pattern`: global, local (sliding_window), and
 # global without position information (NoPE: no RoPE/ALiBi/T5 in that layer).
 LAYER_KINDS = ('G', 'L', 'N')

@@ -8,6 +8,8 @@
     bm = ops.block_mask(ops.and_masks(ops.mask_mods.causal(), doc), batch=b, heads=h, q_len=t)
     out = ops.dot_product_attention(q, k, v, block_mask=bm,
                                     score_mod=ops.score_mods.soft_cap(50.0))
+    # The same, fused (Pallas: Triton on GPU, Mosaic on TPU; interpreted on CPU).
+    out = ops.dot_product_attention(q, k, v, block_mask=bm, implementation='pallas')
 
     # Variants with the same signature: linear-time baselines, Reformer's shared QK, and
     # attention summed over queries instead of keys (values [b, q_len, heads, d]).
@@ -24,7 +26,7 @@
     q = ops.rope(q, positions, scaling=ops.RopeScaling('yarn', 4.0, original_max_position=4096))
 """
 
-from attn_jax.ops import mask_mods, score_mods, sequence_layout
+from attn_jax.ops import kernels, mask_mods, score_mods, sequence_layout
 from attn_jax.ops.aggregation import backward_aggregation
 from attn_jax.ops.attention import (
     BLOCKWISE_MIN_LOGITS,
@@ -44,6 +46,7 @@ from attn_jax.ops.dense import dense_attention, masked_softmax
 from attn_jax.ops.dropout import dropout, dropout_mask, keep_probability
 from attn_jax.ops.geometric import concat_geometric, geometric_positions
 from attn_jax.ops.heads import merge_heads, num_groups, repeat_kv, split_heads
+from attn_jax.ops.kernels import pallas_attention
 from attn_jax.ops.linear import (
     elu_features,
     kernel_attention,
@@ -94,11 +97,12 @@ __all__ = [
     'context_parallel_attention',
     'dense_attention', 'dot_product_attention', 'dot_scores', 'dropout', 'dropout_mask',
     'elu_features', 'exclude_self', 'fused_attention', 'general_scores', 'geometric_positions',
-    'keep_probability', 'kernel_attention',
+    'keep_probability', 'kernel_attention', 'kernels',
     'l2_normalize', 'learned_positional', 'learned_positional_init', 'linear_attention',
     'local_mask', 'map_valid_chunks', 'mask_mods', 'mask_to_bias', 'masked_softmax',
     'merge_attention',
-    'merge_heads', 'num_groups', 'or_masks', 'padding_mask', 'performer_attention',
+    'merge_heads', 'num_groups', 'or_masks', 'padding_mask', 'pallas_attention',
+    'performer_attention',
     'performer_features', 'performer_projection', 'prefix_attention', 'query_key_mask',
     'relative_position_bias', 'relative_position_buckets', 'repeat_kv', 'rope',
     'rope_attention_factor', 'rope_frequencies',

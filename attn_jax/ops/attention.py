@@ -7,7 +7,8 @@ attend; biases are added to the logits. Softmax runs in float32 whatever the inp
 and a query that may attend to nothing gets a zero output row (never NaN).
 
 Implementations: `dense.py` (XLA, materializes the logits), `blockwise.py` (online softmax
-over key/value blocks, custom VJP), and cuDNN through `jax.nn.dot_product_attention` (GPU).
+over key/value blocks, custom VJP), cuDNN through `jax.nn.dot_product_attention` (GPU), and
+`kernels/` (fused Pallas flash attention for GPU and TPU, open to mask/score functions).
 """
 
 from __future__ import annotations
@@ -18,14 +19,14 @@ from typing import Any, Literal
 import jax
 import jax.numpy as jnp
 
-from attn_jax.ops import blockwise
+from attn_jax.ops import blockwise, kernels
 from attn_jax.ops import masks as masks_lib
 from attn_jax.ops.block_mask import BlockMask
 from attn_jax.ops.dense import dense_attention
 from attn_jax.ops.mods import MaskMod, ScoreMod
 from attn_jax.ops.shapes import Dims, check_broadcastable, check_qkv, split_segment_ids
 
-Implementation = Literal['dense', 'blockwise', 'cudnn'] | None
+Implementation = Literal['dense', 'blockwise', 'cudnn', 'pallas'] | None
 BiasFn = Callable[[Any, jax.Array, jax.Array], jax.Array]
 
 # From this many logits per (batch, head) -- q_len * kv_len -- the dispatcher
@@ -79,13 +80,15 @@ def fused_attention(query, key, value, *, bias=None, mask=None, is_causal=False,
 
 def choose_implementation(query, key, *, return_weights: bool, dropout_rate: float,
                           bias_fn, q_offset, open_attention: bool = False,
-                          backend: str | None = None) -> str:
+                          backend: str | None = None, pallas_ok: bool = False) -> str:
   """The path `implementation=None` takes; see `dot_product_attention`.
 
   Args:
     open_attention: the call uses a mask/score function, a block mask, sinks or asks for the
-      lse, which only the dense and blockwise paths implement.
+      lse, which cuDNN does not implement.
     backend: 'cpu' | 'gpu' | 'tpu'; default `jax.default_backend()` (tests pass one).
+    pallas_ok: the fused Pallas kernels take the call (`kernels.unsupported_reason` is None);
+      on GPU and TPU they then run every open-attention call and every long one.
   """
   if return_weights:
     return 'dense'
@@ -96,6 +99,9 @@ def choose_implementation(query, key, *, return_weights: bool, dropout_rate: flo
               and isinstance(q_offset, int) and q_offset == 0)
   if cudnn_ok:
     return 'cudnn'
+  long = query.shape[1] * key.shape[1] >= BLOCKWISE_MIN_LOGITS_ACCELERATOR
+  if pallas_ok and backend in ('gpu', 'tpu') and (open_attention or long):
+    return 'pallas'
   threshold = BLOCKWISE_MIN_LOGITS if backend == 'cpu' else BLOCKWISE_MIN_LOGITS_ACCELERATOR
   if query.shape[1] * key.shape[1] >= threshold:
     return 'blockwise'
@@ -165,11 +171,16 @@ def dot_product_attention(
     implementation: 'dense' (XLA, materializes logits), 'blockwise'
       (memory-efficient online softmax that skips the blocks a mask hides,
       `blockwise.py`), 'cudnn' (GPU fused kernel through
-      `jax.nn.dot_product_attention`, rows that see nothing zeroed), or None: cuDNN on
-      GPU for bf16/fp16 inputs it supports without mask/score functions, else
-      blockwise once `q_len * kv_len` reaches `BLOCKWISE_MIN_LOGITS` (CPU;
-      `BLOCKWISE_MIN_LOGITS_ACCELERATOR` elsewhere), else dense.
-    block_size: blockwise `(q_block, kv_block)` or one int for both.
+      `jax.nn.dot_product_attention`, rows that see nothing zeroed), 'pallas' (fused
+      flash attention with the mask/score functions inside, Triton on GPU and Mosaic on
+      TPU, interpreted on CPU; `kernels/`), or None: cuDNN on GPU for bf16/fp16 inputs it
+      supports without mask/score functions; on GPU/TPU the Pallas kernels for every other
+      open-attention call they take and once `q_len * kv_len` reaches
+      `BLOCKWISE_MIN_LOGITS_ACCELERATOR`; else blockwise once `q_len * kv_len` reaches
+      `BLOCKWISE_MIN_LOGITS` (CPU; `BLOCKWISE_MIN_LOGITS_ACCELERATOR` elsewhere), else
+      dense.
+    block_size: blockwise `(q_block, kv_block)` or one int for both; for 'pallas' the
+      block mask's visit block (default `kernels.VISIT_BLOCK`).
 
   Returns:
     `[batch, q_len, heads, v_dim]` in `query.dtype`, then the weights and the lse if
@@ -189,14 +200,20 @@ def dot_product_attention(
     raise ValueError('dropout_rate > 0 needs dropout_rng')
   open_attention = (mask_mod is not None or score_mod is not None or block_mask is not None
                     or sinks is not None or return_lse)
-  if implementation is None:
-    implementation = choose_implementation(
-        query, key, return_weights=return_weights, dropout_rate=dropout_rate, bias_fn=bias_fn,
-        q_offset=q_offset, open_attention=open_attention)
   common = dict(bias=bias, mask=mask, is_causal=is_causal, scale=scale, segment_ids=segment_ids,
                 local_window=local_window, q_offset=q_offset)
   opened = dict(mask_mod=mask_mod, score_mod=score_mod, block_mask=block_mask, sinks=sinks,
                 return_lse=return_lse)
+  if implementation is None:
+    pallas_ok = False
+    if not return_weights and jax.default_backend() in ('gpu', 'tpu'):
+      pallas_ok = kernels.unsupported_reason(
+          query, key, value, **common, mask_mod=mask_mod, score_mod=score_mod,
+          block_mask=block_mask, sinks=sinks, bias_fn=bias_fn, bias_params=bias_params,
+          dropout_rate=dropout_rate, block_size=block_size, precision=precision) is None
+    implementation = choose_implementation(
+        query, key, return_weights=return_weights, dropout_rate=dropout_rate, bias_fn=bias_fn,
+        q_offset=q_offset, open_attention=open_attention, pallas_ok=pallas_ok)
   if implementation == 'dense':
     if block_mask is not None:
       blockwise.check_block_mask_call(block_mask, dims, mask=mask, is_causal=is_causal,
@@ -218,8 +235,12 @@ def dot_product_attention(
       raise ValueError("implementation='cudnn' supports no bias_fn, dropout, mask_mod, "
                        'score_mod, block_mask, sinks or return_lse')
     return fused_attention(query, key, value, **common)
-  raise ValueError(
-      f"implementation must be 'dense', 'blockwise', 'cudnn' or None, got {implementation!r}")
+  if implementation == 'pallas':
+    return kernels.pallas_attention(
+        query, key, value, **common, **opened, bias_fn=bias_fn, bias_params=bias_params,
+        dropout_rate=dropout_rate, block_size=block_size, precision=precision)
+  raise ValueError("implementation must be 'dense', 'blockwise', 'cudnn', 'pallas' or None, "
+                   f'got {implementation!r}')
 
 
 def merge_attention(out_a: jax.Array, lse_a: jax.Array, out_b: jax.Array, lse_b: jax.Array
