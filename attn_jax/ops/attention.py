@@ -19,7 +19,7 @@ from typing import Any, Literal
 import jax
 import jax.numpy as jnp
 
-from attn_jax.ops import blockwise, kernels
+from attn_jax.ops import blockwise, kernels, keywords
 from attn_jax.ops import masks as masks_lib
 from attn_jax.ops.block_mask import BlockMask
 from attn_jax.ops.dense import dense_attention
@@ -50,12 +50,9 @@ def _visible_rows(dims: Dims, *, mask, is_causal, local_window, segment_ids, q_o
   if mask is None and self_segments and (plain_causal or not is_causal) and (
       local_window is None):
     return None
-  t, s = dims.q_len, dims.kv_len
-  combined = masks_lib.combine_masks(
-      mask,
-      masks_lib.causal_mask(t, s, q_offset) if is_causal else None,
-      masks_lib.local_mask(t, s, local_window, q_offset) if local_window is not None else None,
-      masks_lib.segment_mask(q_seg, kv_seg) if q_seg is not None else None)
+  combined = keywords.keyword_mask(dims, mask=mask, is_causal=is_causal,
+                                   local_window=local_window, segment_ids=segment_ids,
+                                   q_offset=q_offset)
   return jnp.swapaxes(jnp.any(combined, axis=-1), 1, 2)  # [B|1, T|1, H|1]
 
 
@@ -198,6 +195,9 @@ def dot_product_attention(
     raise ValueError(f'dropout_rate must be in [0, 1), got {dropout_rate}')
   if dropout_rate > 0.0 and dropout_rng is None:
     raise ValueError('dropout_rate > 0 needs dropout_rng')
+  # A position bias takes the score-function path, whatever the implementation.
+  score_mod = keywords.with_position_bias(score_mod, bias_fn, bias_params)
+  bias_fn = bias_params = None
   open_attention = (mask_mod is not None or score_mod is not None or block_mask is not None
                     or sinks is not None or return_lse)
   common = dict(bias=bias, mask=mask, is_causal=is_causal, scale=scale, segment_ids=segment_ids,

@@ -39,10 +39,9 @@ import jax.numpy as jnp
 
 from attn_jax.ops import block_mask as block_mask_lib
 from attn_jax.ops import dropout as dropout_lib
-from attn_jax.ops import mask_mods, score_mods
-from attn_jax.ops import masks as masks_lib
-from attn_jax.ops.mods import Mod, and_masks
-from attn_jax.ops.shapes import Dims, check_broadcastable, check_qkv, split_segment_ids
+from attn_jax.ops import keywords
+from attn_jax.ops.mods import Mod
+from attn_jax.ops.shapes import Dims, check_broadcastable, check_qkv
 
 DEFAULT_BLOCK = block_mask_lib.DEFAULT_BLOCK
 
@@ -442,45 +441,6 @@ _saved_core.defvjp(_saved_fwd, _saved_bwd)
 # --- Entry point ---------------------------------------------------------------------------
 
 
-def _array_mask(mask: jax.Array, q_offset) -> Any:
-  """A dense bool `[B|1, H|1, T|1, S|1]` mask as a mask_mod (queries indexed from `q_offset`)."""
-  def from_array(b, h, q_idx, kv_idx):
-    return mask[b if mask.shape[0] > 1 else 0, h if mask.shape[1] > 1 else 0,
-                q_idx - q_offset if mask.shape[2] > 1 else 0,
-                kv_idx if mask.shape[3] > 1 else 0]
-  return from_array
-
-
-def _segment_mask(q_seg: jax.Array, kv_seg: jax.Array, q_offset) -> Any:
-  """Packed segments as a mask_mod (query ids indexed from `q_offset`)."""
-  def same_segment(b, h, q_idx, kv_idx):
-    del h
-    return q_seg[b, q_idx - q_offset] == kv_seg[b, kv_idx]
-  return same_segment
-
-
-def _bias_fn_score(bias_fn, bias_params) -> Any:
-  """A `bias_fn(params, q_positions, kv_positions) -> [heads|1, q, kv]` as a score_mod."""
-  def with_bias(score, b, h, q_idx, kv_idx):
-    del b
-    bias = bias_fn(bias_params, q_idx[None], kv_idx[None])  # [heads|1, 1, 1]
-    return score + bias[jnp.minimum(h, bias.shape[0] - 1), 0, 0].astype(jnp.float32)
-  return with_bias
-
-
-def combined_mask_mod(*, mask=None, is_causal=False, local_window=None, segment_ids=None,
-                      mask_mod=None, q_offset=0, dims: Dims):
-  """The built-in mask keywords and a user `mask_mod` as one mask_mod (None: no mask)."""
-  q_seg, kv_seg = split_segment_ids(segment_ids, dims)
-  window = masks_lib.normalize_window(local_window)
-  return and_masks(
-      mask_mods.causal() if is_causal else None,
-      mask_mods.sliding_window(*window) if window is not None else None,
-      _segment_mask(q_seg, kv_seg, q_offset) if q_seg is not None else None,
-      _array_mask(mask, q_offset) if mask is not None else None,
-      mask_mod)
-
-
 def blockwise_attention(query, key, value, *, bias=None, mask=None, is_causal=False, scale=None,
                         segment_ids=None, local_window=None, q_offset=0, bias_fn=None,
                         bias_params=None, mask_mod=None, score_mod=None, block_mask=None,
@@ -513,15 +473,13 @@ def blockwise_attention(query, key, value, *, bias=None, mask=None, is_causal=Fa
                           mask_mod=mask_mod, q_offset=q_offset, block_size=block_size)
     bm = block_mask
   else:
-    combined = combined_mask_mod(mask=mask, is_causal=is_causal, local_window=local_window,
-                                 segment_ids=segment_ids, mask_mod=mask_mod, q_offset=q_offset,
-                                 dims=dims)
+    combined = keywords.keyword_mask_mod(
+        mask=mask, is_causal=is_causal, local_window=local_window, segment_ids=segment_ids,
+        mask_mod=mask_mod, q_offset=q_offset, dims=dims)
     bm = block_mask_lib.block_mask(combined, batch=dims.batch, heads=dims.heads,
                                    q_len=dims.q_len, kv_len=dims.kv_len, block_size=block_size,
                                    q_offset=q_offset)
-  # Built-in position biases first, then the user's function (which may cap the sum).
-  score_fn = score_mods.chain(
-      _bias_fn_score(bias_fn, bias_params) if bias_fn is not None else None, score_mod)
+  score_fn = keywords.with_position_bias(score_mod, bias_fn, bias_params)
   score, consts = (None, ()) if score_fn is None else Mod.of_score(score_fn)
   score_diff = tuple(jnp.issubdtype(jnp.asarray(c).dtype, jnp.inexact) for c in consts)
 

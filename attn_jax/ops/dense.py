@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from attn_jax.ops import dropout as dropout_lib
+from attn_jax.ops import keywords
 from attn_jax.ops import masks as masks_lib
 from attn_jax.ops import scores as scores_lib
 from attn_jax.ops.mods import Mod
@@ -91,11 +92,7 @@ def dense_attention(query, key, value, *, bias=None, mask=None, is_causal=False,
   logits = grouped(scores_lib.scaled_dot_scores(query, key, scale=scale, precision=precision))
   if bias is not None:
     logits = logits + grouped(bias).astype(jnp.float32)
-  if bias_fn is not None:
-    q_pos = jnp.arange(t) + q_offset
-    fn_bias = bias_fn(bias_params, q_pos, jnp.arange(s))[None]  # [1, heads|1, t, s]
-    check_broadcastable('bias_fn output', fn_bias, dims)
-    logits = logits + grouped(fn_bias)
+  score_mod = keywords.with_position_bias(score_mod, bias_fn, bias_params)
   b_idx, h_idx = jnp.arange(b), jnp.arange(dims.heads)
   if block_mask is not None:
     q_offset = block_mask.q_offset
@@ -113,10 +110,8 @@ def dense_attention(query, key, value, *, bias=None, mask=None, is_causal=False,
   if block_mask is not None:
     user_mask = block_mask.dense()  # [Bm, Hm, T, S]: hidden blocks are False already
   combined = masks_lib.combine_masks(
-      mask,
-      masks_lib.causal_mask(t, s, q_offset) if is_causal else None,
-      masks_lib.local_mask(t, s, local_window, q_offset) if local_window is not None else None,
-      masks_lib.segment_mask(q_seg, kv_seg) if q_seg is not None else None,
+      keywords.keyword_mask(dims, mask=mask, is_causal=is_causal, local_window=local_window,
+                            segment_ids=segment_ids, q_offset=q_offset),
       user_mask)
   # Only a plain causal mask with a non-negative static offset is known to leave
   # every query some key (key 0).

@@ -36,7 +36,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from attn_jax.ops import blockwise
+from attn_jax.ops import blockwise, keywords
 from attn_jax.ops import sequence_layout as layout_lib
 from attn_jax.ops.attention import choose_implementation, dot_product_attention, merge_attention
 from attn_jax.ops.block_mask import block_mask as make_block_mask
@@ -107,7 +107,7 @@ def _part(spec: RingSpec, dims, qa, ka, q_seg, kv_seg, mask_consts, nondiff, off
   whole attention's (out, lse): blockwise's hook for this part's share of the gradients)."""
   b0, h0 = offsets
   user = None if spec.mask is None else shifted(spec.mask, mask_consts, b0, h0, ka)
-  mask = blockwise.combined_mask_mod(
+  mask = keywords.keyword_mask_mod(
       segment_ids=None if q_seg is None else (q_seg, kv_seg), mask_mod=and_masks(spec.band, user),
       q_offset=qa - ka, dims=dims)
   bm = make_block_mask(mask, batch=dims.batch, heads=dims.heads, q_len=dims.q_len,

@@ -41,7 +41,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from attn_jax.ops import blockwise, score_mods
+from attn_jax.ops import blockwise, keywords
 from attn_jax.ops.block_mask import block_mask as build_block_mask
 from attn_jax.ops.kernels import blocks, gpu_flash, tpu_flash
 from attn_jax.ops.kernels.common import Plan, band_visits
@@ -123,15 +123,12 @@ def _normalize(query, key, value, *, bias, mask, is_causal, scale, segment_ids, 
                                     mask_mod=mask_mod, q_offset=q_offset, block_size=block_size)
     mask_fn, mask_obj = None, block_mask.mod
   else:
-    mask_fn = blockwise.combined_mask_mod(mask=mask, is_causal=is_causal,
-                                          local_window=local_window, segment_ids=segment_ids,
-                                          mask_mod=mask_mod, q_offset=q_offset, dims=dims)
+    mask_fn = keywords.keyword_mask_mod(mask=mask, is_causal=is_causal,
+                                        local_window=local_window, segment_ids=segment_ids,
+                                        mask_mod=mask_mod, q_offset=q_offset, dims=dims)
     everything = mask_fn is None or (isinstance(mask_fn, Band) and mask_fn == Band(None, None))
     mask_obj = None if everything else Mod.of_mask(mask_fn)[0]
-  # Built-in position biases first, then the user's function (as the blockwise path does).
-  score_fn = score_mods.chain(
-      blockwise._bias_fn_score(bias_fn, bias_params) if bias_fn is not None else None,
-      score_mod)
+  score_fn = keywords.with_position_bias(score_mod, bias_fn, bias_params)
   score_obj, score_consts = (None, ()) if score_fn is None else Mod.of_score(score_fn)
   split = [None if m is None else KernelMod.of(m) for m in (mask_obj, score_obj)]
   for reason in split:
