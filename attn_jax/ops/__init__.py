@@ -16,6 +16,11 @@
     out = ops.performer_attention(q, k, v, projection=w, is_causal=True)
     out = ops.shared_qk_attention(q, v, is_causal=True)
     per_key = ops.backward_aggregation(q, k, values)
+
+    # Images: patches, 2-D positions, attention maps over the patch grid.
+    x = ops.patchify(images, 4)                              # [b, patches, 4 * 4 * C]
+    q = ops.rope_2d(q, ops.grid_positions(grid_h, grid_w))   # axial RoPE on (row, column)
+    m = ops.patch_attention(weights, grid=(grid_h, grid_w), cls_token=True)  # rollout
 """
 
 from attn_jax.ops import mask_mods, score_mods
@@ -52,6 +57,7 @@ from attn_jax.ops.masks import (
     valid_positions,
 )
 from attn_jax.ops.mods import and_masks, or_masks
+from attn_jax.ops.patches import attention_rollout, patch_attention, patchify
 from attn_jax.ops.positional import (
     add_sinusoidal,
     alibi_bias,
@@ -63,6 +69,7 @@ from attn_jax.ops.positional import (
     rope,
     sinusoidal,
 )
+from attn_jax.ops.positional_2d import grid_positions, rope_2d, sinusoidal_2d
 from attn_jax.ops.prefix import prefix_attention
 from attn_jax.ops.scores import additive_scores, dot_scores, general_scores, scaled_dot_scores
 from attn_jax.ops.shared_qk import exclude_self, l2_normalize, shared_qk_attention
@@ -84,4 +91,6 @@ __all__ = [
     'scaled_dot_scores', 'score_mods',
     'segment_mask', 'shared_qk_attention', 'sinusoidal', 'split_heads', 'valid_first_order',
     'valid_positions',
+    'attention_rollout', 'grid_positions', 'patch_attention', 'patchify', 'rope_2d',
+    'sinusoidal_2d',
 ]
