@@ -182,11 +182,12 @@ class Augment:
     return {**example, 'image': np.ascontiguousarray(image)}
 
 
-def normalize(images: np.ndarray, spec: ImageSpec) -> np.ndarray:
+def normalize(images: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
   """uint8 pixels `[..., H, W, C]` -> float32 `(x / 255 - mean) / std` per channel: the one
-  rule every batch (and an image given to a trained model) goes through."""
+  rule every batch goes through, and an image given to a trained model (with the
+  `meta['normalization']` of its data)."""
   x = np.asarray(images, np.float32) / 255.0
-  return (x - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32)
+  return (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
 
 
 class Normalize:
@@ -196,7 +197,7 @@ class Normalize:
     self.spec = spec
 
   def __call__(self, example: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    return {**example, 'image': normalize(example['image'], self.spec)}
+    return {**example, 'image': normalize(example['image'], self.spec.mean, self.spec.std)}
 
 
 class PadImageBatch:

@@ -428,7 +428,7 @@ def _image_bundle(cfg, data_dir: str, *, seed: int, process_index: int,
       num_examples={s: len(src) for s, src in sources.items()}, dataset_key=_dataset_key(builder),
       per_process_batch_size=rows, batch_shapes=[[rows, *spec.shape]],
       augment=images.augmentation(cfg),
-      normalization={'mean': list(spec.mean), 'std': list(spec.std), 'scale': 1 / 255},
+      normalization={'mean': list(spec.mean), 'std': list(spec.std)},  # images.normalize
       pad_label=images.PAD_LABEL)
   return DataBundle(train=iter(train), train_dataset=train, eval=evals_ds, tokenizers={},
                     meta=meta, length_policies={})

@@ -72,6 +72,7 @@ def test_digits_batches_are_normalized_pixels_with_padded_eval(data_dir, digit_a
   assert (meta['image_shape'], meta['num_classes'], meta['eval_splits'], meta['train_split']) == (
       [8, 8, 1], 10, ['validation', 'test'], 'train')
   assert meta['label_names'] == list('0123456789') and meta['augment'] == 'none'
+  assert meta['normalization'] == {'mean': [0.30576], 'std': [0.37612]}
   assert meta['num_examples'] == {'train': 1259, 'validation': 179, 'test': 359}
   batch = next(bundle.train)
   assert batch['image'].shape == (8, 8, 8, 1) and batch['image'].dtype == np.float32

@@ -206,7 +206,8 @@ def test_a_tiny_vit_learns_the_real_digits_in_a_few_steps():
   # scikit-learn's arrays normalized as the pipeline does (tests/data/test_images.py covers the
   # pipeline itself; building its TFDS copy here would double this test's time).
   pixels, labels = digits.load()
-  x = images.normalize(pixels, images.spec_for('digits'))
+  spec = images.spec_for('digits')
+  x = images.normalize(pixels, spec.mean, spec.std)
   order = np.random.default_rng(0).permutation(len(x))
   model = models.ViT(_cfg(num_layers=2))
   params = _init(model, jnp.zeros((1, 8, 8, 1)))
