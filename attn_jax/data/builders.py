@@ -1,4 +1,5 @@
-"""TFDS builders for data made on this machine: algorithmic tasks, ListOps, user corpora.
+"""TFDS builders for data made on this machine: algorithmic tasks, ListOps, user corpora, and
+scikit-learn's bundled handwritten digits.
 
 Each builder is a `tfds.core.GeneratorBasedBuilder` writing array_record files (read back with
 `as_data_source()`, no TensorFlow needed). Its generation parameters are a JSON-able dict held by
@@ -22,10 +23,11 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
-from attn_jax.data import algorithmic, listops
+from attn_jax.data import algorithmic, digits, listops
 
 SPLITS = ('train', 'validation', 'test')
 
@@ -154,7 +156,25 @@ class AttnJaxLocalCorpus(_ParamsBuilder):
     yield from enumerate(self._examples[split])
 
 
-BUILDERS = {'algorithmic': AttnJaxAlgorithmic, 'listops': AttnJaxListops}
+class AttnJaxDigits(_ParamsBuilder):
+  """scikit-learn's 8x8 handwritten digits with a fixed stratified split (see
+  attn_jax.data.digits); images are stored as raw uint8 tensors (no image codec to run)."""
+
+  name = 'attn_jax_digits'
+
+  def _info(self):
+    return self.dataset_info_from_configs(
+        features=tfds.features.FeaturesDict({
+            'image': tfds.features.Tensor(shape=digits.SHAPE, dtype=np.uint8),
+            'label': tfds.features.ClassLabel(names=list(digits.LABEL_NAMES))}),
+        description="scikit-learn's load_digits (UCI optdigits), split by attn_jax.data.digits.")
+
+  def _generate_examples(self, split):
+    yield from digits.generate_split(self.params, split)
+
+
+BUILDERS = {'algorithmic': AttnJaxAlgorithmic, 'listops': AttnJaxListops,
+            'digits': AttnJaxDigits}
 
 
 @contextlib.contextmanager

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import ml_collections
 
-from attn_jax.data import algorithmic, named
+from attn_jax.data import algorithmic, images, named
 
 GENERATED = algorithmic.ALGORITHMIC_TASKS + ('listops',)
-DATASET_NAMES = GENERATED + ('local',) + named.NAMED_DATASETS
+DATASET_NAMES = GENERATED + ('local',) + named.NAMED_DATASETS + images.IMAGE_DATASETS
 
 
 def default_config(name: str = 'listops') -> ml_collections.ConfigDict:
@@ -48,7 +48,13 @@ def default_config(name: str = 'listops') -> ml_collections.ConfigDict:
       source_suffix='', target_suffix='', text_field='text', label_field='label',
       lm_documents='line', on_bad_line='error', validation_fraction=0.0, test_fraction=0.0))
 
-  # Named TFDS datasets: translation direction and split overrides ('' = dataset default).
+  # Image datasets (digits, mnist, cifar10; see attn_jax.data.images): training augmentation
+  # '' (the dataset's: 'crop_flip' for cifar10, else 'none') | 'none' | 'crop' | 'crop_flip',
+  # and the black border (pixels per side) a random crop is taken from.
+  c.image = ml_collections.ConfigDict(dict(augment='', crop_padding=4))
+
+  # Named TFDS datasets (and the image datasets): translation direction and split overrides
+  # ('' = dataset default).
   c.tfds = ml_collections.ConfigDict(dict(
       reverse_translation=False, train_split='', eval_splits=''))
 
@@ -76,6 +82,8 @@ def default_config(name: str = 'listops') -> ml_collections.ConfigDict:
   # of one batch); 'pack'/'concat' rows are all max_length wide, so it just sets the row count.
   c.max_tokens = 0
   c.batching = 'concat' if name in ('lm1b', 'tiny_shakespeare') else 'bucket'
+  if name in images.IMAGE_DATASETS:
+    c.batching = 'pad'  # images: fixed rows, no lengths to bucket
   c.num_length_buckets = 4         # padded lengths: max_length, /2, /4, ... (multiples of 8)
   c.bucket_window = 16             # batches sorted together in 'bucket' mode
   c.pack_bins = 0                  # first-fit bins in 'pack' mode; 0 = 2 * per-process batch
@@ -92,7 +100,10 @@ def default_config(name: str = 'listops') -> ml_collections.ConfigDict:
 
 
 def task_of(cfg) -> str:
-  """'seq2seq' | 'classification' | 'lm' for the dataset the config names."""
+  """'seq2seq' | 'classification' | 'lm' | 'image_classification' for the dataset the config
+  names."""
+  if cfg.name in images.IMAGE_DATASETS:
+    return images.TASK
   if cfg.name in algorithmic.ALGORITHMIC_TASKS:
     return 'seq2seq'
   if cfg.name == 'listops':
@@ -115,6 +126,11 @@ def validate_config(cfg, process_count: int = 1) -> None:
   if cfg.name not in DATASET_NAMES and not named.is_named(cfg.name):
     raise ValueError(f'data.name={cfg.name!r}; allowed: {DATASET_NAMES}.')
   task = task_of(cfg)
+  if task == images.TASK:  # no tokens: none of the tokenizer, length or packing rules apply
+    images.validate_config(cfg)
+    _positive(cfg, 'batch_size', 'eval_batch_size', 'read_threads')
+    _check_counts(cfg, process_count)
+    return
   if cfg.name in algorithmic.ALGORITHMIC_TASKS:
     algorithmic.validate_params(algorithmic_params(cfg, seed=0))
   if cfg.name == 'listops':
@@ -142,13 +158,17 @@ def validate_config(cfg, process_count: int = 1) -> None:
             'bucket_window', 'read_threads')
   if cfg.max_length < 2 or (cfg.max_target_length and cfg.max_target_length < 2):
     raise ValueError('data.max_length / max_target_length must be >= 2 (a token plus EOS).')
+  _check_counts(cfg, process_count)
+  _validate_max_tokens(cfg, task, process_count)
+
+
+def _check_counts(cfg, process_count: int) -> None:
   for n in ('batch_size', 'eval_batch_size'):
     if cfg[n] % process_count:
       raise ValueError(f'data.{n}={cfg[n]} is not divisible by process_count={process_count}.')
   for n in ('num_workers', 'num_epochs', 'eval_max_examples', 'pack_bins'):
     if cfg[n] < 0:
       raise ValueError(f'data.{n}={cfg[n]} must be >= 0.')
-  _validate_max_tokens(cfg, task, process_count)
 
 
 def _validate_max_tokens(cfg, task: str, process_count: int) -> None:

@@ -7,6 +7,10 @@
     for batch in data.eval['test']: ...       # iterate again for every evaluation
     data.tokenizers['targets'].decode(ids)    # detokenize for BLEU
 
+Image datasets (`digits`, `mnist`, `cifar10`) give {'image': float32 [b, H, W, C], 'label':
+int32 [b]} batches, no tokenizers, and eval padding rows labelled -1 (see
+`attn_jax.data.images`).
+
 Per process: the source is sharded `[process_index::process_count]` before shuffling, so hosts
 read disjoint examples, and `batch_size` (global) is divided by `process_count`. The training
 split is shuffled with `seed` each epoch and repeated (`num_epochs=0`: forever; prefer it on
@@ -26,7 +30,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from attn_jax.data import algorithmic, batching, builders, local, named, tokenizers
+from attn_jax.data import algorithmic, batching, builders, images, local, named, tokenizers
 from attn_jax.data import config as config_lib
 from attn_jax.data import listops as listops_lib
 
@@ -133,16 +137,23 @@ def _sources(cfg, data_dir: str):
   if cfg.eval_splits:
     evals = tuple(s.strip() for s in cfg.eval_splits.split(',') if s.strip())
   train_split = meta.pop('train_split', 'train')
-  sources = {}
-  for split in (train_split,) + tuple(evals):
-    try:
-      src = b.as_data_source(split=split)
-    except Exception as e:
-      raise ValueError(f'{cfg.name}: cannot read split {split!r}: {e}') from e
-    sources[split] = grain.MapDataset.source(src).map(canon)
-  key = f'{b.name}/{b.builder_config.name}' if b.builder_config else b.name
-  meta.update(train_split=train_split, eval_splits=list(evals), dataset_key=key)
+  sources = {split: _read_split(cfg, b, split).map(canon)
+             for split in (train_split,) + tuple(evals)}
+  meta.update(train_split=train_split, eval_splits=list(evals), dataset_key=_dataset_key(b))
   return sources, meta
+
+
+def _read_split(cfg, builder, split: str) -> grain.MapDataset:
+  try:
+    src = builder.as_data_source(split=split)
+  except Exception as e:
+    raise ValueError(f'{cfg.name}: cannot read split {split!r}: {e}') from e
+  return grain.MapDataset.source(src)
+
+
+def _dataset_key(builder) -> str:
+  return f'{builder.name}/{builder.builder_config.name}' if builder.builder_config else (
+      builder.name)
 
 
 def _default_kind(cfg, task: str) -> str:
@@ -329,6 +340,9 @@ def make_datasets(cfg, *, data_dir: str | None = None, seed: int = 0, process_in
     raise ValueError(f'process_index={process_index} not in [0, process_count={process_count}).')
   data_dir = os.path.expanduser(data_dir or '~/tensorflow_datasets')
   task = config_lib.task_of(cfg)
+  if task == images.TASK:
+    return _image_bundle(cfg, data_dir, seed=seed, process_index=process_index,
+                         process_count=process_count)
   sources, meta = _sources(cfg, data_dir)
   toks, tok_paths = _make_tokenizers(cfg, task, sources[meta['train_split']],
                                      meta['dataset_key'], data_dir)
@@ -359,3 +373,62 @@ def make_datasets(cfg, *, data_dir: str | None = None, seed: int = 0, process_in
   meta.setdefault('num_classes', 0)
   return DataBundle(train=iter(train_ds), train_dataset=train_ds, eval=evals, tokenizers=toks,
                     meta=meta, length_policies=policies)
+
+
+# --- Image classification (see attn_jax.data.images) -------------------------------------------
+
+
+def _image_batches(ds: grain.MapDataset, cfg, spec: images.ImageSpec, *, train: bool, seed: int,
+                   batch_size: int, process_index: int, process_count: int) -> grain.IterDataset:
+  """Batches of one split: sharded, (training) shuffled per epoch, repeated and augmented;
+  (eval) padded to `batch_size` rows and to the same number of batches on every process."""
+  if not train and cfg.eval_max_examples:
+    ds = ds[:cfg.eval_max_examples]
+  total = len(ds)
+  ds = ds[process_index::process_count].map(images.ToExample(spec))
+  augment = images.augmentation(cfg) if train else 'none'
+  if train:
+    if cfg.shuffle:
+      ds = ds.shuffle(seed % 2 ** 32)
+    ds = ds.repeat(cfg.num_epochs or None)
+  if augment != 'none':
+    ds = ds.random_map(images.Augment(augment, cfg.image.crop_padding), seed=seed % 2 ** 32)
+  it = ds.map(images.Normalize(spec)).to_iter_dataset(
+      grain.ReadOptions(num_threads=cfg.read_threads, prefetch_buffer_size=4 * batch_size))
+  if cfg.num_workers:
+    _ensure_absl_flags_parsed()
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.num_workers))
+  pad = images.PadImageBatch(batch_size)
+  it = it.batch(batch_size, drop_remainder=train, batch_fn=pad)
+  if train:
+    return it
+  num_batches = math.ceil(math.ceil(total / process_count) / batch_size)
+  return batching.FixedBatchCountIterDataset(it, num_batches=num_batches,
+                                             template=pad.empty(spec.shape))
+
+
+def _image_bundle(cfg, data_dir: str, *, seed: int, process_index: int,
+                  process_count: int) -> DataBundle:
+  """`make_datasets` for an image dataset: no tokenizers, lengths or length policies."""
+  spec = images.spec_for(cfg.name)
+  builder = images.load_builder(cfg.name, data_dir)
+  train_split = cfg.tfds.train_split or spec.train_split
+  evals = next((tuple(s.strip() for s in v.split(',') if s.strip())
+                for v in (cfg.eval_splits, cfg.tfds.eval_splits) if v), spec.eval_splits)
+  sources = {split: _read_split(cfg, builder, split) for split in (train_split,) + evals}
+  rows = cfg.batch_size // process_count
+  common = dict(seed=seed, process_index=process_index, process_count=process_count)
+  train = _image_batches(sources[train_split], cfg, spec, train=True, batch_size=rows, **common)
+  evals_ds = {split: _image_batches(sources[split], cfg, spec, train=False,
+                                    batch_size=cfg.eval_batch_size // process_count, **common)
+              for split in evals}
+  meta = dict(
+      task=images.TASK, image_shape=list(spec.shape), num_classes=spec.num_classes,
+      label_names=list(spec.label_names), train_split=train_split, eval_splits=list(evals),
+      num_examples={s: len(src) for s, src in sources.items()}, dataset_key=_dataset_key(builder),
+      per_process_batch_size=rows, batch_shapes=[[rows, *spec.shape]],
+      augment=images.augmentation(cfg),
+      normalization={'mean': list(spec.mean), 'std': list(spec.std)},  # images.normalize
+      pad_label=images.PAD_LABEL)
+  return DataBundle(train=iter(train), train_dataset=train, eval=evals_ds, tokenizers={},
+                    meta=meta, length_policies={})

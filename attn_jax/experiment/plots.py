@@ -439,3 +439,72 @@ def plot_block_mask(block_mask: Any, path: str | os.PathLike, *, group: int = 0,
                     title: str | None = None, dpi: int = 100) -> pathlib.Path:
   """Writes `block_mask_figure(...)` as a PNG at `path`; returns the path."""
   return _save(block_mask_figure(block_mask, group=group, title=title), path, dpi)
+
+
+# --- Attention over image patches ---------------------------------------------------------------
+
+
+def _display_image(image: np.ndarray) -> np.ndarray:
+  """`[H, W, C]` (normalized or not) -> `[H, W]` or `[H, W, 3]` in [0, 1] for imshow."""
+  x = image[..., 0] if image.shape[-1] == 1 else image
+  lo, hi = float(x.min()), float(x.max())
+  return (x - lo) / (hi - lo) if hi > lo else np.zeros_like(x)
+
+
+def image_attention_figure(images: Any, maps: Any, *, captions: Sequence[str] | None = None,
+                           title: str | None = None, alpha: float = 0.55) -> Figure:
+  """Each image beside itself under its patch-attention map: a row of two panels per image.
+
+  Args:
+    images: float or uint8 `[n, H, W, C]` (C = 1 or 3; `[H, W, C]` for one image), shown
+      rescaled to their own min..max, so normalized batches display as they are.
+    maps: float `[n, grid_h, grid_w]` (or `[grid_h, grid_w]`), e.g. `ops.patch_attention`;
+      each is stretched over its image, one cell per patch, all on one colour scale from 0 to
+      the largest value of any map.
+    captions: one line per image (e.g. 'label 3, predicted 3').
+    title: figure title.
+    alpha: opacity of the map over the image.
+
+  Raises:
+    ValueError: if the shapes do not pair up, a grid does not divide its image, or a map is
+      not finite.
+  """
+  x, m = np.asarray(images), np.asarray(maps, np.float32)
+  x, m = (x[None] if x.ndim == 3 else x), (m[None] if m.ndim == 2 else m)
+  if x.ndim != 4 or x.shape[-1] not in (1, 3) or m.ndim != 3 or len(x) != len(m) or not len(x):
+    raise ValueError(f'images must be [n, H, W, 1 or 3] and maps [n, grid_h, grid_w] with the '
+                     f'same n >= 1, got {x.shape} and {m.shape}')
+  (h, w), (gh, gw) = x.shape[1:3], m.shape[1:]
+  if h % gh or w % gw:
+    raise ValueError(f'a {gh}x{gw} patch grid does not divide {h}x{w} images')
+  if not np.isfinite(m).all():
+    raise ValueError(f'maps {m.shape} hold {int((~np.isfinite(m)).sum())} non-finite values')
+  if captions is not None and len(captions) != len(x):
+    raise ValueError(f'len(captions)={len(captions)} != {len(x)} images')
+  fig, axes = _new_figure(len(x), 2, 2.6, 2.6)
+  shown, vmax = None, float(m.max()) or 1.0
+  for i, (image, grid) in enumerate(zip(x.astype(np.float32), m, strict=True)):
+    picture = _display_image(image)
+    cmap = 'gray' if picture.ndim == 2 else None
+    left, right = axes[i]
+    left.imshow(picture, cmap=cmap, vmin=0.0, vmax=1.0, interpolation='nearest')
+    right.imshow(picture, cmap=cmap, vmin=0.0, vmax=1.0, interpolation='nearest')
+    # extent: each map cell covers its patch's pixels exactly.
+    shown = right.imshow(grid, cmap='inferno', alpha=alpha, vmin=0.0, vmax=vmax,
+                         interpolation='nearest', extent=(-0.5, w - 0.5, h - 0.5, -0.5))
+    left.set_title(captions[i] if captions is not None else f'image {i}', fontsize=9)
+    right.set_title('attention to patches', fontsize=9)
+    for ax in (left, right):
+      ax.set_xticks([])
+      ax.set_yticks([])
+  fig.colorbar(shown, ax=axes[:, 1].tolist(), label='share of attention', shrink=0.8)
+  if title:
+    fig.suptitle(title, fontsize=10)
+  return fig
+
+
+def plot_image_attention(images: Any, maps: Any, path: str | os.PathLike, *,
+                         captions: Sequence[str] | None = None, title: str | None = None,
+                         dpi: int = 80) -> pathlib.Path:
+  """Writes `image_attention_figure(images, maps, ...)` as a PNG at `path`; returns it."""
+  return _save(image_attention_figure(images, maps, captions=captions, title=title), path, dpi)

@@ -5,6 +5,7 @@
     model = models.EncoderDecoder(cfg)
     logits = model.apply(variables, inputs, targets)               # [b, Lt, vocab] float32
     tokens = models.generate(model, params, inputs=inputs, max_decode_len=64, method='beam')
+    vit = models.ViT(models.vit_config('tiny'))                    # images [b, 8, 8, 1]
 
 Names are exported lazily: `attn_jax.models.configs` (the config dataclasses) imports no JAX,
 so config files can use it without paying for Flax.
@@ -29,6 +30,8 @@ _EXPORTS = {
     'Decoder': 'transformer', 'DecoderLayer': 'transformer', 'DecoderLM': 'transformer',
     'Encoder': 'transformer', 'EncoderClassifier': 'transformer',
     'EncoderDecoder': 'transformer', 'EncoderLayer': 'transformer',
+    'VIT_VARIANTS': 'configs', 'ViTConfig': 'configs', 'vit_config': 'configs',
+    'PatchEmbedding': 'vit', 'ViT': 'vit', 'patch_attention_map': 'vit',
 }
 __all__ = sorted(_EXPORTS)
 __getattr__, __dir__ = _lazy.exports(__name__, _EXPORTS)
@@ -38,11 +41,14 @@ if TYPE_CHECKING:  # Static analysers see the real names.
   from attn_jax.models.configs import (
       RNN_VARIANTS,
       TRANSFORMER_VARIANTS,
+      VIT_VARIANTS,
       AttentionConfig,
       RNNConfig,
       TransformerConfig,
+      ViTConfig,
       rnn_config,
       transformer_config,
+      vit_config,
   )
   from attn_jax.models.decoding import DecodeFns, beam_search, filter_logits, generate
   from attn_jax.models.layers import Embedder, FeedForward, make_norm, shift_right
@@ -57,3 +63,4 @@ if TYPE_CHECKING:  # Static analysers see the real names.
       EncoderDecoder,
       EncoderLayer,
   )
+  from attn_jax.models.vit import PatchEmbedding, ViT, patch_attention_map

@@ -24,7 +24,7 @@ from attn_jax.models.configs import AttentionConfig
 from attn_jax.models.modifiers import LayerInfo
 from attn_jax.models.names import CROSS_CACHE, SLOT_CACHE  # noqa: F401  (re-exported)
 
-POSITIONAL = ('none', 'rope', 'alibi', 't5')
+POSITIONAL = ('none', 'rope', 'alibi', 't5', 'rope_2d')
 default_kernel_init = nn.initializers.lecun_normal()
 
 # Slots per chunk of the decoding loop over the filled cache. Small enough that a short
@@ -116,7 +116,8 @@ class MultiHeadAttention(nn.Module):
       `decode=True` call uses. Its config must leave the self-attention options off
       (`AttentionConfig.for_cross()`).
     positional: what this layer puts inside attention: 'none', 'rope' (rotate q, k), 'alibi'
-      or 't5' (position biases: `modifiers.POSITION_BIASES`).
+      or 't5' (position biases: `modifiers.POSITION_BIASES`), 'rope_2d' (rotate q, k by the
+      (row, column) `positions` `[batch, len, 2]` of image patches; no decoding).
     head_dim: per-head size; None = features // num_heads.
     out_features: output size; None = the query's feature size.
     use_bias: biases in the projections.
@@ -208,7 +209,8 @@ class MultiHeadAttention(nn.Module):
         stays within equal ids. In decode mode `[batch, q_len]`, 0 marking padding
         (e.g. the right padding of a ragged prompt), which the cache remembers.
       positions: int `[batch, q_len]` or `[q_len]` absolute positions for RoPE (and,
-        in decode mode, ALiBi/T5); default `0..len-1`, or the cache index onwards.
+        in decode mode, ALiBi/T5); default `0..len-1`, or the cache index onwards. With
+        `positional='rope_2d'`, `[batch, q_len, 2]` or `[q_len, 2]` (row, column), required.
       deterministic: disables dropout.
       decode: use the 'cache' collection. Causal self-attention: the first (init) call
         sizes the cache from `inputs_q` `[batch, max_len, features]`; later calls append
@@ -238,6 +240,11 @@ class MultiHeadAttention(nn.Module):
     cross_decode = decode and not is_self
     if cross_decode and self.positional != 'none':
       raise ValueError(f'cross-attention decoding takes no positional={self.positional!r}')
+    if self.positional == 'rope_2d' and decode:
+      raise ValueError("positional='rope_2d' (image patches) has no incremental decoding")
+    if self.positional == 'rope_2d' and positions is None:
+      raise ValueError("positional='rope_2d' needs positions [batch, len, 2] or [len, 2] "
+                       '(row, column); got None')
     if decode and cfg.aggregation == 'backward':
       raise ValueError("aggregation='backward' has no incremental decoding")
     inputs_kv = inputs_q if is_self else inputs_kv
@@ -312,6 +319,9 @@ class MultiHeadAttention(nn.Module):
       if self.positional == 'rope':
         query = self._rope(query, positions)
         key = self._rope(key, positions if is_self else None)
+      elif self.positional == 'rope_2d':  # self-attention only (AttentionConfig.check_layer)
+        query = ops.rope_2d(query, positions, cfg.rope_base)
+        key = ops.rope_2d(key, positions, cfg.rope_base)
       kwargs.update(segment_ids=segment_ids)
     kwargs.update(mask_mod=mask_mod, score_mod=score_mod)
 

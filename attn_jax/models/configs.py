@@ -3,6 +3,7 @@
     cfg = transformer_config('base', vocab_size=37_000)          # the 2017 paper's base model
     cfg = transformer_config('tiny', positional='rope', attention=dict(num_kv_heads=1))
     rnn = rnn_config('small', cell='gru', attention='additive')
+    vit = vit_config('tiny', positional='rope_2d', attention=dict(num_kv_heads=2))
 
 Every field is checked in `__post_init__`, so a bad configuration raises a `ValueError`
 naming the field before anything is traced or compiled. Unknown variants and unknown
@@ -37,8 +38,13 @@ LAYER_KINDS = ('G', 'L', 'N')
 IN_ATTENTION_POSITIONALS = ('rope', 'alibi', 't5')
 # RoPE frequency scalings (`ops.rope.SCALING_KINDS`; a test keeps the two equal).
 ROPE_SCALINGS = ('none', 'linear', 'ntk', 'yarn', 'llama3')
+# Positions of a ViT's patches: added to the patch embeddings ('learned', a table over the
+# patches; 'sinusoidal_2d', half the channels for the row, half for the column), or inside
+# attention ('rope_2d': axial 2-D RoPE); 'none' for neither.
+VIT_POSITIONALS = ('learned', 'sinusoidal_2d', 'rope_2d', 'none')
+IN_ATTENTION_POSITIONALS_2D = ('rope_2d',)
 # What a single attention layer puts inside attention (the model decides it per layer).
-LAYER_POSITIONALS = ('none',) + IN_ATTENTION_POSITIONALS
+LAYER_POSITIONALS = ('none',) + IN_ATTENTION_POSITIONALS + IN_ATTENTION_POSITIONALS_2D
 DTYPES = ('float32', 'bfloat16', 'float16')
 
 
@@ -59,18 +65,73 @@ def _check_rate(cfg: Any, *names: str) -> None:
       raise ValueError(f'{name} must be in [0, 1), got {getattr(cfg, name)}')
 
 
-class _VocabAndDtype:
-  """Properties both model configs derive from `vocab_size`/`output_vocab_size`/`dtype`."""
-
-  @property
-  def target_vocab_size(self) -> int:
-    return self.vocab_size if self.output_vocab_size is None else self.output_vocab_size
+class _Dtype:
+  """`compute_dtype`, from the `dtype` field of every model config."""
 
   @property
   def compute_dtype(self):
     import jax.numpy as jnp  # Here, not at the top: the dataclasses must stay JAX-free.
 
     return jnp.dtype(self.dtype)
+
+
+class _VocabAndDtype(_Dtype):
+  """Properties both text model configs derive from `vocab_size`/`output_vocab_size`/`dtype`."""
+
+  @property
+  def target_vocab_size(self) -> int:
+    return self.vocab_size if self.output_vocab_size is None else self.output_vocab_size
+
+
+class _LayerStack:
+  """What the Transformer layer stack (`transformer.stack_layers`, `EncoderLayer`) reads from
+  a config besides its plain fields (`d_model`, `d_ff`, `attention`, `activation`, `norm`,
+  `norm_eps`, `norm_position`, `dropout_rate`, `use_bias`, `positional`, `layer_pattern`,
+  `scan_layers`, `share_layers`, `remat`, `pad_skip_chunk`, `compute_dtype`): the text models'
+  `TransformerConfig` and the `ViTConfig` both have them."""
+
+  @property
+  def num_heads(self) -> int:
+    return self.attention.num_heads
+
+  @property
+  def head_dim(self) -> int:
+    return self.d_model // self.attention.num_heads
+
+  @property
+  def kv_heads(self) -> int:
+    return self.attention.kv_heads
+
+  @property
+  def rotary_dim(self) -> int:
+    """Channels of each head that RoPE rotates."""
+    return int(self.head_dim * self.attention.rope_fraction)
+
+  def layer_kind(self, index: int) -> str:
+    """The self-attention kind of layer `index` of a stack: 'G', 'L' or 'N'."""
+    if self.layer_pattern:
+      return self.layer_pattern[index % len(self.layer_pattern)]
+    return 'L' if self.attention.sliding_window is not None else 'G'
+
+
+def _check_layer_pattern(cfg: Any, in_attention: tuple[str, ...]) -> None:
+  """`cfg.layer_pattern` against its attention config, its positions (NoPE 'N' layers need
+  `cfg.positional` in `in_attention`) and its stacking."""
+  attn = cfg.attention
+  bad = sorted(set(cfg.layer_pattern) - set(LAYER_KINDS))
+  if bad:
+    raise ValueError(f'layer_pattern={cfg.layer_pattern!r} has {bad}; use {LAYER_KINDS}')
+  if 'L' in cfg.layer_pattern and attn.sliding_window is None:
+    raise ValueError(f"layer_pattern={cfg.layer_pattern!r} has local 'L' layers but "
+                     'attention.sliding_window is None')
+  if 'N' in cfg.layer_pattern and cfg.positional not in in_attention:
+    raise ValueError(f"layer_pattern={cfg.layer_pattern!r} has NoPE 'N' layers, which need "
+                     f'positions inside attention, positional in {in_attention}; '
+                     f'got {cfg.positional!r}')
+  if len(set(cfg.layer_pattern)) > 1 and (cfg.scan_layers or cfg.share_layers):
+    name = 'scan_layers' if cfg.scan_layers else 'share_layers'
+    raise ValueError(f'layer_pattern={cfg.layer_pattern!r} makes layers differ, which '
+                     f'{name}=True cannot stack (one set of layer code)')
 
 
 def _check_optional_positive(cfg: Any, *names: str) -> None:
@@ -247,7 +308,7 @@ def _attention_config(value: Any) -> AttentionConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class TransformerConfig(_VocabAndDtype):
+class TransformerConfig(_VocabAndDtype, _LayerStack):
   """Hyper-parameters of the Transformer models (`EncoderDecoder`, `DecoderLM`,
   `EncoderClassifier`); the attention options are `attention` (an `AttentionConfig`, or a
   dict of its fields). Defaults are the 2017 paper's base model."""
@@ -326,49 +387,13 @@ class TransformerConfig(_VocabAndDtype):
   def _check_layers(self) -> None:
     """The layer pattern and what the model's layers need from the attention config."""
     attn = self.attention
-    bad = sorted(set(self.layer_pattern) - set(LAYER_KINDS))
-    if bad:
-      raise ValueError(f'layer_pattern={self.layer_pattern!r} has {bad}; use {LAYER_KINDS}')
-    if 'L' in self.layer_pattern and attn.sliding_window is None:
-      raise ValueError(f"layer_pattern={self.layer_pattern!r} has local 'L' layers but "
-                       'attention.sliding_window is None')
-    if 'N' in self.layer_pattern and self.positional not in IN_ATTENTION_POSITIONALS:
-      raise ValueError(f"layer_pattern={self.layer_pattern!r} has NoPE 'N' layers, which need "
-                       f'positions inside attention, positional in {IN_ATTENTION_POSITIONALS}; '
-                       f'got {self.positional!r}')
-    if len(set(self.layer_pattern)) > 1 and (self.scan_layers or self.share_layers):
-      name = 'scan_layers' if self.scan_layers else 'share_layers'
-      raise ValueError(f'layer_pattern={self.layer_pattern!r} makes layers differ, which '
-                       f'{name}=True cannot stack (one set of layer code)')
+    _check_layer_pattern(self, IN_ATTENTION_POSITIONALS)
     if attn.kind != 'softmax' and self.positional in ('alibi', 't5'):
       raise ValueError(f'attention kind={attn.kind!r} has no logits, so it cannot take '
                        f'positional={self.positional!r} (a logit bias)')
     if attn.aggregation == 'backward' and self.num_encoder_layers == 0:
       raise ValueError("attention.aggregation='backward' applies to encoder self-attention, "
                        'but num_encoder_layers=0')
-
-  @property
-  def num_heads(self) -> int:
-    return self.attention.num_heads
-
-  @property
-  def head_dim(self) -> int:
-    return self.d_model // self.attention.num_heads
-
-  @property
-  def kv_heads(self) -> int:
-    return self.attention.kv_heads
-
-  @property
-  def rotary_dim(self) -> int:
-    """Channels of each head that RoPE rotates."""
-    return int(self.head_dim * self.attention.rope_fraction)
-
-  def layer_kind(self, index: int) -> str:
-    """The self-attention kind of layer `index` of a stack: 'G', 'L' or 'N'."""
-    if self.layer_pattern:
-      return self.layer_pattern[index % len(self.layer_pattern)]
-    return 'L' if self.attention.sliding_window is not None else 'G'
 
 
 # Config dataclasses held by a field of another (by the field's annotation).
@@ -420,7 +445,7 @@ def _build(cls, variants: dict[str, dict[str, Any]], variant: str, overrides: di
   if unknown:
     nested = [n for n in unknown if n in {f.name for f in dataclasses.fields(AttentionConfig)}]
     hint = (f'; {nested} are attention options: pass attention=dict({nested[0]}=...)'
-            if nested and cls is TransformerConfig else '')
+            if nested and cls in (TransformerConfig, ViTConfig) else '')
     raise ValueError(f'unknown {cls.__name__} field(s) {unknown}{hint}; known: {sorted(fields)}')
   return cls(**_merge(variants[variant], overrides))
 
@@ -472,3 +497,104 @@ RNN_VARIANTS: dict[str, dict[str, Any]] = {
 def rnn_config(variant: str = 'small', **overrides: Any) -> RNNConfig:
   """The named RNN size (`tiny`, `small`, `base`, `big`) with `overrides` applied."""
   return _build(RNNConfig, RNN_VARIANTS, variant, overrides)
+
+
+@dataclasses.dataclass(frozen=True)
+class ViTConfig(_Dtype, _LayerStack):
+  """Hyper-parameters of the Vision Transformer (`models.vit.ViT`; Dosovitskiy et al. 2021).
+
+  An image is cut into `patch_size` squares, each projected to `d_model`; a class token is
+  prepended (`pooling='cls'`) or the outputs are averaged (`'mean'`); the encoder layers are
+  the text models' (`transformer.EncoderLayer`), so every `attention` option applies (a
+  sliding window runs over the patches' raster order). Defaults are ViT-B/16 at 224x224.
+  `image_size`, `channels` and `num_classes` describe the data.
+  """
+  image_size: tuple[int, int] = (224, 224)  # (height, width)
+  channels: int = 3
+  num_classes: int = 1000
+  patch_size: int = 16
+  d_model: int = 768
+  d_ff: int = 3072
+  num_layers: int = 12
+  # Axial RoPE over patch grids uses a small base (Heo et al. 2024: 100).
+  attention: AttentionConfig = dataclasses.field(
+      default_factory=lambda: AttentionConfig(num_heads=12, rope_base=100.0))
+  activation: str = 'gelu'
+  norm: str = 'layernorm'
+  norm_position: str = 'pre'
+  norm_eps: float = 1e-6
+  # VIT_POSITIONALS: 'learned' (a [patches, d_model] table), 'sinusoidal_2d', 'rope_2d' (in
+  # attention; the class token is not rotated), 'none' (a bag of patches).
+  positional: str = 'learned'
+  pooling: str = 'cls'
+  layer_pattern: str = ''  # as TransformerConfig.layer_pattern ('N' layers need 'rope_2d')
+  dropout_rate: float = 0.0  # residual and embedding dropout
+  use_bias: bool = True
+  scan_layers: bool = False
+  share_layers: bool = False
+  remat: bool = False
+  dtype: str = 'float32'
+  capture_attention: bool = False
+
+  def __post_init__(self):
+    object.__setattr__(self, 'attention', _attention_config(self.attention))
+    size = tuple(self.image_size)
+    if len(size) != 2 or not all(isinstance(n, int) and n > 0 for n in size):
+      raise ValueError(f'image_size must be (height, width) of positive ints, got '
+                       f'{self.image_size!r}')
+    object.__setattr__(self, 'image_size', size)
+    _check_positive(self, 'channels', 'num_classes', 'patch_size', 'd_model', 'd_ff',
+                    'num_layers')
+    if size[0] % self.patch_size or size[1] % self.patch_size:
+      raise ValueError(f'patch_size={self.patch_size} does not divide image_size={size}')
+    if self.d_model % self.num_heads:
+      raise ValueError(f'd_model={self.d_model} is not divisible by num_heads={self.num_heads}')
+    _check_choice('activation', self.activation, ACTIVATIONS)
+    _check_choice('norm', self.norm, NORMS)
+    _check_choice('norm_position', self.norm_position, NORM_POSITIONS)
+    _check_choice('positional', self.positional, VIT_POSITIONALS)
+    _check_choice('pooling', self.pooling, POOLINGS)
+    _check_choice('dtype', self.dtype, DTYPES)
+    _check_rate(self, 'dropout_rate')
+    if self.positional == 'sinusoidal_2d' and self.d_model % 4:
+      raise ValueError(f'positional=sinusoidal_2d needs d_model divisible by 4, got '
+                       f'{self.d_model}')
+    if self.positional == 'rope_2d' and self.head_dim % 4:
+      raise ValueError(f'positional=rope_2d needs head_dim divisible by 4, got {self.head_dim}')
+    _check_layer_pattern(self, IN_ATTENTION_POSITIONALS_2D)
+
+  @property
+  def grid(self) -> tuple[int, int]:
+    """(rows, columns) of the patch grid."""
+    return self.image_size[0] // self.patch_size, self.image_size[1] // self.patch_size
+
+  @property
+  def num_patches(self) -> int:
+    return self.grid[0] * self.grid[1]
+
+  @property
+  def image_shape(self) -> tuple[int, int, int]:
+    return (*self.image_size, self.channels)
+
+  @property
+  def pad_skip_chunk(self) -> int:
+    return 0  # Every patch is real: no padding rows to skip in the feed-forward layers.
+
+
+_VIT_ATTENTION = dict(rope_base=100.0)
+VIT_VARIANTS: dict[str, dict[str, Any]] = {
+    # CPU minutes on the 8x8 digits: 2x2 patches, 16 of them (+ the class token).
+    'tiny': dict(image_size=(8, 8), channels=1, num_classes=10, patch_size=2, d_model=64,
+                 d_ff=128, num_layers=4, attention=dict(_VIT_ATTENTION, num_heads=4)),
+    # ViT-S/16 (Touvron et al. 2021, DeiT-S) and ViT-B/16 (Dosovitskiy et al. 2021), 224x224.
+    'small': dict(d_model=384, d_ff=1536, num_layers=12,
+                  attention=dict(_VIT_ATTENTION, num_heads=6)),
+    'base': dict(d_model=768, d_ff=3072, num_layers=12,
+                 attention=dict(_VIT_ATTENTION, num_heads=12)),
+}
+
+
+def vit_config(variant: str = 'base', **overrides: Any) -> ViTConfig:
+  """The named ViT size (`tiny`, `small`, `base`) with `overrides` applied; attention options
+  go in `attention=dict(...)`, merged with the size's own."""
+  return _build(ViTConfig, VIT_VARIANTS, variant, overrides)

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from attn_jax import ops
 from attn_jax.models import decoding, names
 from attn_jax.models.attention import MultiHeadAttention, partitioned
-from attn_jax.models.configs import IN_ATTENTION_POSITIONALS, AttentionConfig, TransformerConfig
+from attn_jax.models.configs import LAYER_POSITIONALS, AttentionConfig, TransformerConfig
 from attn_jax.models.layers import Dropout, Embedder, FeedForward, make_norm, shift_right
 from attn_jax.tokens import BOS_ID, PAD_ID
 
@@ -34,6 +34,7 @@ def layer_attention(cfg: TransformerConfig, *, causal: bool, self_attention: boo
   `kind` ('G', 'L', 'N': see `layer_pattern`) says whether self-attention keeps the sliding
   window ('L') and the positions ('N' drops them); cross-attention gets neither, nor the
   other self-attention-only options; only bidirectional self-attention aggregates backward.
+  `cfg` may also be a `ViTConfig`, whose in-attention positions are 'rope_2d'.
   """
   attn = cfg.attention
   if not self_attention:
@@ -43,7 +44,7 @@ def layer_attention(cfg: TransformerConfig, *, causal: bool, self_attention: boo
     changes['sliding_window'] = None
   if causal:
     changes['aggregation'] = 'forward'
-  in_attention = cfg.positional in IN_ATTENTION_POSITIONALS and kind != 'N'
+  in_attention = cfg.positional != 'none' and cfg.positional in LAYER_POSITIONALS and kind != 'N'
   return (dataclasses.replace(attn, **changes) if changes else attn,
           cfg.positional if in_attention else 'none')
 
@@ -145,7 +146,10 @@ class DecoderLayer(_Block):
 
 def stack_layers(cfg: TransformerConfig, layer_cls, num_layers: int, x: jax.Array,
                  *args: Any, **attrs: Any) -> jax.Array:
-  """Applies `num_layers` layers, unrolled or under `nn.scan`; call from a compact method."""
+  """Applies `num_layers` layers, unrolled or under `nn.scan`; call from a compact method.
+
+  `cfg` is a `TransformerConfig` or a `ViTConfig` (the fields `configs._LayerStack` lists).
+  """
   cls = layer_cls
   if cfg.remat:
     # Under scan, CSE across iterations cannot happen, so skip the barrier (faster).

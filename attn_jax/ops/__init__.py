@@ -24,6 +24,10 @@
     x = ops.sequence_layout.to_layout(x, devices=4, layout='zigzag')  # balanced for causal
     out = ops.sequence_sharded_attention(q, k, v, mesh=mesh, layout='zigzag', is_causal=True)
     q = ops.rope(q, positions, scaling=ops.RopeScaling('yarn', 4.0, original_max_position=4096))
+    # Images: patches, 2-D positions, attention maps over the patch grid.
+    x = ops.patchify(images, 4)                              # [b, patches, 4 * 4 * C]
+    q = ops.rope_2d(q, ops.grid_positions(grid_h, grid_w))   # axial RoPE on (row, column)
+    m = ops.patch_attention(weights, grid=(grid_h, grid_w), cls_token=True)  # rollout
 """
 
 from attn_jax.ops import kernels, mask_mods, score_mods, sequence_layout
@@ -66,6 +70,7 @@ from attn_jax.ops.masks import (
     valid_positions,
 )
 from attn_jax.ops.mods import and_masks, or_masks
+from attn_jax.ops.patches import attention_rollout, patch_attention, patchify
 from attn_jax.ops.positional import (
     add_sinusoidal,
     alibi_bias,
@@ -76,6 +81,7 @@ from attn_jax.ops.positional import (
     relative_position_buckets,
     sinusoidal,
 )
+from attn_jax.ops.positional_2d import grid_positions, rope_2d, sinusoidal_2d
 from attn_jax.ops.prefix import prefix_attention
 from attn_jax.ops.rope import (
     SCALING_KINDS,
@@ -110,4 +116,6 @@ __all__ = [
     'segment_mask', 'sequence_layout', 'sequence_sharded_attention', 'shared_qk_attention',
     'sinusoidal', 'split_heads', 'valid_first_order',
     'valid_positions',
+    'attention_rollout', 'grid_positions', 'patch_attention', 'patchify', 'rope_2d',
+    'sinusoidal_2d',
 ]

@@ -237,3 +237,28 @@ def test_block_mask_picture_counts_the_visited_blocks(tmp_path):
   assert f'visited {visited} of 25 blocks' in title and visited < 25
   path = plots.plot_block_mask(bm, tmp_path / 'bm.png')
   assert matplotlib.image.imread(path).shape[:2][0] > 100
+
+
+def test_image_attention_overlays_each_map_on_its_image(tmp_path):
+  images = np.random.default_rng(0).normal(size=(2, 8, 8, 1)).astype(np.float32)
+  maps = np.zeros((2, 4, 4), np.float32)
+  maps[0, 1, 2] = maps[1, 3, 0] = 1.0
+  fig = plots.image_attention_figure(images, maps, captions=['label 3', 'label 7'])
+  axes = [a for a in fig.axes if a.get_label() != '<colorbar>']
+  assert [a.get_title() for a in axes] == [
+      'label 3', 'attention to patches', 'label 7', 'attention to patches']
+  overlay = axes[1].get_images()[1]
+  np.testing.assert_array_equal(overlay.get_array(), maps[0])
+  assert overlay.get_extent() == [-0.5, 7.5, 7.5, -0.5]  # one map cell per 2x2 patch
+  shown = axes[0].get_images()[0].get_array()
+  assert shown.min() == 0.0 and shown.max() == 1.0  # normalized pixels rescaled for display
+  fig.clear()
+  before = _pyplot_figures()
+  rgb = plots.plot_image_attention(np.zeros((32, 32, 3), np.uint8), maps[0], tmp_path / 'a.png')
+  assert rgb.read_bytes()[:8] == PNG_MAGIC and _pyplot_figures() == before
+  with pytest.raises(ValueError, match=r'same n >= 1, got \(2, 8, 8, 1\) and \(1, 4, 4\)'):
+    plots.image_attention_figure(images, maps[:1])
+  with pytest.raises(ValueError, match='a 3x3 patch grid does not divide 8x8 images'):
+    plots.image_attention_figure(images, np.ones((2, 3, 3)))
+  with pytest.raises(ValueError, match=r'len\(captions\)=1 != 2'):
+    plots.image_attention_figure(images, maps, captions=['x'])

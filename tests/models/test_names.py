@@ -68,3 +68,12 @@ def test_decoding_caches_carry_the_slot_and_cross_cache_names():
   _, state = fns.start()
   leaves = {path[-1] for path in _paths(state['cache'])}
   assert set(names.SLOT_CACHE) | set(names.CROSS_CACHE) <= leaves
+
+
+@pytest.mark.parametrize('stack', ['unrolled', 'scanned'])
+def test_vit_attention_maps_carry_the_names_hooks_read(stack):
+  cfg = models.vit_config('tiny', num_layers=2, d_model=32, d_ff=64,
+                          scan_layers=stack == 'scanned')
+  layers = [0, 1] if stack == 'unrolled' else [names.SCANNED_LAYERS]
+  assert _captured(models.ViT(cfg), jnp.zeros((1, 8, 8, 1))) == {
+      (names.ENCODER_SELF, layer) for layer in layers}
