@@ -29,6 +29,7 @@ checkpoint is damaged. SIGTERM saves a checkpoint and returns early; during an e
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import pathlib
@@ -316,7 +317,7 @@ def train_loop(
           break
         log.add_batch(batch)
         placed, progress = runner.batch(batch), clock.progress(step)
-        flops.measure(lambda: runner.step_flops(state, placed, progress))  # noqa: B023
+        flops.measure(functools.partial(runner.step_flops, state, placed, progress))
         state, metrics = runner.step(state, placed, progress)
         metrics = runner.metrics(metrics)
         step += 1

@@ -7,6 +7,7 @@ the file is cut back to the restored step, so it reads as one uninterrupted run.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import json
 import logging
@@ -15,7 +16,7 @@ import os
 import pathlib
 import re
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -194,6 +195,15 @@ class ProgressBar:
     extra = {'step': self._step} if self.budget > 0 else {}
     self._bar.set_postfix({**extra, **shown}, refresh=False)
 
+  @contextlib.contextmanager
+  def cleared(self) -> Iterator[None]:
+    """Takes the bar off the console for a log line, which then gets a line of its own."""
+    self._bar.clear()
+    try:
+      yield
+    finally:
+      self._bar.refresh()
+
   def close(self) -> None:
     self._bar.close()
 
@@ -265,8 +275,9 @@ class MetricWriter:
       f.write(json.dumps(record) + '\n')
     if self._bar is not None and prefix == 'train':
       self._bar.show(scalars)
-    logging.info('step %d %s%s', step, f'{label}: ' if label else '', ', '.join(
-        f"{f'{prefix}/' if prefix else ''}{k}={float(v):.5g}" for k, v in scalars.items()))
+    with self._bar.cleared() if self._bar is not None else contextlib.nullcontext():
+      logging.info('step %d %s%s', step, f'{label}: ' if label else '', ', '.join(
+          f"{f'{prefix}/' if prefix else ''}{k}={float(v):.5g}" for k, v in scalars.items()))
 
   def advance(self, step: int, minutes: float | None = None) -> None:
     """Moves the progress bar to `step` (with a budget: to `minutes` spent)."""
