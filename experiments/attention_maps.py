@@ -23,6 +23,7 @@ from absl import app, flags, logging
 
 from attn_jax.data import algorithmic
 from attn_jax.experiment import evaluation, inference, plots
+from attn_jax.models import names
 from attn_jax.tokens import EOS_ID
 
 _WORKDIRS = flags.DEFINE_list('workdirs', None, 'Trained algorithmic-task workdirs.',
@@ -49,7 +50,8 @@ def rows_for(run, ex: dict[str, str]) -> tuple[list[dict], bool]:
                                        run.tokenizers)
   correct = inference.predict(run, [ex['inputs']], method='greedy')[0].strip() == ex['targets']
   for p in panels:
-    p['name'] = f"{p['kind'].replace('rnn_attention', 'additive attention')} layer {p['layer']}"
+    p['name'] = (f"{p['kind'].replace(names.RNN_ATTENTION, 'additive attention')} layer "
+                 f"{p['layer']}")
   return panels, correct
 
 
@@ -62,12 +64,15 @@ def main(argv):
     run = inference.load_run(workdir, _CHECKPOINT.value)
     name = pathlib.Path(workdir).resolve().name
     task, (lo, hi) = run.config.data.name, run.config.data.algorithmic.train_length
-    if run.task.kind == 'rnn_seq2seq':
+    first, first_correct = rows_for(run, example(run, lengths[0], _SEED.value))
+    if not first:
+      raise app.UsageError(f'{workdir}: the model captures no attention (an RNN with '
+                           'attention=none)')
+    if first[0]['kind'] == names.RNN_ATTENTION:  # one alignment per example, in one figure
       rows = []
-      for n in lengths:
-        panels, correct = rows_for(run, example(run, n, _SEED.value))
-        if not panels:
-          raise app.UsageError(f'{workdir}: the RNN has no attention (attention=none)')
+      for i, n in enumerate(lengths):
+        panels, correct = ((first, first_correct) if i == 0
+                           else rows_for(run, example(run, n, _SEED.value)))
         for p in panels:
           p['name'] = (f'{n} symbols ({"in" if n <= hi else "beyond"} training range), '
                        f'greedy output {"correct" if correct else "wrong"}')
@@ -76,7 +81,7 @@ def main(argv):
                   f'{task}, RNN additive attention (trained on lengths {lo}-{hi}, '
                   f'step {run.step})', None)]
     else:
-      rows, correct = rows_for(run, example(run, lengths[0], _SEED.value))
+      rows, correct = first, first_correct
       figures = [(out / f'attention_maps_{name}.png', rows,
                   f'{task}, Transformer, one example of {lengths[0]} symbols (trained on '
                   f'{lo}-{hi}, step {run.step}); greedy output '
@@ -84,7 +89,7 @@ def main(argv):
       cross = []
       for n in lengths[1:]:  # the last layer's cross-attention on the longer examples
         panels, correct = rows_for(run, example(run, n, _SEED.value))
-        last = [p for p in panels if p['kind'] == 'cross'][-1]
+        last = [p for p in panels if p['kind'] == names.CROSS][-1]
         last['name'] = (f"{n} symbols ({'in' if n <= hi else 'beyond'} training range), "
                         f"output {'correct' if correct else 'wrong'}")
         cross.append(last)

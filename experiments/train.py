@@ -8,7 +8,8 @@ arguments), `--config.<field>=value` overrides a number or string (unknown field
 Re-running with the same workdir resumes from its latest checkpoint; a changed config that
 alters the train state's shapes is refused (`--config.train.on_mismatch=restart` moves the old
 run aside and starts over). A user error (bad flag or config value, bad data file, refused
-re-run) prints one line and exits with status 2; `--verbosity=1` adds the traceback.
+re-run) prints one line and exits with status 2; `--verbosity=1` adds the traceback and the
+libraries' INFO logs (orbax, jax, grain...), which the console leaves out by default.
 Multi-host: set `--config.parallel.coordinator_address=host:port`, `num_processes`,
 `process_id` (or the JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID environment
 variables) and `--config.parallel.mode=sharded` on every host, with a shared workdir.
@@ -23,6 +24,7 @@ allocator.reexec_with_tcmalloc()  # ATTN_JAX_ALLOCATOR=tcmalloc; before JAX load
 import logging  # noqa: E402
 
 from absl import app, flags  # noqa: E402
+from absl import logging as absl_logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from attn_jax.experiment import cli, run  # noqa: E402
@@ -41,7 +43,14 @@ def main(argv):
   config = FLAGS.config
   # Before any other JAX call: joins the multi-host runtime when one is configured.
   parallel.initialize_distributed(config.parallel)
-  logging.info('config:\n%s', config)
+  # The full config goes to the workdir (config.json); the console gets what differs from the
+  # config file's own values.
+  logging.info(cli.config_summary(config_flags.get_config_filename(FLAGS['config']),
+                                  config_flags.get_override_values(FLAGS['config']),
+                                  FLAGS.workdir))
+  if absl_logging.get_verbosity() < 1:  # TFDS's dataset-generation bars: with --verbosity=1.
+    import tensorflow_datasets as tfds
+    tfds.disable_progress_bar()
   run.train_and_evaluate(config, FLAGS.workdir)
 
 

@@ -1,8 +1,10 @@
-"""The experiment layer: a config -> data + model + task + eval hooks -> the train loop.
+"""The experiment layer: a config -> data + model + task + evaluators -> the train loop.
 
     config.base_config(...)          the sections of an experiment config (JAX-free)
     run.train_and_evaluate(config, workdir)
-    evaluation                       eval hooks: decoding metrics, BLEU, samples, heatmaps
+    tasks                            one module per kind of task (`tasks.TASKS`, `make_task`)
+    evaluators                       one module per evaluator: decoding + BLEU, samples, heatmaps
+    evaluation                       config.eval rules, accuracy by length, evaluator helpers
     inference.load_run / predict     a finished run applied to new text
     workdir                          the files of a run directory and "is it finished"
     sweep                            runs a config's `sweep()`, one process per entry

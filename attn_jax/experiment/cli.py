@@ -15,14 +15,21 @@ It prints `error: <message>` as one line and exits with status 2 (absl and argpa
 usage errors); with `--verbosity=1` or higher the traceback comes first. Anything else (a bug,
 a diverged run's FloatingPointError) keeps Python's traceback and status 1. A ValueError raised
 by a bug deeper down reads as a user error too: `--verbosity=1` shows where it came from.
+
+A quiet console: the INFO (and DEBUG) records of libraries (orbax, absl, jax, grain, TFDS...)
+are dropped unless `--verbosity=1` or higher asks for them; attn_jax's own INFO lines and every
+library's warnings stay. `config_summary` says which config a run uses in one line: the file,
+its argument and the fields the command line changed (the full config is in the workdir).
 """
 
 from __future__ import annotations
 
 import functools
+import logging
+import os
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, NoReturn
 
 from absl import app, flags
@@ -75,6 +82,45 @@ def guarded(main: Callable[[list[str]], Any]) -> Callable[[list[str]], Any]:
   return wrapped
 
 
+# The project's own code: its INFO records reach the console at the default verbosity.
+_PROJECT_DIRS = tuple(os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__)))), d) + os.sep for d in ('attn_jax', 'experiments'))
+
+
+class LibraryInfoFilter(logging.Filter):
+  """Passes warnings and errors, and INFO/DEBUG records only from files of this project."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.WARNING or os.path.abspath(record.pathname).startswith(
+        _PROJECT_DIRS)
+
+
+def quiet_libraries(verbosity: int | None = None) -> logging.Filter | None:
+  """Below `--verbosity=1`, adds a `LibraryInfoFilter` to the root logger's handlers (where
+  absl's and every library's records end); returns it (None when nothing was filtered)."""
+  if (absl_logging.get_verbosity() if verbosity is None else verbosity) >= 1:
+    return None
+  quiet = LibraryInfoFilter()
+  for handler in logging.getLogger().handlers:
+    handler.addFilter(quiet)
+  return quiet
+
+
+def config_summary(path: str, overrides: Mapping[str, Any], workdir: str) -> str:
+  """One line: the config file (`path`, with its `:arg` as given), the fields set on the
+  command line, and where the full config is written."""
+  changed = ', '.join(f'{k}={v!r}' for k, v in sorted(overrides.items())) or 'none'
+  return (f'config {path}; command-line overrides: {changed}; full config: '
+          f'{os.path.join(workdir, "config.json")}')
+
+
 def run(main: Callable[[list[str]], Any]) -> None:
-  """`absl.app.run(main)` with user errors as one line and status 2."""
-  app.run(guarded(main), flags_parser=parse_flags)
+  """`absl.app.run(main)` with user errors as one line and status 2, and library INFO logs
+  hidden below `--verbosity=1`."""
+  guarded_main = guarded(main)
+
+  def quiet_main(argv: list[str]) -> Any:
+    quiet_libraries()
+    return guarded_main(argv)
+
+  app.run(quiet_main, flags_parser=parse_flags)

@@ -23,42 +23,21 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from collections.abc import Callable, Mapping
-from typing import Any, NamedTuple
+from collections.abc import Mapping
+from typing import Any
 
 import ml_collections
 from ml_collections import config_dict
 
 from attn_jax.data import config as data_config
 from attn_jax.models import configs as model_configs
+from attn_jax.models.kinds import MODEL_KINDS, check_model_kind  # the table of model kinds
 from attn_jax.train import config as train_config
 
 SECTIONS = ('data', 'model', 'optim', 'train', 'parallel', 'loss', 'eval')
 
-
-class ModelKind(NamedTuple):
-  """What `config.model.kind` names, besides the module (`tasks.MODULES`)."""
-  config_class: type  # the frozen dataclass the module takes
-  variant: Callable[..., Any]  # `(size, **overrides) -> config_class` instance
-  task: str  # the data task it serves: 'seq2seq' | 'classification' | 'lm'
-
-
-MODEL_KINDS: dict[str, ModelKind] = {
-    'encoder_decoder': ModelKind(model_configs.TransformerConfig,
-                                 model_configs.transformer_config, 'seq2seq'),
-    'rnn_seq2seq': ModelKind(model_configs.RNNConfig, model_configs.rnn_config, 'seq2seq'),
-    'encoder_classifier': ModelKind(model_configs.TransformerConfig,
-                                    model_configs.transformer_config, 'classification'),
-    'decoder_lm': ModelKind(model_configs.TransformerConfig, model_configs.transformer_config,
-                            'lm'),
-}
 # Filled from the data, never from config.model.
 DATA_FIELDS = ('vocab_size', 'output_vocab_size', 'num_classes')
-
-
-def check_model_kind(kind: Any) -> None:
-  if kind not in MODEL_KINDS:
-    raise ValueError(f'config.model.kind={kind!r} is not one of {tuple(MODEL_KINDS)}')
 
 
 # The attention options that model configs held flat before they moved into

@@ -22,13 +22,12 @@ import jax
 import ml_collections
 import numpy as np
 
-from attn_jax.data import algorithmic
 from attn_jax.data import tokenizers as tok_lib
 from attn_jax.experiment import config as experiment_config
 from attn_jax.experiment import evaluation, tasks
 from attn_jax.experiment import workdir as workdir_lib
 from attn_jax.tokens import EOS_ID
-from attn_jax.train import averaging, loop, optim
+from attn_jax.train import averaging, loop, metrics, optim
 from attn_jax.train import checkpoint as ckpt_lib
 from attn_jax.train import state as state_lib
 
@@ -86,8 +85,9 @@ def load_run(workdir: str | pathlib.Path, checkpoint: str = 'latest',
   tx, _ = optim.make_optimizer(loop.optim_config(config))
   abstract = state_lib.abstract_state(task.init_params, tx, jax.random.PRNGKey(0))
   t = config.train
+  best_mode = metrics.best_mode(t, task.metric_directions())
   ckpt = ckpt_lib.Checkpointer(workdir / workdir_lib.CHECKPOINTS_DIR,
-                               best_metric=t.best_metric or None, best_mode=t.best_mode,
+                               best_metric=t.best_metric or None, best_mode=best_mode,
                                async_save=False)
   try:
     if average_last > 1:
@@ -163,10 +163,7 @@ def predict(run: Run, texts: Sequence[str], *, batch_size: int = 32,
     if value is not None:
       e[name] = value
   evaluation.validate_config(ml_collections.ConfigDict({'eval': e}))
-  task = run.task
-  out_tok = run.tokenizers.get('targets', run.tokenizers['inputs'])
   length = max_decode_len or int(run.meta.get('max_target_length') or run.meta['max_length'])
-  labels = run.meta.get('label_names') or []
   rows = _token_rows(run, texts, 'inputs')
   order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
   outputs: list[str | None] = [None] * len(rows)
@@ -174,33 +171,16 @@ def predict(run: Run, texts: Sequence[str], *, batch_size: int = 32,
     picked = order[start:start + batch_size]
     ids = evaluation.pad_rows([rows[i] for i in picked])
     rng = jax.random.fold_in(jax.random.key(seed), start)
-    if task.task == 'classification':
-      logits = np.asarray(task.apply(run.params, {'inputs': ids}))
-      pred = np.argmax(logits, axis=-1)
-      texts_out = [labels[p] if p < len(labels) else str(p) for p in pred]
-    elif task.task == 'seq2seq':
-      out = evaluation.generate(task, run.params, e, inputs=ids, max_decode_len=length, rng=rng)
-      texts_out = [out_tok.decode(r) for r in out]
-    else:
-      prompt = np.where(ids == EOS_ID, 0, ids)  # continue the text, do not end it
-      out = evaluation.generate(task, run.params, e, prompt=prompt, max_decode_len=length,
-                                rng=rng)
-      texts_out = [out_tok.decode(r) for r in out]
+    texts_out = run.task.predict_batch(run.params, ids, eval_config=e, max_decode_len=length,
+                                       rng=rng, tokenizers=run.tokenizers, meta=run.meta)
     for i, text in zip(picked, texts_out, strict=True):
       outputs[i] = text
   return outputs
 
 
 def score(run: Run, predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
-  """BLEU and chrF for translation, accuracy (exact string match) for classification and algorithmic
-  tasks; nothing for LMs."""
+  """What the run's task scores (`Task.score`): BLEU and chrF for translation, accuracy (exact
+  string match) for classification and algorithmic tasks; nothing for LMs."""
   if len(predictions) != len(references):
     raise ValueError(f'{len(predictions)} predictions but {len(references)} references')
-  task = run.task.task
-  if task == 'lm':
-    return {}
-  if task == 'seq2seq' and run.config.data.name not in algorithmic.ALGORITHMIC_TASKS:
-    return {'bleu': evaluation.bleu(predictions, references),
-            'chrf': evaluation.chrf(predictions, references)}
-  correct = [p.strip() == r.strip() for p, r in zip(predictions, references, strict=True)]
-  return {'accuracy': float(np.mean(correct)) if correct else 0.0}
+  return run.task.score(run.config, predictions, references)

@@ -1,4 +1,4 @@
-"""`train_and_evaluate(config, workdir)`: data + model + task + eval hooks -> `train_loop`.
+"""`train_and_evaluate(config, workdir)`: data + model + task + evaluators -> `train_loop`.
 
     config = experiment.config.base_config('reverse', 'encoder_decoder', 'tiny')
     train_and_evaluate(config, '/tmp/run')
@@ -29,12 +29,12 @@ import jax
 import ml_collections
 
 from attn_jax import data as data_lib
-from attn_jax.experiment import evaluation, tasks
+from attn_jax.experiment import evaluation, evaluators, tasks
 from attn_jax.experiment import workdir as workdir_lib
 from attn_jax.experiment.config import SECTIONS, saved_config
-from attn_jax.train import loop, optim, parallel, throughput
+from attn_jax.models.kinds import model_kind
+from attn_jax.train import loop, metrics, optim, parallel
 from attn_jax.train.checkpoint import StateMismatchError
-from attn_jax.train.metrics import best_values, read_metrics
 
 ABSENT = '<absent>'  # In config_changes: a field one config lacks (one added to the code since).
 
@@ -52,9 +52,12 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   task = data_lib.task_of(config.data)
   tasks.build_model_config(config.model.to_dict(),
                            {'task': task, 'vocab_size': 16, 'num_classes': 2})
-  if config.model.kind == 'rnn_seq2seq' and config.data.batching == 'pack':
-    raise ValueError("config.data.batching='pack' is not supported by model.kind="
-                     "'rnn_seq2seq' (it has no segment ids); use 'bucket' or 'pad'")
+  if config.data.batching == 'pack' and not model_kind(config.model.kind).packs:
+    raise ValueError(f"config.data.batching='pack' is not supported by model.kind="
+                     f"{config.model.kind!r} (it has no segment ids); use 'bucket' or 'pad'")
+  # config.train.best_mode '' = the best metric's declared direction: it must have one.
+  metrics.best_mode(config.train,
+                    tasks.task_class(config.model.kind, task).metric_directions())
   if not 0.0 <= config.loss.label_smoothing < 1.0:
     raise ValueError(f'config.loss.label_smoothing={config.loss.label_smoothing} must be in '
                      '[0, 1)')
@@ -85,10 +88,12 @@ def _row_multiple(config: ml_collections.ConfigDict) -> int:
   return 1
 
 
-def write_run_files(config, bundle, workdir: pathlib.Path) -> None:
-  """config.json, the data's meta, the tokenizers and their index: all decode.py needs besides
-  checkpoints."""
+def write_run_files(config, bundle, workdir: pathlib.Path,
+                    directions: dict[str, metrics.Direction]) -> None:
+  """config.json, the data's meta, the tokenizers and their index (all decode.py needs besides
+  checkpoints) and the declared direction of each eval metric (read by the sweep summary)."""
   workdir.mkdir(parents=True, exist_ok=True)
+  workdir_lib.write_metric_directions(workdir, directions)
   (workdir / workdir_lib.CONFIG_FILE).write_text(config.to_json_best_effort(indent=1),
                                                  encoding='utf-8')
   meta = {k: v for k, v in bundle.meta.items() if k != 'tokenizer_paths'}
@@ -175,12 +180,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
       process_index=jax.process_index(), process_count=jax.process_count(), validated=True,
       row_multiple=_row_multiple(config))
   task = tasks.make_task(config, bundle.meta)
-  logging.info('task %s, model %s, data %s (%s), data ready in %.1fs', task.task, task.kind,
+  logging.info('task %s, model %s, data %s (%s), data ready in %.1fs', task.name, task.kind,
                config.data.name, {k: bundle.meta[k] for k in ('input_vocab_size',
                                                                'target_vocab_size',
                                                                'num_classes', 'num_examples')},
                time.time() - t0)
-  hooks = evaluation.make_eval_hooks(config, task, bundle, workdir)
+  hooks = evaluators.make_evaluators(config, task, bundle, workdir)
+  directions = task.metric_directions()
 
   def on_start(step: int) -> None:
     # After the restore: a refused re-run leaves config.json and the rest as they were.
@@ -189,14 +195,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     # Gone when the old run was moved aside (on_mismatch='restart'): nothing to compare with.
     if changes and (workdir / workdir_lib.CONFIG_FILE).exists():
       _record_changes(changes, workdir, step)
-    write_run_files(config, bundle, workdir)
+    write_run_files(config, bundle, workdir, directions)
 
   try:
     result = loop.train_loop(
         config, workdir, init_params=task.init_params, loss_fn=task.loss_fn,
         train_iter=bundle.train, eval_iters=bundle.eval, eval_hooks=hooks, validated=True,
         on_start=on_start, keep_on_restart=(workdir_lib.SWEEP_LOG,),
-        count_tokens=throughput.count_tokens)
+        count_tokens=task.count_tokens, metric_directions=directions)
   except StateMismatchError as e:
     raise StateMismatchError(_mismatch_message(e, changes, workdir), step=e.step,
                              differences=e.differences) from None
@@ -210,7 +216,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   if parallel.is_primary() and not result.preempted and not finished_before:
     eval_keys = set(result.last_eval)
     done = {'step': result.step, 'final': result.last_eval,
-            'best': best_values(read_metrics(workdir), sorted(eval_keys)),
+            'best': metrics.best_values(metrics.read_metrics(workdir), sorted(eval_keys),
+                                        directions),
             'best_metric': config.train.best_metric, 'data_exhausted': result.data_exhausted,
             'length_policy_counts': counts}
     if config.train.budget_minutes:

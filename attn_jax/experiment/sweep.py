@@ -27,8 +27,9 @@ shared by every run (data paths, say) are given to the runner, not written into 
 Summary (`BASE/summary.csv`, `BASE/summary.md`): one row per run with name, arg, overrides,
 status (done/failed/running/missing), steps (last step in metrics.jsonl) and, for every eval
 metric (every key of metrics.jsonl except step, time and `train/*`), its final value (the last
-one written; 'nan' where training wrote null for a non-finite value) and its best value (see
-`metric_mode`).
+one written; 'nan' where training wrote null for a non-finite value) and its best value, in the
+direction the run's task and evaluators declare (its `metric_directions.json`; a run written
+before directions were declared falls back on `metric_mode`, the rule of those days).
 """
 
 from __future__ import annotations
@@ -54,8 +55,14 @@ from typing import Any
 
 import ml_collections
 
-from attn_jax.experiment.workdir import DONE_FILE, FAILED_FILE, SWEEP_LOG, is_finished
-from attn_jax.train.metrics import best_values, metric_mode, read_metrics
+from attn_jax.experiment.workdir import (
+    DONE_FILE,
+    FAILED_FILE,
+    SWEEP_LOG,
+    is_finished,
+    read_metric_directions,
+)
+from attn_jax.train.metrics import best_values, metric_direction, metric_mode, read_metrics
 
 SUMMARY_CSV = 'summary.csv'
 SUMMARY_MD = 'summary.md'
@@ -479,20 +486,24 @@ def summarize(runs: Sequence[Run], base_workdir: str | os.PathLike,
   `<metric>:best` for each of `metrics` (default: every eval metric any run wrote, sorted).
 
   Cells are str/int/float, None where the run has no such value, or float('nan') where the
-  last value written was null (non-finite). Best ignores nulls; it is None for metrics whose
-  direction `metric_mode` does not know.
+  last value written was null (non-finite). Best ignores nulls, and follows each run's declared
+  metric directions (`metric_mode` for a run saved before them); it is None for metrics with
+  no direction (a length, a count).
   """
   base = pathlib.Path(base_workdir)
   records = {r.name: read_metrics(base / r.name) for r in runs}
+  directions = {r.name: read_metric_directions(base / r.name) for r in runs}
   written = {k for recs in records.values() for rec in recs for k in rec if _is_eval_metric(k)}
   if metrics is None:
     metrics = sorted(written)
   elif set(metrics) - written:
     logging.warning('summary metrics %s are in no run (yet); their columns stay empty; the '
                     'runs have %s', sorted(set(metrics) - written), sorted(written))
-  unknown = [m for m in metrics if metric_mode(m) is None]
+  unknown = [m for m in metrics if all(
+      (metric_mode(m) if d is None else metric_direction(m, d)) is None
+      for d in directions.values())]
   if unknown:
-    logging.info('no best value for metrics of unknown direction: %s', unknown)
+    logging.info('no best value for metrics without a direction: %s', unknown)
   columns = ['name', 'arg', 'overrides', 'status', 'steps']
   columns += [f'{m}:{kind}' for m in metrics for kind in ('final', 'best')]
   rows = []
@@ -501,7 +512,7 @@ def summarize(runs: Sequence[Run], base_workdir: str | os.PathLike,
     row = {'name': run.name, 'arg': run.arg, 'overrides': overrides_text(run.overrides),
            'status': run_status(base / run.name),
            'steps': max((int(r['step']) for r in recs if 'step' in r), default=None)}
-    best = best_values(recs, metrics)
+    best = best_values(recs, metrics, directions[run.name])
     for m in metrics:
       values = [r[m] for r in recs if m in r]
       row[f'{m}:final'] = (float('nan') if values[-1] is None else values[-1]) if values else None

@@ -8,7 +8,9 @@
       metrics.jsonl        one JSON record per log/eval step               train.metrics
       tensorboard/         TensorBoard events                              train.metrics
       checkpoints/         orbax checkpoints                               train.loop
-      samples/, attention/ LM samples and attention heatmaps (eval hooks)
+      samples/, attention/ LM samples and attention heatmaps (evaluators)
+      metric_directions.json  eval metric name (or pattern) ->         METRIC_DIRECTIONS_FILE
+                           'min' | 'max' | null, as the task and its evaluators declare
       DONE                 JSON: final and best eval metrics, written      DONE_FILE
                            when training completes (not when preempted)
       config_changes.jsonl one JSON record per re-run that changed the     CONFIG_CHANGES_FILE
@@ -25,6 +27,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+from collections.abc import Mapping
 from typing import Any
 
 from attn_jax.train.loop import CHECKPOINTS_DIR, REPLACED_PREFIX
@@ -34,12 +37,14 @@ CONFIG_FILE = 'config.json'
 DATA_META_FILE = 'data_meta.json'
 TOKENIZERS_FILE = 'tokenizers.json'
 DONE_FILE = 'DONE'
+METRIC_DIRECTIONS_FILE = 'metric_directions.json'
 CONFIG_CHANGES_FILE = 'config_changes.jsonl'
 FAILED_FILE = 'FAILED'
 SWEEP_LOG = 'sweep.log'
 __all__ = ['CHECKPOINTS_DIR', 'CONFIG_CHANGES_FILE', 'CONFIG_FILE', 'DATA_META_FILE',
-           'DONE_FILE', 'FAILED_FILE', 'METRICS_FILE', 'REPLACED_PREFIX', 'SWEEP_LOG', 'TB_DIR',
-           'TOKENIZERS_FILE', 'is_finished', 'read_done', 'read_json']
+           'DONE_FILE', 'FAILED_FILE', 'METRICS_FILE', 'METRIC_DIRECTIONS_FILE', 'REPLACED_PREFIX',
+           'SWEEP_LOG', 'TB_DIR', 'TOKENIZERS_FILE', 'is_finished', 'read_done', 'read_json',
+           'read_metric_directions', 'write_metric_directions']
 
 
 def read_json(path: str | os.PathLike) -> Any:
@@ -74,3 +79,17 @@ def is_finished(workdir: str | os.PathLike, num_steps: int | None = None) -> boo
   if done is None:
     return False
   return done.get('step', -1) >= num_steps or bool(done.get('data_exhausted'))
+
+
+def write_metric_directions(workdir: str | os.PathLike, directions: Mapping[str, Any]) -> None:
+  """Writes `METRIC_DIRECTIONS_FILE`: metric name within a split (or fnmatch pattern) ->
+  'min' | 'max' | None, as `train.metrics.metric_direction` reads it."""
+  path = pathlib.Path(workdir) / METRIC_DIRECTIONS_FILE
+  path.write_text(json.dumps(dict(directions), indent=1, sort_keys=True), encoding='utf-8')
+
+
+def read_metric_directions(workdir: str | os.PathLike) -> dict[str, Any] | None:
+  """The declared metric directions of the run in `workdir`, or None for a run written before
+  they were declared (then `train.metrics.metric_mode` ranks its metrics by name)."""
+  path = pathlib.Path(workdir) / METRIC_DIRECTIONS_FILE
+  return read_json(path) if path.exists() else None

@@ -5,7 +5,8 @@
     state.create_train_state(init_params, tx, rng) -> TrainState
     step.make_train_step(loss_fn, tx, schedule) -> step(state, batch) -> (state, metrics)
     parallel.pmap_train_step / parallel.sharded_train_step wrap that step
-    loop.train_loop(...) runs steps, eval, checkpoints, metrics and resume.
+    loop.train_loop(...) runs steps, eval, checkpoints, metrics and resume: a short driver of
+      runner.Runner (the parallel mode) and the periodic actions of actions.py / evaluate.py.
     averaging.average_checkpoints(dir, abstract_state, last_n) -> (mean params, steps)
 
 A task supplies `init_params(rng)` and `loss_fn(params, batch, rng, train) ->

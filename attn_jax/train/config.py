@@ -54,7 +54,9 @@ def default_train() -> ml_collections.ConfigDict:
   c.checkpoint_every = 1000
   c.keep_checkpoints = 3
   c.best_metric = ''  # e.g. 'valid/loss': that checkpoint is kept too.
-  c.best_mode = 'min'
+  # 'min' | 'max' | '' = the direction the task declares for best_metric (loss: min,
+  # accuracy: max, ...; see attn_jax.train.metrics.best_mode).
+  c.best_mode = ''
   c.async_checkpoint = True
   # A workdir whose checkpoint holds a state of other shapes than this config builds (a changed
   # model size, optimizer...): 'error' stops before anything is written; 'restart' moves the

@@ -19,6 +19,9 @@ from attn_jax.tokens import PAD_ID
 Metric = tuple[Any, Any]
 # exp() overflows float32 above ~88; perplexities beyond exp(30) carry no information anyway.
 MAX_LOG_PPL = 30.0
+# The metrics `softmax_loss_and_metrics` and `summarize` produce, and which direction is better
+# (declared, never guessed from a name: see `attn_jax.train.metrics.metric_direction`).
+METRIC_DIRECTIONS = {'loss': 'min', 'accuracy': 'max', 'perplexity': 'min'}
 
 
 def token_weights(targets: jax.Array, pad_id: int = PAD_ID) -> jax.Array:

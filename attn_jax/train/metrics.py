@@ -7,6 +7,8 @@ the file is cut back to the restored step, so it reads as one uninterrupted run.
 
 from __future__ import annotations
 
+import contextlib
+import fnmatch
 import json
 import logging
 import math
@@ -14,7 +16,7 @@ import os
 import pathlib
 import re
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -23,8 +25,54 @@ METRICS_FILE = 'metrics.jsonl'
 TB_DIR = 'tensorboard'
 
 
-# Best-value rule: a metric whose last name component contains one of these words is better
-# when lower (checked first), or when higher; anything else has no "best" (left blank).
+Direction = str | None  # 'min' (lower is better), 'max', or None (no best: a count, a length)
+DIRECTIONS = ('min', 'max')
+
+
+def metric_direction(key: str, directions: Mapping[str, Direction]) -> Direction:
+  """The declared direction of metrics.jsonl key `key`, or None.
+
+  `directions` is keyed by a metric's name within its split, or an fnmatch pattern of names
+  (what tasks and evaluators declare): 'valid/loss', 'averaged/valid/loss' and 'train/loss'
+  all read `directions['loss']`; a full key given as such also matches.
+  """
+  if key in directions:
+    return directions[key]
+  name = key.rsplit('/', 1)[-1]
+  if name in directions:
+    return directions[name]
+  return next((d for pattern, d in directions.items() if fnmatch.fnmatchcase(name, pattern)),
+              None)
+
+
+def best_mode(train_config: Any, directions: Mapping[str, Direction]) -> str:
+  """'min' or 'max' for `config.train.best_metric`: `config.train.best_mode` when set, else the
+  metric's declared direction ('min' when there is no best metric: nothing is ranked).
+
+  Raises:
+    ValueError: naming `config.train.best_mode` when it is unset and the best metric has no
+      declared direction.
+  """
+  given, metric = train_config.get('best_mode', ''), train_config.get('best_metric', '')
+  declared = metric_direction(metric, directions) if metric else None
+  if given:
+    if declared and declared != given:
+      logging.warning("config.train.best_mode=%r ranks %s the other way from its declared "
+                      "direction %r", given, metric, declared)
+    return given
+  if not metric:
+    return 'min'
+  if declared is None:
+    raise ValueError(f"config.train.best_mode='' takes the declared direction of "
+                     f"config.train.best_metric={metric!r}, which has none (declared: "
+                     f"{sorted(directions)}); set config.train.best_mode to 'min' or 'max'")
+  return declared
+
+
+# Runs written before metric directions were declared (no metric_directions.json in the
+# workdir) have their best values ranked by this rule of the metric's name, which was the only
+# rule then: a last name component with one of these words is better when lower (checked
+# first), or when higher; anything else has no best.
 LOWER_IS_BETTER = ('loss', 'perplexity', 'ppl', 'error', 'err', 'wer', 'cer', 'nll', 'bpc',
                    'bpb', 'entropy', 'nonfinite')
 HIGHER_IS_BETTER = ('accuracy', 'acc', 'bleu', 'chrf', 'f1', 'precision', 'recall', 'auc',
@@ -32,7 +80,8 @@ HIGHER_IS_BETTER = ('accuracy', 'acc', 'bleu', 'chrf', 'f1', 'precision', 'recal
 
 
 def metric_mode(name: str) -> str | None:
-  """'min', 'max' or None (unknown): which direction is best for eval metric `name`.
+  """'min', 'max' or None: the direction the name of eval metric `name` suggests, for runs
+  saved before directions were declared (see `metric_direction` for the others).
 
   The last '/'-component is split into words at non-letters; a word from LOWER_IS_BETTER
   (loss, perplexity, error, ...) means min, checked first, else a word from HIGHER_IS_BETTER
@@ -47,14 +96,16 @@ def metric_mode(name: str) -> str | None:
   return None
 
 
-def best_values(records: Sequence[Mapping[str, Any]], keys: Iterable[str]
+def best_values(records: Sequence[Mapping[str, Any]], keys: Iterable[str],
+                directions: Mapping[str, Direction] | None = None
                 ) -> dict[str, dict[str, Any]]:
-  """`{key: {'value': best, 'step': its step}}` over metric `records`, in the direction
-  `metric_mode` gives; null (non-finite) values are skipped and metrics with no known
-  direction (counts) have no best."""
+  """`{key: {'value': best, 'step': its step}}` over metric `records`, in each key's declared
+  direction (`metric_direction` of `directions`; a run saved before directions were declared
+  passes None: `metric_mode` of the name). Null (non-finite) values are skipped and metrics
+  with no direction (counts, lengths) have no best."""
   best: dict[str, dict[str, Any]] = {}
   for key in keys:
-    mode = metric_mode(key)
+    mode = metric_mode(key) if directions is None else metric_direction(key, directions)
     if mode is None:
       continue
     for rec in records:
@@ -99,8 +150,68 @@ def _clean(value: Any) -> float | None:
   return value if math.isfinite(value) else None
 
 
+class ProgressBar:
+  """The console's tqdm bar: steps done of `total_steps`, or, with a compute budget, minutes
+  spent of the budget (which usually ends a budgeted run long before `num_steps`, so a step
+  bar would show a far-off end), with the step count beside it."""
+
+  def __init__(self, *, total_steps: int | None, start_step: int = 0,
+               budget_minutes: float = 0.0, spent_minutes: float = 0.0):
+    from tqdm import tqdm
+
+    self.budget = float(budget_minutes)
+    if self.budget > 0:
+      self._bar = tqdm(total=self.budget, initial=min(spent_minutes, self.budget), unit='min',
+                       dynamic_ncols=True, mininterval=1.0,
+                       bar_format='{l_bar}{bar}| {n:.1f}/{total:.1f} min budget '
+                                  '[{elapsed}<{remaining}{postfix}]')
+    else:
+      self._bar = tqdm(total=total_steps, initial=start_step, unit='step', dynamic_ncols=True,
+                       mininterval=1.0)
+    self._shown: dict[str, str] = {}
+    self._step = start_step
+
+  def advance(self, step: int, minutes: float | None = None) -> None:
+    """Moves the bar to `step`, or with a budget to `minutes` spent."""
+    if self.budget > 0:
+      if minutes is not None:
+        value = min(minutes, self.budget)
+        if value > self._bar.n:
+          self._bar.update(value - self._bar.n)
+      if step != self._step:
+        self._step = step
+        self._bar.set_postfix({'step': step, **self._shown}, refresh=False)
+    elif step > self._bar.n:
+      self._bar.update(step - self._bar.n)
+
+  def show(self, scalars: Mapping[str, Any]) -> None:
+    """Shows the latest train loss, accuracy, tokens/s and utilisation beside the bar."""
+    shown = {k: f'{v:.4g}' for k, v in scalars.items() if k in ('loss', 'accuracy')}
+    if 'tokens_per_second' in scalars:
+      shown['tok/s'] = f"{scalars['tokens_per_second']:.4g}"
+    if 'flops_utilisation' in scalars:
+      shown['util'] = f"{scalars['flops_utilisation']:.0%}"
+    self._shown = shown
+    extra = {'step': self._step} if self.budget > 0 else {}
+    self._bar.set_postfix({**extra, **shown}, refresh=False)
+
+  @contextlib.contextmanager
+  def cleared(self) -> Iterator[None]:
+    """Takes the bar off the console for a log line, which then gets a line of its own."""
+    self._bar.clear()
+    try:
+      yield
+    finally:
+      self._bar.refresh()
+
+  def close(self) -> None:
+    self._bar.close()
+
+
 class MetricWriter:
   """Writes scalars to console/JSONL/TensorBoard on process 0; a no-op elsewhere.
+
+  The console gets one log line per `write` (a log interval, an eval) and a `ProgressBar`.
 
   Args:
     workdir: run directory.
@@ -108,11 +219,14 @@ class MetricWriter:
     start_step: the step training resumes from; JSONL records after it are removed (they
       belong to the part of a killed run that is being recomputed).
     tensorboard, progress: enable those outputs.
+    budget_minutes, spent_minutes: a compute budget (> 0) and the part of it already spent:
+      the progress bar then counts minutes.
     enabled: default `jax.process_index() == 0`.
   """
 
   def __init__(self, workdir: str | os.PathLike, *, total_steps: int | None = None,
                start_step: int = 0, tensorboard: bool = True, progress: bool = True,
+               budget_minutes: float = 0.0, spent_minutes: float = 0.0,
                enabled: bool | None = None):
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
     self.path = pathlib.Path(workdir) / METRICS_FILE
@@ -125,9 +239,8 @@ class MetricWriter:
       from tensorboardX import SummaryWriter
       self._tb = SummaryWriter(logdir=str(self.path.parent / TB_DIR))
     if progress:
-      from tqdm import tqdm
-      self._bar = tqdm(total=total_steps, initial=start_step, unit='step', dynamic_ncols=True,
-                       mininterval=1.0)
+      self._bar = ProgressBar(total_steps=total_steps, start_step=start_step,
+                              budget_minutes=budget_minutes, spent_minutes=spent_minutes)
 
   def _truncate_after(self, step: int) -> None:
     if not self.path.exists():
@@ -141,8 +254,10 @@ class MetricWriter:
       tmp.write_text(''.join(ln + '\n' for ln in keep))
       tmp.replace(self.path)
 
-  def write(self, step: int, scalars: Mapping[str, Any], prefix: str = 'train') -> None:
-    """Appends one record `{prefix}/{name}` for each scalar at `step`."""
+  def write(self, step: int, scalars: Mapping[str, Any], prefix: str = 'train',
+            label: str = '') -> None:
+    """Appends one record `{prefix}/{name}` for each scalar at `step`, and logs one line
+    (`label` after the step, e.g. 'eval (3.2s)')."""
     if not self.enabled:
       return
     record = {'step': int(step), 'time': time.time()}
@@ -159,19 +274,15 @@ class MetricWriter:
     with self.path.open('a') as f:
       f.write(json.dumps(record) + '\n')
     if self._bar is not None and prefix == 'train':
-      shown = {k: f'{v:.4g}' for k, v in scalars.items() if k in ('loss', 'accuracy')}
-      if 'tokens_per_second' in scalars:
-        shown['tok/s'] = f"{scalars['tokens_per_second']:.4g}"
-      if 'flops_utilisation' in scalars:
-        shown['util'] = f"{scalars['flops_utilisation']:.0%}"
-      self._bar.set_postfix(shown, refresh=False)
-    logging.info('step %d %s', step, ', '.join(
-        f"{f'{prefix}/' if prefix else ''}{k}={float(v):.5g}" for k, v in scalars.items()))
+      self._bar.show(scalars)
+    with self._bar.cleared() if self._bar is not None else contextlib.nullcontext():
+      logging.info('step %d %s%s', step, f'{label}: ' if label else '', ', '.join(
+          f"{f'{prefix}/' if prefix else ''}{k}={float(v):.5g}" for k, v in scalars.items()))
 
-  def advance(self, step: int) -> None:
-    """Moves the progress bar to `step`."""
-    if self._bar is not None and step > self._bar.n:
-      self._bar.update(step - self._bar.n)
+  def advance(self, step: int, minutes: float | None = None) -> None:
+    """Moves the progress bar to `step` (with a budget: to `minutes` spent)."""
+    if self._bar is not None:
+      self._bar.advance(step, minutes)
 
   def flush(self) -> None:
     if self._tb is not None:
