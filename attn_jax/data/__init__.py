@@ -20,6 +20,7 @@ _EXPORTS = {
     'BATCHING_MODES': 'batching', 'LengthPolicy': 'batching', 'length_boundaries': 'batching',
     'segment_positions': 'batching',
     'DATASET_NAMES': 'config', 'default_config': 'config', 'task_of': 'config',
+    'static_meta': 'config',
     'validate_config': 'config',
     'NAMED_DATASETS': 'named',
     'DataBundle': 'pipeline', 'make_datasets': 'pipeline',
@@ -38,7 +39,13 @@ if TYPE_CHECKING:  # Static analysers see the real names.
       length_boundaries,
       segment_positions,
   )
-  from attn_jax.data.config import DATASET_NAMES, default_config, task_of, validate_config
+  from attn_jax.data.config import (
+      DATASET_NAMES,
+      default_config,
+      static_meta,
+      task_of,
+      validate_config,
+  )
   from attn_jax.data.named import NAMED_DATASETS
   from attn_jax.data.pipeline import DataBundle, make_datasets
   from attn_jax.data.tokenizers import (

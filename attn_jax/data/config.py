@@ -113,6 +113,16 @@ def task_of(cfg) -> str:
   return named.spec_for(cfg.name).task
 
 
+def static_meta(cfg) -> dict:
+  """What the data fixes before anything is loaded: its task, and for images their shape and
+  classes (so a model can be checked against the data before any data is read)."""
+  task = task_of(cfg)
+  if task == images.TASK:
+    spec = images.spec_for(cfg.name)
+    return {'task': task, 'image_shape': spec.shape, 'num_classes': spec.num_classes}
+  return {'task': task}
+
+
 def _positive(cfg, *names):
   for n in names:
     if cfg[n] < 1:

@@ -36,8 +36,8 @@ from attn_jax.train import config as train_config
 
 SECTIONS = ('data', 'model', 'optim', 'train', 'parallel', 'loss', 'eval')
 
-# Filled from the data, never from config.model.
-DATA_FIELDS = ('vocab_size', 'output_vocab_size', 'num_classes')
+# Filled from the data, never from config.model (the task's `data_fields(meta)`).
+DATA_FIELDS = ('vocab_size', 'output_vocab_size', 'num_classes', 'image_size', 'channels')
 
 
 # The attention options that model configs held flat before they moved into

@@ -49,9 +49,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   loop.validate_config(config)  # train / parallel fields
   optim.make_optimizer(loop.optim_config(config), loop.schedule_clock(config))  # no arrays
   data_lib.validate_config(config.data, jax.process_count())
-  task = data_lib.task_of(config.data)
-  tasks.build_model_config(config.model.to_dict(),
-                           {'task': task, 'vocab_size': 16, 'num_classes': 2})
+  meta = {'vocab_size': 16, 'num_classes': 2, **data_lib.static_meta(config.data)}
+  task = meta['task']
+  tasks.build_model_config(config.model.to_dict(), meta)
   if config.data.batching == 'pack' and not model_kind(config.model.kind).packs:
     raise ValueError(f"config.data.batching='pack' is not supported by model.kind="
                      f"{config.model.kind!r} (it has no segment ids); use 'bucket' or 'pad'")
@@ -180,10 +180,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
       process_index=jax.process_index(), process_count=jax.process_count(), validated=True,
       row_multiple=_row_multiple(config))
   task = tasks.make_task(config, bundle.meta)
+  shown = ('input_vocab_size', 'target_vocab_size', 'image_shape', 'num_classes', 'num_examples')
   logging.info('task %s, model %s, data %s (%s), data ready in %.1fs', task.name, task.kind,
-               config.data.name, {k: bundle.meta[k] for k in ('input_vocab_size',
-                                                               'target_vocab_size',
-                                                               'num_classes', 'num_examples')},
+               config.data.name, {k: bundle.meta[k] for k in shown if k in bundle.meta},
                time.time() - t0)
   hooks = evaluators.make_evaluators(config, task, bundle, workdir)
   directions = task.metric_directions()

@@ -78,6 +78,9 @@ MODEL_KINDS: dict[str, ModelKind] = {
         f'{_TRANSFORMER}:DecoderLM', ('inputs',),
         {'inputs_segmentation': 'segment_ids', 'inputs_position': 'positions'},
         returns_hidden=True),
+    'vision_transformer': ModelKind(
+        model_configs.ViTConfig, model_configs.vit_config, 'attn_jax.models.vit:ViT',
+        ('image',)),
 }
 
 

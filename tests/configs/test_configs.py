@@ -24,7 +24,8 @@ HEAVY = ('jax', 'jaxlib', 'flax', 'optax', 'orbax', 'chex', 'grain', 'tensorflow
 # A bad choice for each config's main argument.
 BAD_CHOICE = {'algorithmic': 'task', 'listops': 'size', 'translation': 'model',
               'text_classification': 'data', 'language_model': 'positional',
-              'length_study': 'task', 'ablation': 'variant', 'context_extension': 'positional'}
+              'length_study': 'task', 'ablation': 'variant', 'context_extension': 'positional',
+              'image_classification': 'data'}
 
 
 def _load(name: str):

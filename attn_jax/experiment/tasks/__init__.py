@@ -25,6 +25,7 @@ import ml_collections
 from attn_jax.experiment.config import DATA_FIELDS, MODEL_KINDS, check_model_kind
 from attn_jax.experiment.tasks.base import Task
 from attn_jax.experiment.tasks.classification import ClassificationTask
+from attn_jax.experiment.tasks.image_classification import ImageClassificationTask
 from attn_jax.experiment.tasks.language_model import LanguageModelTask
 from attn_jax.experiment.tasks.seq2seq import Seq2SeqTask
 from attn_jax.experiment.tasks.token_loss import softmax_loss_from_hidden
@@ -40,6 +41,7 @@ TASKS: dict[str, type[Task]] = {
     'seq2seq': Seq2SeqTask,
     'classification': ClassificationTask,
     'lm': LanguageModelTask,
+    'image_classification': ImageClassificationTask,
 }
 
 
