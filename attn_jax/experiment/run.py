@@ -74,6 +74,23 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       if rows_of(config.data[name]) % devices:
         raise ValueError(f'config.data.{name}={config.data[name]} must divide over '
                          f'{devices} data-parallel devices for parallel.mode={mode!r}')
+    if mode == 'sharded':
+      _check_sequence_split(config, mesh.shape[parallel.SEQUENCE_AXIS])
+
+
+def _check_sequence_split(config: ml_collections.ConfigDict, pieces: int) -> None:
+  """With context parallelism every batch's length splits over the `sequence` devices, in two
+  chunks per device for causal stacks (the zig-zag layout): fixed-width batches of a length
+  that does so ('pack' or 'concat' rows of `data.max_length`)."""
+  if pieces == 1:
+    return
+  if config.data.batching not in ('pack', 'concat'):
+    raise ValueError(f'config.parallel.mesh.sequence={pieces} needs batches of one width: '
+                     f"config.data.batching 'pack' or 'concat', not {config.data.batching!r}")
+  if config.data.max_length % (2 * pieces):
+    raise ValueError(f'config.data.max_length={config.data.max_length} must be a multiple of '
+                     f'2 x config.parallel.mesh.sequence = {2 * pieces} (each device holds two '
+                     'chunks of a sequence)')
 
 
 def _row_multiple(config: ml_collections.ConfigDict) -> int:

@@ -20,6 +20,7 @@ import numpy as np
 
 from attn_jax import ops
 from attn_jax.models import modifiers, names
+from attn_jax.models import sequence_parallel as sp
 from attn_jax.models.configs import AttentionConfig
 from attn_jax.models.modifiers import LayerInfo
 from attn_jax.models.names import CROSS_CACHE, SLOT_CACHE  # noqa: F401  (re-exported)
@@ -345,6 +346,8 @@ class MultiHeadAttention(nn.Module):
         # Decoding: read the cache's filled slots only, chunk by chunk.
         attend, options = ops.prefix_attention, dict(
             length=filled, chunk_size=slot_chunk(key.shape[1]))
+      elif is_self and not decode and not capture and sp.sequence_devices() > 1:
+        attend, options = self._context_parallel(dropout_rng is not None), {}
       result = attend(
           query, key, value, dropout_rate=0.0 if dropout_rng is None else cfg.dropout_rate,
           dropout_rng=dropout_rng, implementation='dense' if capture else cfg.implementation,
@@ -360,6 +363,25 @@ class MultiHeadAttention(nn.Module):
       result = result.reshape(result.shape[0] * beams, -1, *result.shape[2:])
     return dense((self.out_features or features,), ('heads', 'kv', 'embed'), ('embed',),
                  contract=2, name='out')(result)
+
+  def _context_parallel(self, dropout: bool):
+    """Self-attention over a sequence split on the mesh's `sequence` axis (ring attention,
+    `models.sequence_parallel`), with the call's masks, score functions and sinks."""
+    reason = sp.supported(self.config, dropout=dropout)
+    if reason is not None:
+      raise ValueError(f'context parallelism (config.parallel.mesh.sequence > 1) does not '
+                       f'take {reason}')
+
+    def attend(query, key, value, *, is_causal, local_window, mask, segment_ids, mask_mod,
+               score_mod, sinks, implementation, scale=None, dropout_rate=0.0,
+               dropout_rng=None):
+      del dropout_rate, dropout_rng  # refused above when set
+      return sp.attention(query, key, value, causal=is_causal, mask=mask,
+                          segment_ids=segment_ids, local_window=local_window,
+                          mask_mod=mask_mod, score_mod=score_mod, sinks=sinks, scale=scale,
+                          implementation=implementation)
+
+    return attend
 
   def _backward_aggregation(self, query, key, value, kwargs, capture):
     """`sum_i alpha_ij v_i` at each key position j (one value per query position, per query

@@ -40,6 +40,11 @@ SLOT_CACHE = ('cached_key', 'cached_value', 'cached_segment', 'cached_position')
 CROSS_CACHE = ('cross_key', 'cross_value')
 
 
+# The mesh axis that context parallelism splits sequences over (train.parallel.SEQUENCE_AXIS;
+# tests/models/test_sequence_parallel.py keeps the two equal).
+SEQUENCE_AXIS = 'sequence'
+
+
 def layer_name(index: int) -> str:
   """The name of unrolled layer `index` of a stack."""
   return f'{LAYER_PREFIX}{index}'

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 
 from attn_jax import ops
 from attn_jax.models import decoding, names
+from attn_jax.models import sequence_parallel as sp
 from attn_jax.models.attention import MultiHeadAttention, partitioned
 from attn_jax.models.configs import LAYER_POSITIONALS, AttentionConfig, TransformerConfig
 from attn_jax.models.layers import Dropout, Embedder, FeedForward, make_norm, shift_right
@@ -207,9 +208,11 @@ class Encoder(nn.Module):
         positions = jnp.pad(positions + 1, ((0, 0), (1, 0)))
     x = Dropout(cfg.dropout_rate)(x, deterministic=not train)
     mask = valid[:, None, None, :]  # [batch, 1, 1, L]: no query attends to padding.
-    # Padding is hidden from every query as a key, so only real tokens' outputs are needed.
+    # Padding is hidden from every query as a key, so only real tokens' outputs are needed
+    # (skipped by sorting tokens: not across devices when the sequence is split over them).
+    needed = valid if sp.sequence_devices() == 1 else None
     x = stack_layers(cfg, EncoderLayer, cfg.num_encoder_layers, x, mask, segment_ids, positions,
-                     valid, deterministic=not train, capture=capture)
+                     needed, deterministic=not train, capture=capture)
     if cfg.norm_position == 'pre':
       x = make_norm(cfg, 'final_norm')(x)
     return x
@@ -250,6 +253,13 @@ class Decoder(nn.Module):
       positions = index.value + jnp.arange(decoder_inputs.shape[1])
       if initialized:
         index.value = index.value + decoder_inputs.shape[1]
+    split = not decode and sp.sequence_devices() > 1
+    if split:  # context parallelism: the causal stack runs in the zig-zag layout
+      if positions is None:
+        positions = jnp.arange(decoder_inputs.shape[1])
+      positions = jnp.broadcast_to(positions, decoder_inputs.shape)
+      decoder_inputs, positions, segment_ids = (
+          sp.to_layout(x, causal=True) for x in (decoder_inputs, positions, segment_ids))
     y = self.embedder(decoder_inputs, positions)
     y = Dropout(cfg.dropout_rate)(y, deterministic=not train)
     cross_ids = None
@@ -258,7 +268,7 @@ class Decoder(nn.Module):
       q_ids = jnp.ones_like(decoder_inputs) if segment_ids is None else segment_ids
       cross_ids = (q_ids, cross_segment_ids)
     needed = None
-    if not decode:
+    if not decode and not split:
       # A real token reads every earlier position (causal, and padding is not masked as a key
       # here), so everything up to a row's last real token is needed; trailing padding is not.
       valid = _valid(decoder_inputs, segment_ids)
@@ -268,6 +278,8 @@ class Decoder(nn.Module):
                      decode=decode, capture=capture, cross=self.cross)
     if cfg.norm_position == 'pre':
       y = make_norm(cfg, 'final_norm')(y)
+    if split:
+      y = sp.from_layout(y, causal=True)
     return y if return_hidden else self.project(y)
 
   def project(self, hidden: jax.Array) -> jax.Array:

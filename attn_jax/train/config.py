@@ -103,7 +103,9 @@ def default_parallel() -> ml_collections.ConfigDict:
   """`config.parallel`: mode, mesh axis sizes (-1 = all remaining devices), rules, multi-host."""
   c = ml_collections.ConfigDict()
   c.mode = 'none'
-  c.mesh = ml_collections.ConfigDict({'data': -1, 'fsdp': 1, 'tensor': 1})
+  # 'sequence' > 1 splits every sequence's length over that many devices (context
+  # parallelism: self-attention runs as ring attention over the axis).
+  c.mesh = ml_collections.ConfigDict({'data': -1, 'fsdp': 1, 'sequence': 1, 'tensor': 1})
   c.logical_axis_rules = DEFAULT_RULES  # (logical name, mesh axis | tuple | None) pairs.
   c.coordinator_address = ''  # 'host:port'; '' = read JAX_COORDINATOR_ADDRESS or run alone.
   c.num_processes = 1

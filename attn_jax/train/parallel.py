@@ -30,7 +30,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from attn_jax.train.config import BATCH_AXES, DEFAULT_RULES
 
-MESH_AXES = ('data', 'fsdp', 'tensor')
+MESH_AXES = ('data', 'fsdp', 'sequence', 'tensor')
+SEQUENCE_AXIS = 'sequence'  # context parallelism: the length of every sequence split over it
 PARALLEL_MODES = ('none', 'pmap', 'sharded')
 
 
@@ -168,7 +169,8 @@ def pmap_eval_step(eval_fn: Callable[..., Any], axis_name: str = 'batch') -> Cal
 
 def make_mesh(mesh_config: Mapping[str, int],
               devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A Mesh with axes `('data', 'fsdp', 'tensor')`; one size may be -1 (fills the rest).
+  """A Mesh with axes `('data', 'fsdp', 'sequence', 'tensor')`; one size may be -1 (fills the
+  rest).
 
   Missing axes have size 1, except `data`, which defaults to -1.
 
@@ -292,9 +294,10 @@ def state_shardings(abstract_state: Any, abstract_boxed_params: Any, mesh: Mesh,
   )
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """Leading (batch) axis split over `data` x `fsdp`, the rest replicated."""
-  return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
+  """A batch field of `ndim` axes: the leading (batch) axis split over `data` x `fsdp`, the
+  second (length) over `sequence` (context parallelism), the rest replicated."""
+  return NamedSharding(mesh, PartitionSpec(BATCH_AXES, *([SEQUENCE_AXIS] if ndim > 1 else [])))
 
 
 def global_batch(local_batch: Mapping[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
@@ -303,15 +306,18 @@ def global_batch(local_batch: Mapping[str, Any], mesh: Mesh) -> dict[str, jax.Ar
   With one process this is a sharded `device_put`. Rows of process i land at
   `[i * b_local, (i + 1) * b_local)` in the global batch.
   """
-  sharding = batch_sharding(mesh)
   ndev = mesh.shape['data'] * mesh.shape['fsdp']
+  pieces = mesh.shape[SEQUENCE_AXIS]
   out = {}
   for name, x in local_batch.items():
     x = np.asarray(x)
     if x.ndim == 0 or (x.shape[0] * jax.process_count()) % ndev:
       raise ValueError(f'batch[{name!r}] shape {x.shape}: global batch not divisible by '
                        f'data*fsdp={ndev}')
-    out[name] = jax.make_array_from_process_local_data(sharding, x)
+    if x.ndim > 1 and x.shape[1] % pieces:
+      raise ValueError(f'batch[{name!r}] shape {x.shape}: its length {x.shape[1]} does not '
+                       f'split over sequence={pieces} devices (config.parallel.mesh.sequence)')
+    out[name] = jax.make_array_from_process_local_data(batch_sharding(mesh, x.ndim), x)
   return out
 
 
@@ -330,7 +336,8 @@ def sharded_train_step(step_fn: Callable[..., Any], mesh: Mesh, shardings: Any,
       return step_fn(state, batch, progress)
 
   replicated = NamedSharding(mesh, PartitionSpec())
-  jitted = jax.jit(fn, in_shardings=(shardings, batch_sharding(mesh), replicated),
+  # The batch keeps the sharding `global_batch` gave each field (None: as placed).
+  jitted = jax.jit(fn, in_shardings=(shardings, None, replicated),
                    out_shardings=(shardings, replicated), donate_argnums=(0,))
 
   def run(state, batch, progress=None):
@@ -350,7 +357,7 @@ def sharded_eval_step(eval_fn: Callable[..., Any], mesh: Mesh, shardings: Any,
     with nn.logical_axis_rules(rules):
       return eval_fn(state, batch)
 
-  jitted = jax.jit(fn, in_shardings=(shardings, batch_sharding(mesh)),
+  jitted = jax.jit(fn, in_shardings=(shardings, None),
                    out_shardings=NamedSharding(mesh, PartitionSpec()))
 
   def run(state, batch):
