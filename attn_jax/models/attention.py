@@ -198,8 +198,9 @@ class MultiHeadAttention(nn.Module):
   @nn.compact
   def __call__(self, inputs_q: jax.Array, inputs_kv: jax.Array | None = None, *,
                mask: jax.Array | None = None, segment_ids=None,
-               positions: jax.Array | None = None, deterministic: bool = True,
-               decode: bool = False, capture_attention: bool | None = None) -> jax.Array:
+               positions: jax.Array | None = None, block_mask: ops.BlockMask | None = None,
+               deterministic: bool = True, decode: bool = False,
+               capture_attention: bool | None = None) -> jax.Array:
     """Attends from `inputs_q` to itself, or to `inputs_kv` with `cross_attention=True`.
 
     Args:
@@ -212,6 +213,9 @@ class MultiHeadAttention(nn.Module):
       positions: int `[batch, q_len]` or `[q_len]` absolute positions for RoPE (and,
         in decode mode, ALiBi/T5); default `0..len-1`, or the cache index onwards. With
         `positional='rope_2d'`, `[batch, q_len, 2]` or `[q_len, 2]` (row, column), required.
+      block_mask: the self-attention's whole mask, prebuilt (`ops.block_mask`) and shared by
+        the layers of a stack (`transformer.shared_block_masks`): it then stands for `mask`,
+        `segment_ids`, causality, the window and the config's `mask_mod`. Not with `decode`.
       deterministic: disables dropout.
       decode: use the 'cache' collection. Causal self-attention: the first (init) call
         sizes the cache from `inputs_q` `[batch, max_len, features]`; later calls append
@@ -325,6 +329,11 @@ class MultiHeadAttention(nn.Module):
         key = ops.rope_2d(key, positions, cfg.rope_base)
       kwargs.update(segment_ids=segment_ids)
     kwargs.update(mask_mod=mask_mod, score_mod=score_mod)
+    if block_mask is not None and not decode and not capture:
+      # The block mask already holds every mask of the call (built once for the stack).
+      for name in ('mask', 'segment_ids', 'mask_mod', 'local_window'):
+        kwargs.pop(name, None)
+      kwargs.update(block_mask=block_mask, is_causal=False)
 
     dropout_rng = None
     if not deterministic and cfg.dropout_rate > 0.0:

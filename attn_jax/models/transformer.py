@@ -19,11 +19,15 @@ import jax
 import jax.numpy as jnp
 
 from attn_jax import ops
-from attn_jax.models import decoding, names
+from attn_jax.models import decoding, modifiers, names
 from attn_jax.models import sequence_parallel as sp
 from attn_jax.models.attention import MultiHeadAttention, partitioned
 from attn_jax.models.configs import LAYER_POSITIONALS, AttentionConfig, TransformerConfig
 from attn_jax.models.layers import Dropout, Embedder, FeedForward, make_norm, shift_right
+from attn_jax.ops import keywords
+from attn_jax.ops.block_mask import DEFAULT_BLOCK
+from attn_jax.ops.kernels.blocks import VISIT_BLOCK
+from attn_jax.ops.shapes import Dims
 from attn_jax.tokens import BOS_ID, PAD_ID
 
 
@@ -57,6 +61,47 @@ def _attention(cfg: TransformerConfig, *, causal: bool, self_attention: bool, na
   return MultiHeadAttention(config, is_causal=causal, cross_attention=not self_attention,
                             positional=positional, use_bias=cfg.use_bias,
                             dtype=cfg.compute_dtype, capture_attention=capture, name=name)
+
+
+def shared_block_masks(cfg: Any, *, causal: bool, shape: tuple[int, int], dtype: Any,
+                       mask: jax.Array | None, segment_ids: jax.Array | None, num_layers: int,
+                       train: bool) -> dict[str, ops.BlockMask] | None:
+  """The block masks a stack's self-attention layers share, one per layer kind, built once per
+  step (a layer that built its own would classify the same blocks again in every layer).
+
+  None where the layers' attention would not use one: a kernelized kind, backward aggregation,
+  context parallelism, or an implementation (given, or the dispatcher's choice for these
+  shapes) that is neither the blockwise loop nor the fused kernels.
+  """
+  attn = cfg.attention
+  if (not num_layers or attn.kind != 'softmax' or (attn.aggregation != 'forward' and not causal)
+      or sp.sequence_devices() > 1):
+    return None
+  batch, length = shape
+  backend = jax.default_backend()
+  implementation = attn.implementation
+  if implementation is None:
+    query = jax.ShapeDtypeStruct((batch, length, attn.num_heads, cfg.head_dim), dtype)
+    implementation = ops.choose_implementation(
+        query, query, return_weights=False, dropout_rate=attn.dropout_rate if train else 0.0,
+        bias_fn=None, q_offset=0, open_attention=True, backend=backend,
+        pallas_ok=backend in ('gpu', 'tpu'))
+  if implementation not in ('blockwise', 'pallas'):
+    return None
+  block = VISIT_BLOCK if implementation == 'pallas' else DEFAULT_BLOCK
+  dims = Dims(batch, length, length, attn.num_heads, attn.kv_heads, cfg.head_dim, cfg.head_dim)
+  masks = {}
+  for kind in sorted({cfg.layer_kind(i) for i in range(num_layers)}):
+    layer, _ = layer_attention(cfg, causal=causal, self_attention=True, kind=kind)
+    window = None
+    if layer.sliding_window is not None:
+      window = (layer.sliding_window, 0 if causal else layer.sliding_window)
+    mask_mod = keywords.keyword_mask_mod(
+        dims=dims, mask=mask, is_causal=causal, local_window=window, segment_ids=segment_ids,
+        mask_mod=modifiers.resolve_mod(layer.mask_mod, 'mask_mod'))
+    masks[kind] = ops.block_mask(mask_mod, batch=batch, heads=attn.num_heads, q_len=length,
+                                 block_size=block)
+  return masks
 
 
 class _Block(nn.Module):
@@ -104,11 +149,12 @@ class EncoderLayer(_Block):
   """Bidirectional self-attention + FFN. `x` `[batch, length, d_model]` -> same shape."""
 
   @nn.compact
-  def __call__(self, x, mask, segment_ids, positions, needed=None):
+  def __call__(self, x, mask, segment_ids, positions, needed=None, block_masks=None):
     attn = _attention(self.config, causal=False, self_attention=True, name=names.ENCODER_SELF,
                       capture=self.capture, kind=self.kind)
+    block_mask = None if block_masks is None else block_masks[self.kind]
     x = self.residual(x, lambda h: attn(h, mask=mask, segment_ids=segment_ids,
-                                        positions=positions,
+                                        positions=positions, block_mask=block_mask,
                                         deterministic=self.deterministic), 'self')
     return self.ffn(x, needed), None
 
@@ -123,7 +169,7 @@ class DecoderLayer(_Block):
 
   @nn.compact
   def __call__(self, y, encoded, cross_mask, segment_ids, cross_segment_ids, positions,
-               needed=None):
+               needed=None, block_masks=None):
     cfg = self.config
     if encoded is not None and not self.cross:
       raise ValueError('encoded given to a decoder layer without cross-attention (cross=False)')
@@ -132,7 +178,9 @@ class DecoderLayer(_Block):
                        'after a prefill with encoded)')
     attn = _attention(cfg, causal=True, self_attention=True, name=names.DECODER_SELF,
                       capture=self.capture, kind=self.kind)
+    block_mask = None if block_masks is None else block_masks[self.kind]
     y = self.residual(y, lambda h: attn(h, segment_ids=segment_ids, positions=positions,
+                                        block_mask=block_mask,
                                         deterministic=self.deterministic,
                                         decode=self.decode), 'self')
     if self.cross:
@@ -211,8 +259,11 @@ class Encoder(nn.Module):
     # Padding is hidden from every query as a key, so only real tokens' outputs are needed
     # (skipped by sorting tokens: not across devices when the sequence is split over them).
     needed = valid if sp.sequence_devices() == 1 else None
+    block_masks = None if capture else shared_block_masks(
+        cfg, causal=False, shape=x.shape[:2], dtype=x.dtype, mask=mask, segment_ids=segment_ids,
+        num_layers=cfg.num_encoder_layers, train=train)
     x = stack_layers(cfg, EncoderLayer, cfg.num_encoder_layers, x, mask, segment_ids, positions,
-                     needed, deterministic=not train, capture=capture)
+                     needed, block_masks, deterministic=not train, capture=capture)
     if cfg.norm_position == 'pre':
       x = make_norm(cfg, 'final_norm')(x)
     return x
@@ -273,9 +324,12 @@ class Decoder(nn.Module):
       # here), so everything up to a row's last real token is needed; trailing padding is not.
       valid = _valid(decoder_inputs, segment_ids)
       needed = jnp.flip(jnp.cumsum(jnp.flip(valid, axis=1), axis=1) > 0, axis=1)
+    block_masks = None if decode or capture else shared_block_masks(
+        cfg, causal=True, shape=y.shape[:2], dtype=y.dtype, mask=None, segment_ids=segment_ids,
+        num_layers=cfg.num_decoder_layers, train=train)
     y = stack_layers(cfg, DecoderLayer, cfg.num_decoder_layers, y, encoded, cross_mask,
-                     segment_ids, cross_ids, positions, needed, deterministic=not train,
-                     decode=decode, capture=capture, cross=self.cross)
+                     segment_ids, cross_ids, positions, needed, block_masks,
+                     deterministic=not train, decode=decode, capture=capture, cross=self.cross)
     if cfg.norm_position == 'pre':
       y = make_norm(cfg, 'final_norm')(y)
     if split:
