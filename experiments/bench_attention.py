@@ -56,6 +56,8 @@ import subprocess
 import sys
 import time
 
+from attn_jax.experiment import provenance
+
 IMPLS = ('attn_dense', 'attn_blockwise', 'jax_nn', 'flax_linen', 'torch_sdpa')
 PATTERNS = ('full', 'causal', 'causal_mod', 'window', 'softcap', 'documents')
 PATTERN_IMPLS = ('attn_blockwise', 'jax_nn', 'torch_flex', 'attnax')
@@ -458,8 +460,9 @@ def run_patterns(args) -> None:
   print('\nvs ref = attn_jax time / its time on the reference pattern (causal, or full for '
         'documents); cells: median time, peak RSS, (compile s)\n' + table)
   with open(os.path.join(args.out, 'patterns.json'), 'w') as f:
-    json.dump(dict(matmul_gflops=ceiling, batch=BATCH, heads=HEADS, head_dim=HEAD_DIM,
-                   window=WINDOW, soft_cap=SOFT_CAP, documents=DOCUMENTS, rows=rows), f, indent=1)
+    json.dump(dict(provenance=provenance.collect(), matmul_gflops=ceiling, batch=BATCH,
+                   heads=HEADS, head_dim=HEAD_DIM, window=WINDOW, soft_cap=SOFT_CAP,
+                   documents=DOCUMENTS, rows=rows), f, indent=1)
   with open(os.path.join(args.out, 'patterns.txt'), 'w') as f:
     f.write(table + '\n')
   print(f'wrote {args.out}/patterns.json, patterns.txt')
@@ -591,8 +594,8 @@ def main():
   table = format_table(rows)
   print('\nratio = jax_nn time / implementation time (higher is faster)\n' + table)
   with open(os.path.join(args.out, 'results.json'), 'w') as f:
-    json.dump(dict(matmul_gflops=ceiling, batch=BATCH, heads=HEADS, head_dim=HEAD_DIM,
-                   rows=rows), f, indent=1)
+    json.dump(dict(provenance=provenance.collect(), matmul_gflops=ceiling, batch=BATCH,
+                   heads=HEADS, head_dim=HEAD_DIM, rows=rows), f, indent=1)
   with open(os.path.join(args.out, 'table.txt'), 'w') as f:
     f.write(table + '\n')
   plot(rows, ceiling or 0.0, os.path.join(args.out, 'attention.png'))

@@ -20,17 +20,15 @@ import os
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '')
                            + ' --xla_force_host_platform_device_count=8').strip()
 
-import datetime  # noqa: E402
 import json  # noqa: E402
-import subprocess  # noqa: E402
 
-import flax  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from attn_jax import ops  # noqa: E402
+from attn_jax.experiment import provenance
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('output_dir', 'experiments/figures', 'Where to write the JSON.')
@@ -44,28 +42,6 @@ flags.DEFINE_list('strategies', ['ring', 'all_gather'], 'Context-parallel strate
 flags.DEFINE_integer('block_size', 128, 'Blockwise block size of the local attention calls: '
                      'its scratch (heads x block^2 floats per array) is the same on every '
                      'device count, so it is kept small next to the length-dependent part.')
-
-
-def _provenance() -> dict:
-  def git(*args):
-    try:
-      return subprocess.run(['git', *args], capture_output=True, text=True, check=True,
-                            cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-      return None
-  cpu = None
-  try:
-    with open('/proc/cpuinfo', encoding='utf-8') as f:
-      cpu = next((line.split(':', 1)[1].strip() for line in f
-                  if line.startswith('model name')), None)
-  except OSError:
-    pass
-  status = git('status', '--porcelain', '--untracked-files=no')
-  return dict(git_revision=git('rev-parse', 'HEAD'),
-              git_dirty=None if status is None else bool(status),
-              date=datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds'),
-              cpu=cpu, cores=os.cpu_count(), jax=jax.__version__, flax=flax.__version__,
-              backend=jax.default_backend())
 
 
 def _memory(fn, *args) -> dict[str, int]:
@@ -114,7 +90,7 @@ def main(argv):
   path = os.path.join(FLAGS.output_dir, 'context_parallel_memory.json')
   os.makedirs(FLAGS.output_dir, exist_ok=True)
   with open(path, 'w', encoding='utf-8') as f:
-    json.dump(dict(provenance=_provenance(), config=config, results=rows), f, indent=1)
+    json.dump(dict(provenance=provenance.collect(), config=config, results=rows), f, indent=1)
   print(f'{"kv_heads":>8} {"strategy":>12} {"devices":>7} {"args MiB":>9} {"temp MiB":>9} '
         f'{"temp x n":>9}')
   for r in rows:

@@ -49,6 +49,7 @@ import jax.numpy as jnp
 from absl import app, flags
 
 from attn_jax import models
+from attn_jax.experiment import provenance
 from attn_jax.models import decoding
 from attn_jax.models.decoding import EOS_ID
 
@@ -310,7 +311,7 @@ def main_beam() -> None:
           f"{r['outputs_differing']:>7d}")
   os.makedirs(FLAGS.output_dir, exist_ok=True)
   with open(os.path.join(FLAGS.output_dir, 'beam_speed.json'), 'w') as f:
-    json.dump(result, f, indent=2)
+    json.dump(dict(provenance=provenance.collect(matmul=True), **result), f, indent=2)
 
 
 def main(argv):
@@ -340,7 +341,8 @@ def main(argv):
           f"{str(c['same_tokens']):>5}")
   os.makedirs(FLAGS.output_dir, exist_ok=True)
   with open(os.path.join(FLAGS.output_dir, 'decode_speed.json'), 'w') as f:
-    json.dump(dict(config=dict(d_model=FLAGS.d_model, num_layers=FLAGS.num_layers,
+    json.dump(dict(provenance=provenance.collect(matmul=True),
+                   config=dict(d_model=FLAGS.d_model, num_layers=FLAGS.num_layers,
                                batch=FLAGS.batch, repeats=FLAGS.repeats,
                                backend=jax.default_backend()),
                    decoder_lm=results, encoder_decoder_cross=cross), f, indent=2)

@@ -37,10 +37,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import platform as platform_lib
 import statistics
-import subprocess
 import time
+
+from attn_jax.experiment import provenance
 
 PATTERNS = ('full', 'causal', 'window', 'documents', 'softcap', 'alibi')
 IMPLS = ('attn_pallas', 'cudnn', 'xla', 'jax_pallas', 'splash', 'torch_flex', 'attn_blockwise')
@@ -77,21 +77,12 @@ def model_flops(cfg: Config, pattern: str, length: int, backward: bool) -> float
 
 
 def machine() -> dict:
-  """Where the numbers come from: device, versions, and the exact code (git)."""
-  import jax
-  import jaxlib
-
-  def git(*args):
-    try:
-      return subprocess.run(['git', *args], capture_output=True, text=True, timeout=30,
-                            cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
-    except OSError:
-      return ''
-  device = jax.devices()[0]
-  return dict(platform=jax.default_backend(), device_kind=device.device_kind,
-              device_count=jax.device_count(), host=platform_lib.node(),
-              jax=jax.__version__, jaxlib=jaxlib.__version__,
-              git_revision=git('rev-parse', 'HEAD'), git_dirty=bool(git('status', '--porcelain')))
+  """Where the numbers come from (the provenance record: device, versions, git), flat."""
+  record = provenance.collect()
+  return dict(platform=record['machine']['backend'],
+              device_kind=record['machine'].get('device', record['machine']['cpu']),
+              device_count=record['machine'].get('device_count', 1), **record['versions'],
+              git_revision=record['git_revision'], git_dirty=record['git_dirty'])
 
 
 def _document_ids(length: int):
@@ -382,7 +373,8 @@ def run(args, cfg: Config, impls, lengths, dtypes, passes, patterns) -> dict:
   print('\ncells: median time, TFLOP/s; cudnn/pallas and blockw/pallas: time ratios (>1: '
         'pallas faster); vs ref: pallas time / its time on the reference pattern\n' + table)
   os.makedirs(args.out, exist_ok=True)
-  result = dict(machine=info, config=dataclasses.asdict(cfg), soft_cap=SOFT_CAP,
+  result = dict(provenance=provenance.collect(), machine=info,
+                config=dataclasses.asdict(cfg), soft_cap=SOFT_CAP,
                 documents=DOCUMENTS, rows=rows)
   with open(os.path.join(args.out, 'device.json'), 'w') as f:
     json.dump(result, f, indent=1)

@@ -23,6 +23,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from attn_jax import data
+from attn_jax.experiment import provenance
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('output_dir', None, 'Where results.json and throughput.png go.')
@@ -187,7 +188,7 @@ def main(argv):
     for mode, r in results['modes'].items():
       print(f'{mode} / pad examples/s ratio: {r["examples_per_s"] / base["examples_per_s"]:.2f}')
   with open(os.path.join(FLAGS.output_dir, 'results.json'), 'w') as f:
-    json.dump(results, f, indent=1)
+    json.dump(dict(provenance=provenance.collect(), **results), f, indent=1)
   plot(results, os.path.join(FLAGS.output_dir, 'throughput.png'))
 
 

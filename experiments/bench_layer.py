@@ -23,6 +23,7 @@ import numpy as np
 from absl import app, flags
 
 from attn_jax import models
+from attn_jax.experiment import provenance
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('output_dir', '/tmp/bench_layer', 'Where to write the JSON.')
@@ -73,7 +74,8 @@ def main(argv):
           f"{r['flax_over_attn_jax']:>13.2f}x")
   os.makedirs(FLAGS.output_dir, exist_ok=True)
   with open(os.path.join(FLAGS.output_dir, 'bench_layer.json'), 'w') as f:
-    json.dump(dict(config=dict(batch=FLAGS.batch, d_model=FLAGS.d_model,
+    json.dump(dict(provenance=provenance.collect(), config=dict(batch=FLAGS.batch,
+                                                                 d_model=FLAGS.d_model,
                                num_heads=FLAGS.num_heads, causal=FLAGS.causal,
                                backend=jax.default_backend()), results=results), f, indent=2)
 

@@ -36,6 +36,7 @@ import optax
 from absl import app, flags
 
 from attn_jax import models
+from attn_jax.experiment import provenance
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('output_dir', '/tmp/bench_scan_compile', 'Where to write JSON and PNG.')
@@ -165,7 +166,8 @@ def main(argv):
             f"{t['lower_s']:>8.2f} {t['compile_s']:>9.2f} {t['total_s']:>8.2f} {ratio:>13}")
   os.makedirs(FLAGS.output_dir, exist_ok=True)
   with open(json_path, 'w') as f:
-    json.dump(dict(config=dict(variant=FLAGS.variant, seq_len=FLAGS.seq_len, batch=FLAGS.batch,
+    json.dump(dict(provenance=provenance.collect(),
+                   config=dict(variant=FLAGS.variant, seq_len=FLAGS.seq_len, batch=FLAGS.batch,
                                repeats=FLAGS.repeats, train_step=FLAGS.train_step,
                                backend=jax.default_backend(),
                                jax=jax.__version__), results=rows), f, indent=2)

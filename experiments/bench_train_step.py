@@ -35,7 +35,7 @@ import optax  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from attn_jax import ops  # noqa: E402
-from attn_jax.experiment import tasks  # noqa: E402
+from attn_jax.experiment import provenance, tasks  # noqa: E402
 from attn_jax.train import losses, optim, throughput  # noqa: E402
 from attn_jax.train import state as state_lib  # noqa: E402
 from attn_jax.train import step as step_lib  # noqa: E402
@@ -197,17 +197,6 @@ def model_flops_per_step(cfg, batch) -> float:
   return 3.0 * (enc + dec + logits)
 
 
-def _cpu_name() -> str:
-  try:
-    with open('/proc/cpuinfo', encoding='utf-8') as f:
-      for line in f:
-        if line.startswith('model name'):
-          return line.split(':', 1)[1].strip()
-  except OSError:
-    pass
-  return 'unknown CPU'
-
-
 def main(argv):
   del argv
   config = translation.get_config(FLAGS.config_arg)
@@ -254,7 +243,7 @@ def main(argv):
   allocator = os.environ.get('LD_PRELOAD', '') or 'system malloc'
   print(f'train step, batch {FLAGS.batch} x ({FLAGS.length} + {FLAGS.length}) tokens, '
         f'{tokens_per_step:.0f} real tokens/step; matmul ceiling {ceiling:.0f} GFLOP/s; '
-        f'{_cpu_name()}; allocator: {allocator}')
+        f'{provenance.cpu_model()}; allocator: {allocator}')
   print(f"{'':>20} {'params':>10} {'step ms':>9} {'tokens/s':>10} {'GFLOP/s':>8} {'util':>6}")
   for name, r in results.items():
     print(f"{name:>20} {r['params']:>10} {1e3 * r['median_step_s']:>9.1f} "
@@ -263,7 +252,7 @@ def main(argv):
   os.makedirs(FLAGS.output_dir, exist_ok=True)
   name = 'train_step_tcmalloc.json' if 'tcmalloc' in allocator else 'train_step_malloc.json'
   with open(os.path.join(FLAGS.output_dir, name), 'w') as f:
-    json.dump(dict(machine=_cpu_name(), cores=os.cpu_count(), allocator=allocator,
+    json.dump(dict(provenance=provenance.collect(), allocator=allocator,
                    batch=FLAGS.batch, length=FLAGS.length, vocab=FLAGS.vocab,
                    matmul_gflops=ceiling, model_flops_per_step=flops,
                    real_tokens_per_step=tokens_per_step, results=results, ratio=ratio), f,

@@ -32,7 +32,7 @@ import ml_collections
 
 from attn_jax import data as data_lib
 from attn_jax.data import config as data_config
-from attn_jax.experiment import evaluation, inference, plots
+from attn_jax.experiment import evaluation, inference, plots, provenance
 from attn_jax.experiment import run as run_lib
 from attn_jax.experiment import workdir as workdir_lib
 from attn_jax.train import state as state_lib
@@ -179,7 +179,8 @@ def write_outputs(results: Mapping[str, Mapping[str, Any]], out_dir: str | os.Pa
   md = markdown_tables(results, labels)  # Checks the models share one test set.
   first = next(iter(results.values()))
   paths = {s: out / f'{OUTPUT_STEM}.{s}' for s in ('json', 'md', 'csv', 'png')}
-  summary = {'train_length': first['train_length'], 'test_length': first['test_length'],
+  summary = {'provenance': provenance.collect(),
+             'train_length': first['train_length'], 'test_length': first['test_length'],
              'labels': labels, 'commands': list(commands), 'models': dict(results)}
   paths['json'].write_text(json.dumps(summary, indent=1) + '\n', encoding='utf-8')
   paths['md'].write_text(md, encoding='utf-8')

@@ -83,7 +83,7 @@ def test_bench_context_parallel_memory_falls_with_devices(tmp_path):
       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stdout + proc.stderr
   result = json.loads((tmp_path / 'context_parallel_memory.json').read_text())
-  assert result['provenance']['git_revision'] and result['provenance']['jax']
+  assert result['provenance']['git_revision'] and result['provenance']['versions']['jax']
   temp = {(r['strategy'], r['devices']): r['temp_bytes'] for r in result['results']}
   assert set(temp) == {('unsharded', 1), ('ring', 2), ('ring', 4)}
   assert 0.4 < temp[('ring', 4)] / temp[('ring', 2)] < 0.6, temp
