@@ -15,6 +15,7 @@ import math
 import os
 import pathlib
 import re
+import sys
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
@@ -238,7 +239,8 @@ class MetricWriter:
     if tensorboard:
       from tensorboardX import SummaryWriter
       self._tb = SummaryWriter(logdir=str(self.path.parent / TB_DIR))
-    if progress:
+    # A bar only where someone watches: in a log file (a sweep's) it is thousands of redraws.
+    if progress and sys.stderr.isatty():
       self._bar = ProgressBar(total_steps=total_steps, start_step=start_step,
                               budget_minutes=budget_minutes, spent_minutes=spent_minutes)
 
