@@ -1,0 +1,216 @@
+r"""Writes the results tables of README.md and docs/ from the figure files they come from.
+
+  python experiments/figure_tables.py           # rewrite every table in place
+  python experiments/figure_tables.py --check   # exit 1 naming each table that differs
+
+A table lives in any markdown file of the repository between two markers,
+
+  <!-- table:NAME -->
+  ...generated...
+  <!-- /table:NAME -->
+
+and NAME is a renderer below, each reading one JSON file under `experiments/figures/` (which
+must carry its provenance record, `attn_jax.experiment.provenance`) and writing a line that
+says where the numbers came from (revision, date, machine, versions) and the table. Prose
+never restates a number the script does not write. `tests/test_figure_tables.py` runs
+`--check`, so a committed table cannot drift from its JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import re
+import sys
+from collections.abc import Callable
+from typing import Any
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+FIGURES = ROOT / 'experiments' / 'figures'
+MARKER = re.compile(r'(<!-- table:([\w-]+) -->\n)(.*?)(<!-- /table:\2 -->)', re.S)
+PAGES = ('README.md', 'docs/**/*.md')
+
+
+def _source(name: str, record: dict[str, Any]) -> str:
+  p = record['provenance']
+  machine = p['machine']
+  where = machine.get('device') or machine.get('cpu', '?')
+  versions = ', '.join(f'{k} {v}' for k, v in p['versions'].items() if v and k != 'python')
+  dirty = ' (uncommitted changes)' if p.get('git_dirty') else ''
+  note = ' Provenance recorded after the fact from git history.' if p.get('note', '').startswith(
+      'recorded after') else ''
+  return (f"*From `experiments/figures/{name}`: revision `{str(p['git_revision'])[:9]}`{dirty}, "
+          f"{str(p['date'])[:10]}, {where}, {machine.get('cores', '?')} cores"
+          f"{', ' + versions if versions else ''}.{note}*")
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+  lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
+  lines += ['| ' + ' | '.join(str(c) for c in row) + ' |' for row in rows]
+  return '\n'.join(lines)
+
+
+def _x(value: float, digits: int = 2) -> str:
+  return f'{value:.{digits}f}x'
+
+
+# --- Renderers: record -> markdown table ------------------------------------------------------
+
+
+def train_step(r: dict) -> str:
+  names = {'attn_jax': 'attn_jax', 'attn_jax_no_pad_skip': 'attn_jax, padding computed',
+           'flax_linen': 'flax.linen modules'}
+  rows = [[names.get(k, k), f"{v['params']:,}", f"{v['median_step_s']:.2f} s",
+           f"{v['tokens_per_s']:,.0f}", f"{v['model_gflops']:.1f}", f"{v['utilisation']:.0%}"]
+          for k, v in r['results'].items()]
+  return (_table(['model', 'parameters', 'step', 'real tokens/s', 'model GFLOP/s',
+                  'of the matmul rate'], rows)
+          + f"\n\nattn_jax / flax.linen: **{_x(r['ratio'])}**; matmul rate "
+            f"{r['matmul_gflops']:.0f} GFLOP/s; {r['real_tokens_per_step']:,} real tokens of "
+            f"{r['batch']} x {r['length']} per step.")
+
+
+def decode_speed(r: dict) -> str:
+  lm = _table(['generated tokens', 'KV cache tok/s', 'recompute tok/s', 'speed-up', 'same tokens'],
+              [[d['tokens'], f"{d['cache_tok_s']:,.0f}", f"{d['recompute_tok_s']:,.0f}",
+                _x(d['speedup'], 1), d['same_tokens']] for d in r['decoder_lm']])
+  cross = _table(['search', 'cross K/V cached tok/s', 'projected every step', 'speed-up'],
+                 [[c['method'], f"{c['cached_cross_tok_s']:,.0f}",
+                   f"{c['recomputed_cross_tok_s']:,.0f}", _x(c['speedup'])]
+                  for c in r['encoder_decoder_cross']])
+  return lm + '\n\n' + cross
+
+
+def beam_speed(r: dict) -> str:
+  rows = [[b['path'], f"{b['steady_sent_s']:.2f}", _x(b['speedup_steady']),
+           f"{b['first_pass_sent_s']:.2f}", _x(b['speedup_first_pass']), b['outputs_differing']]
+          for b in r['rows']]
+  return _table(['path', 'steady sent/s', 'vs baseline', 'first pass sent/s', 'vs baseline',
+                 'outputs differing'], rows)
+
+
+def budget_translation(r: dict) -> str:
+  rows = [[b['name'], b['steps'], f"{b['test']['bleu']:.2f}", f"{b['test']['chrf']:.1f}"]
+          for b in r['rows'] if b.get('test')]
+  return _table(['run', 'steps', 'test BLEU', 'test chrF'], rows) + f"\n\n{r['corpus']}."
+
+
+def context_parallel_memory(r: dict) -> str:
+  rows = [[x['strategy'], x['kv_heads'], x['devices'], f"{x['temp_bytes'] / 2**20:.1f}",
+           f"{x['argument_bytes'] / 2**20:.1f}"] for x in r['results']]
+  c = r['config']
+  return (_table(['strategy', 'K/V heads', 'devices', 'temporaries MiB / device',
+                  'arguments MiB / device'], rows)
+          + f"\n\n{c['length']:,} tokens, {c['heads']} heads x {c['head_dim']}, {c['dtype']}, "
+            f"{c['mask']}, {c['layout']} layout, {c['program']} (compiled, not run).")
+
+
+def decode_window(r: dict) -> str:
+  s = r['settings']
+  rows = [[x['pattern'], f"{x['ms_per_step']:.2f}", f"{x['tokens_per_second']:,.0f}",
+           f"{x['cache_bytes'] / 2**20:.1f}", f"{x['step_ratio']:.3f}", f"{x['cache_ratio']:.3f}"]
+          for x in r['rows']]
+  return (_table(['layers', 'ms / step', 'tokens/s', 'cache MiB', 'step vs all-global',
+                  'cache vs all-global'], rows)
+          + f"\n\nDecoderLM of {s['layers']} layers, d_model {s['d_model']}, {s['heads']} heads, "
+            f"after a {s['context']:,}-token prompt, window {s['window']}.")
+
+
+def context_extension(r: dict) -> str:
+  lengths = r['lengths']
+  by = {(s['method'], s['length']): s for s in r['summary']}
+  methods = list(dict.fromkeys(s['method'] for s in r['summary']))
+  rows = []
+  for method in methods:
+    positional = next(s['positional'] for s in r['summary'] if s['method'] == method)
+    plain = {'rope': 'RoPE', 'alibi': 'ALiBi', 'nope': 'NoPE'}[positional]
+    cells = []
+    for n in lengths:
+      s = by.get((method, n)) or by.get((plain, n))
+      cells.append('-' if s is None else f"{s['bits_per_char']:.3f} ± {s['ci95']:.3f}")
+    rows.append([method] + cells)
+  seeds = max(s['seeds'] for s in r['summary'])
+  return (_table(['bits per character'] + [f'{n} chars' for n in lengths], rows)
+          + f"\n\nMean ± 95% t-interval over {seeds} seeds; trained on {r['train_length']}-"
+            'character rows; scalings applied at evaluation only.')
+
+
+def scan_compile(r: dict) -> str:
+  rows = [[x['num_layers'], x['remat'], f"{x['scan']['total_s']:.1f}",
+           f"{x['unrolled']['total_s']:.1f}", _x(x['unrolled_over_scan'], 1)]
+          for x in r['results']]
+  c = r['config']
+  return (_table(['layers', 'remat', 'scan s', 'unrolled s', 'unrolled / scan'], rows)
+          + f"\n\nTrace + lower + compile of a `{c['variant']}` DecoderLM's "
+            f"{'AdamW train step' if c.get('train_step') else 'forward+backward'}, batch "
+            f"{c['batch']} x {c['seq_len']}.")
+
+
+def image_classification(r: dict) -> str:
+  rows = [[x['name'], x['model']['positional'], x['model']['pooling'], x['seed'], x['steps'],
+           f"{x['minutes']:.1f}", f"{x['final']['test/accuracy']:.1%}",
+           f"{x['final']['validation/accuracy']:.1%}"] for x in r['runs']]
+  return _table(['run', 'positions', 'pooling', 'seed', 'steps', 'minutes', 'test accuracy',
+                 'validation accuracy'], rows)
+
+
+RENDERERS: dict[str, tuple[str, Callable[[dict], str]]] = {
+    'train_step': ('train_step_malloc.json', train_step),
+    'decode_speed': ('decode_speed.json', decode_speed),
+    'beam_speed': ('beam_speed.json', beam_speed),
+    'budget_translation': ('budget_translation.json', budget_translation),
+    'context_parallel_memory': ('context_parallel_memory.json', context_parallel_memory),
+    'decode_window': ('decode_window.json', decode_window),
+    'context_extension': ('context_extension.json', context_extension),
+    'scan_compile': ('scan_compile_train_step.json', scan_compile),
+    'image_classification': ('image_classification.json', image_classification),
+}
+
+
+def render(name: str) -> str:
+  """The generated block of table `name` (source line + table), from its figure file."""
+  from attn_jax.experiment import provenance
+
+  if name not in RENDERERS:
+    raise ValueError(f'no renderer for table {name!r}; known: {sorted(RENDERERS)}')
+  filename, fn = RENDERERS[name]
+  path = FIGURES / filename
+  if not path.exists():
+    return f'*Not yet measured: `experiments/figures/{filename}` does not exist.*\n'
+  record = json.loads(path.read_text())
+  provenance.check(record.get('provenance'), str(path))
+  return f'{_source(filename, record)}\n\n{fn(record)}\n'
+
+
+def pages() -> list[pathlib.Path]:
+  return sorted({p for pattern in PAGES for p in ROOT.glob(pattern)})
+
+
+def update(text: str) -> str:
+  return MARKER.sub(lambda m: m.group(1) + render(m.group(2)) + m.group(4), text)
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--check', action='store_true', help='report tables that differ; write '
+                      'nothing')
+  args = parser.parse_args(argv)
+  stale = []
+  for page in pages():
+    text = page.read_text(encoding='utf-8')
+    new = update(text)
+    if new != text:
+      stale.append(str(page.relative_to(ROOT)))
+      if not args.check:
+        page.write_text(new, encoding='utf-8')
+  if args.check and stale:
+    print('tables differ from their figure files in: ' + ', '.join(stale) +
+          ' (run python experiments/figure_tables.py)', file=sys.stderr)
+    return 1
+  print(('checked' if args.check else 'wrote') + f' the tables of {len(pages())} pages')
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
