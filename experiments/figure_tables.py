@@ -97,13 +97,19 @@ def budget_translation(r: dict) -> str:
 
 
 def context_parallel_memory(r: dict) -> str:
-  rows = [[x['strategy'], x['kv_heads'], x['devices'], f"{x['temp_bytes'] / 2**20:.1f}",
-           f"{x['argument_bytes'] / 2**20:.1f}"] for x in r['results']]
+  devices = sorted({x['devices'] for x in r['results']})
+  cells = {(x['strategy'], x['kv_heads'], x['devices']): x['temp_bytes'] / 2**20
+           for x in r['results']}
+  rows = []
+  for strategy, kv in dict.fromkeys((x['strategy'], x['kv_heads']) for x in r['results']):
+    rows.append([strategy, kv] + [f'{cells[(strategy, kv, d)]:.1f}' if (strategy, kv, d) in cells
+                                  else '-' for d in devices])
   c = r['config']
-  return (_table(['strategy', 'K/V heads', 'devices', 'temporaries MiB / device',
-                  'arguments MiB / device'], rows)
-          + f"\n\n{c['length']:,} tokens, {c['heads']} heads x {c['head_dim']}, {c['dtype']}, "
-            f"{c['mask']}, {c['layout']} layout, {c['program']} (compiled, not run).")
+  return (_table(['strategy', 'K/V heads'] + [f'{d} device{"s" * (d > 1)}' for d in devices],
+                 rows)
+          + f"\n\nCompiled temporaries per device, MiB: {c['length']:,} tokens, {c['heads']} "
+            f"heads x {c['head_dim']}, {c['dtype']}, {c['mask']}, {c['layout']} layout, "
+            f"{c['program']} (compiled, not run).")
 
 
 def decode_window(r: dict) -> str:
