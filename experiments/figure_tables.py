@@ -161,7 +161,80 @@ def image_classification(r: dict) -> str:
                  'validation accuracy'], rows)
 
 
+def _cell(row: dict | None) -> str:
+  if row is None:
+    return '-'
+  if row['status'] != 'ok':
+    return row['status']
+  peak = f" ({row['peak_rss_gib']:.2f} GiB)" if row.get('peak_rss_gib') else ''
+  return f"{row['median_s']:.3g} s{peak}"
+
+
+def attention_kernels(r: dict) -> str:
+  """Forward+backward seconds (peak memory) per implementation and length, causal and not."""
+  impls = list(dict.fromkeys(x['impl'] for x in r['rows']))
+  rows_by = {(x['impl'], x['length'], x['causal']): x for x in r['rows'] if x['backward']}
+  keys = sorted({(x['length'], x['causal']) for x in r['rows'] if x['backward']})
+  rows = [[f'{n:,}', 'yes' if causal else 'no'] + [_cell(rows_by.get((i, n, causal)))
+                                                    for i in impls] for n, causal in keys]
+  return (_table(['tokens', 'causal'] + impls, rows)
+          + f"\n\nForward+backward, batch {r['batch']}, {r['heads']} heads x {r['head_dim']}, "
+            f"float32; median seconds (peak RSS of the case's process); matmul ceiling "
+            f"{r['matmul_gflops']:.0f} GFLOP/s.")
+
+
+def attention_patterns(r: dict) -> str:
+  """attn_jax's forward+backward time per pattern and length, and its ratio to the pattern
+  without the feature (causal; full for documents)."""
+  reference = {'causal_mod': 'causal', 'window': 'causal', 'softcap': 'causal',
+               'documents': 'full'}
+  ours = {(x['pattern'], x['length']): x for x in r['rows']
+          if x['impl'] == 'attn_blockwise' and x['backward'] and x['status'] == 'ok'}
+  lengths = sorted({n for _, n in ours})
+  rows = []
+  for pattern in dict.fromkeys(p for p, _ in ours):
+    cells = []
+    for n in lengths:
+      x, ref = ours.get((pattern, n)), ours.get((reference.get(pattern, ''), n))
+      ratio = f" ({x['median_s'] / ref['median_s']:.3f} of {reference[pattern]})" if (
+          x and ref) else ''
+      cells.append('-' if x is None else f"{x['median_s']:.3g} s{ratio}")
+    rows.append([pattern] + cells)
+  return (_table(['pattern'] + [f'{n:,} tokens' for n in lengths], rows)
+          + f"\n\nattn_jax blockwise, forward+backward, batch {r['batch']}, {r['heads']} heads x "
+            f"{r['head_dim']}, float32; window {r['window']}, soft-cap {r['soft_cap']}, "
+            f"{r['documents']} documents.")
+
+
+def length_study(r: dict) -> str:
+  rows = [[r['labels'].get(name, name)]
+          + [f"{m[part][key]:.3f}" for part in ('in_range', 'out_of_range')
+             for key in ('sequence_accuracy', 'token_accuracy')] + [m['step']]
+          for name, m in r['models'].items()]
+  lo, hi = r['train_length']
+  return _table(['model', f'exact match, {lo}-{hi}', f'token accuracy, {lo}-{hi}',
+                 f'exact match, > {hi}', f'token accuracy, > {hi}', 'steps'], rows)
+
+
+def ablation(r: dict) -> str:
+  """Mean over seeds per variant and task metric (with the spread the record gives)."""
+  columns = [(task, name) for task, metrics in r['metrics'].items() for name in metrics]
+  rows = []
+  for variant, tasks in r['aggregate'].items():
+    cells = []
+    for task, name in columns:
+      m = tasks.get(task, {}).get('metrics', {}).get(name)
+      cells.append('-' if m is None else f"{m['mean']:.3f} ± {m['spread']:.3f}")
+    rows.append([r['labels'].get(variant, variant)] + cells)
+  return (_table(['variant'] + [f'{t}: {n}' for t, n in columns], rows)
+          + '\n\nMean over seeds ± half their range.')
+
+
 RENDERERS: dict[str, tuple[str, Callable[[dict], str]]] = {
+    'attention_kernels': ('attention_bench.json', attention_kernels),
+    'attention_patterns': ('patterns.json', attention_patterns),
+    'length_study': ('length_study.json', length_study),
+    'ablation': ('ablation.json', ablation),
     'train_step': ('train_step_malloc.json', train_step),
     'decode_speed': ('decode_speed.json', decode_speed),
     'beam_speed': ('beam_speed.json', beam_speed),

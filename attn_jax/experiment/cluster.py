@@ -1,7 +1,7 @@
 """Sweeps on a cluster: a config's `sweep()` as one SLURM job array, through submitit.
 
     python experiments/sweep.py --config configs/ablation.py --base_workdir /shared/ablation \
-        --launcher=slurm --cluster.partition=gpu --cluster.gpus_per_node=1
+        --launcher=slurm --cluster partition=gpu --cluster gpus_per_node=1
 
 Each unfinished entry of the sweep becomes one task of a job array (`submitit`, the scheduler
 library of the FAIR codebases; no launcher of ours): the task runs the same training command
@@ -15,7 +15,8 @@ the local runner runs (`sweep.train_command`), in `BASE/<name>`, with its output
 - when every task has ended, the summary (`BASE/summary.{csv,md}`) is written.
 
 The executor settings come from the config file (a `cluster()` function beside `sweep()`
-returning `ClusterSettings` fields) and the command line (`--cluster.<field>=...`, which win).
+returning `ClusterSettings` fields) and the command line (`--cluster <field>=<value>`, which
+win).
 `launcher='local'` runs the same array through submitit's local executor (processes on this
 machine): what the tests use, and a way to try a sweep before a cluster does.
 """
@@ -79,7 +80,7 @@ class ClusterSettings:
 
 def settings(config_module: Any, overrides: Mapping[str, Any]) -> ClusterSettings:
   """`ClusterSettings` from the config module's `cluster()` (if it has one), then `overrides`
-  (the command line's `--cluster.<field>`); unknown fields raise, naming them."""
+  (the command line's `--cluster <field>=<value>`); unknown fields raise, naming them."""
   fields = {f.name: f for f in dataclasses.fields(ClusterSettings)}
   values: dict[str, Any] = {}
   for where, given in (('cluster()', getattr(config_module, 'cluster', dict)()),

@@ -153,8 +153,9 @@ class AttentionConfig:
   `TransformerConfig.attention` holds one; `MultiHeadAttention(config)` takes it whole. What
   differs between the layers of a model (causal or not, self or cross, local or global, which
   positions) the model decides per layer (`transformer.layer_attention`); the options below
-  are the same for every layer. Options that shape the logits (windows, mask/score functions,
-  modifiers, sinks, soft-cap) apply to self-attention; cross-attention keeps the logits plain.
+  are the same for every layer. Windows, mask and score functions, learned modifiers, shared-QK
+  and backward aggregation apply to self-attention only (`for_cross()` drops them); soft-cap,
+  sinks and QK-norm apply to cross-attention too.
 
   Mask and score functions and learned modifiers are chosen by name (see
   `attn_jax.models.modifiers`): a key of its registries, `'package.module:function'`, or

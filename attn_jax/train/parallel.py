@@ -4,10 +4,11 @@ Two ways to run `step(state, batch) -> (state, metrics)` (from `step.make_train_
 
 - `pmap_train_step`: replicated state, batch reshaped to `[devices, per_device, ...]`,
   gradients, counts and metrics `psum`med over the device axis inside the step.
-- `sharded_train_step`: `jax.jit` over a `Mesh` with axes `('data', 'fsdp', 'tensor')`;
-  the batch is split over `data` x `fsdp`, params are sharded by their flax logical axis
-  names (`nn.with_logical_partitioning`) mapped to mesh axes by rules from the config. XLA
-  inserts the collectives; the step itself is the single-device function.
+- `sharded_train_step`: `jax.jit` over a `Mesh` with axes `('data', 'fsdp', 'sequence',
+  'tensor')`; the batch is split over `data` x `fsdp` (and its length over `sequence`: context
+  parallelism, which the models turn into ring attention), params are sharded by their flax
+  logical axis names (`nn.with_logical_partitioning`) mapped to mesh axes by rules from the
+  config. XLA inserts the collectives; the step itself is the single-device function.
 
 Multi-host: `initialize_distributed` starts JAX's runtime from the config or environment;
 `global_batch` turns each process's local rows into one global array; only process 0 writes.
