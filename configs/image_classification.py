@@ -31,7 +31,7 @@ POSITIONALS = ('rope_2d', 'learned', 'sinusoidal_2d', 'none')
 POOLINGS = ('mean', 'cls')
 # Per dataset: the ViT size, its patch, training steps, batch, learning rate.
 SETTINGS = {
-    'digits': dict(variant='tiny', patch_size=2, steps=3_000, batch=64, lr=2e-3),
+    'digits': dict(variant='tiny', patch_size=2, steps=5_000, batch=64, lr=2e-3),
     'mnist': dict(variant='tiny', patch_size=4, steps=10_000, batch=128, lr=1e-3),
     'cifar10': dict(variant='small', patch_size=4, steps=50_000, batch=128, lr=5e-4),
 }
@@ -56,6 +56,7 @@ def get_config(arg: str | None = None):
   c.optim.schedule = 'warmup_cosine'
   c.optim.warmup_steps = 200
   c.optim.weight_decay = 0.05
+  c.loss.label_smoothing = 0.1
   c.train.num_steps = s['steps']
   c.train.log_every = 250
   c.train.eval_every = 500
