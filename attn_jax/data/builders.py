@@ -28,6 +28,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 from attn_jax.data import algorithmic, digits, listops
+from attn_jax.data.formats import format_of
 
 SPLITS = ('train', 'validation', 'test')
 
@@ -135,14 +136,10 @@ class AttnJaxLocalCorpus(_ParamsBuilder):
     super().__init__(config=config, **kwargs)
 
   def _info(self):
-    task = self._corpus_info['task']
-    if task == 'seq2seq':
-      features = {'source': tfds.features.Text(), 'target': tfds.features.Text()}
-    elif task == 'classification':
-      features = {'text': tfds.features.Text(),
-                  'label': tfds.features.ClassLabel(names=self._corpus_info['label_names'])}
-    else:
-      features = {'text': tfds.features.Text()}
+    fmt = format_of(self._corpus_info['task'])
+    features = {f: tfds.features.Text() for f in fmt.fields}
+    if fmt.labeled:
+      features['label'] = tfds.features.ClassLabel(names=self._corpus_info['label_names'])
     return self.dataset_info_from_configs(features=tfds.features.FeaturesDict(features),
                                           description='User corpus converted by attn_jax.data.')
 

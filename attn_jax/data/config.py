@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from attn_jax.data import algorithmic, images, named
+from attn_jax.data import algorithmic, formats, images, named
 
 GENERATED = algorithmic.ALGORITHMIC_TASKS + ('listops',)
 DATASET_NAMES = GENERATED + ('local',) + named.NAMED_DATASETS + images.IMAGE_DATASETS
@@ -117,7 +117,7 @@ def static_meta(cfg) -> dict:
   """What the data fixes before anything is loaded: its task, and for images their shape and
   classes (so a model can be checked against the data before any data is read)."""
   task = task_of(cfg)
-  if task == images.TASK:
+  if formats.format_of(task).images:
     spec = images.spec_for(cfg.name)
     return {'task': task, 'image_shape': spec.shape, 'num_classes': spec.num_classes}
   return {'task': task}
@@ -136,7 +136,7 @@ def validate_config(cfg, process_count: int = 1) -> None:
   if cfg.name not in DATASET_NAMES and not named.is_named(cfg.name):
     raise ValueError(f'data.name={cfg.name!r}; allowed: {DATASET_NAMES}.')
   task = task_of(cfg)
-  if task == images.TASK:  # no tokens: none of the tokenizer, length or packing rules apply
+  if formats.format_of(task).images:  # no tokens: no tokenizer, length or packing rule applies
     images.validate_config(cfg)
     _positive(cfg, 'batch_size', 'eval_batch_size', 'read_threads')
     _check_counts(cfg, process_count)
@@ -156,10 +156,11 @@ def validate_config(cfg, process_count: int = 1) -> None:
                      f'{tokenizers.SENTENCEPIECE_MODEL_TYPES}.')
   if cfg.batching not in batching.BATCHING_MODES:
     raise ValueError(f'data.batching={cfg.batching!r}; allowed: {batching.BATCHING_MODES}.')
-  if cfg.batching == 'concat' and task != 'lm':
+  fmt = formats.format_of(task)
+  if cfg.batching == 'concat' and not fmt.lm:
     raise ValueError(f"data.batching='concat' is for language modelling, not {task}.")
-  if cfg.batching == 'pack' and task == 'classification':
-    raise ValueError("data.batching='pack' is not supported for classification (one label per "
+  if cfg.batching == 'pack' and fmt.labeled:
+    raise ValueError(f"data.batching='pack' is not supported for {task} (one label per "
                      "row); use 'pad' or 'bucket'.")
   for n in ('length_policy', 'eval_length_policy'):
     if cfg[n] not in batching.LENGTH_POLICIES:
@@ -188,7 +189,7 @@ def _validate_max_tokens(cfg, task: str, process_count: int) -> None:
   if not max_tokens:
     return
   widest = cfg.max_length
-  if task == 'seq2seq':
+  if formats.format_of(task).paired:
     widest = max(widest, cfg.max_target_length or cfg.max_length)
   per_process = max_tokens // process_count
   if per_process < widest:

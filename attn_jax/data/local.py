@@ -33,8 +33,9 @@ import os
 import numpy as np
 
 from attn_jax.data import builders
+from attn_jax.data.formats import TEXT_TASKS, format_of
 
-LOCAL_TASKS = ('seq2seq', 'classification', 'lm')
+LOCAL_TASKS = TEXT_TASKS  # what your files may hold (attn_jax.data.formats)
 LM_DOCUMENTS = ('line', 'paragraph', 'file')
 BAD_LINE_POLICIES = ('error', 'skip')
 FILE_SPLITS = ('train', 'validation', 'test')
@@ -205,7 +206,7 @@ def validate_config(cfg) -> None:
 
 
 def _files_of(cfg, path: str) -> list[str]:
-  if cfg.task == 'seq2seq' and cfg.source_suffix:
+  if format_of(cfg.task).paired and cfg.source_suffix:
     return [f'{path}.{cfg.source_suffix}', f'{path}.{cfg.target_suffix}']
   return [path]
 
@@ -225,8 +226,8 @@ def read_corpus(cfg, seed: int) -> tuple[dict[str, list[dict]], list[str], dict]
   """Reads and validates the files: (examples per split, label names, problem counts)."""
   validate_config(cfg)
   problems = _Problems(cfg.on_bad_line)
-  reader = {'seq2seq': _read_parallel, 'classification': _read_labeled,
-            'lm': _read_plain}[cfg.task]
+  fmt = format_of(cfg.task)
+  reader = _read_parallel if fmt.paired else _read_labeled if fmt.labeled else _read_plain
   splits = {s: reader(cfg, cfg[s], problems) for s in FILE_SPLITS if cfg[s]}
   if not splits['train']:
     raise ValueError(f'local.train={cfg.train!r} holds no usable example.')
@@ -245,7 +246,7 @@ def read_corpus(cfg, seed: int) -> tuple[dict[str, list[dict]], list[str], dict]
       start += n
     splits['train'] = [train[i] for i in sorted(order[start:])]
   label_names: list[str] = []
-  if cfg.task == 'classification':
+  if fmt.labeled:
     # Labels are named by the training file (all of it when eval splits are cut from it).
     source = splits['train'] + [e for s in wanted for e in splits.get(s, [])]
     names = sorted({e['label'] for e in source})

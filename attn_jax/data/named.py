@@ -18,6 +18,8 @@ import dataclasses
 import importlib.util
 import re
 
+from attn_jax.data.formats import format_of
+
 NAMED_DATASETS = ('wmt14_translate/de-en', 'wmt17_translate/de-en', 'imdb_reviews',
                   'ag_news_subset', 'lm1b', 'tiny_shakespeare')
 _WMT = re.compile(r'^(wmt\d\d_translate)/([a-z]{2})-([a-z]{2})$')
@@ -80,13 +82,13 @@ class Canonicalize:
     self.spec = spec
 
   def __call__(self, record: dict) -> dict:
-    s = self.spec
-    if s.task == 'seq2seq':
+    s, fmt = self.spec, format_of(self.spec.task)
+    if fmt.paired:
       return {'source': _text(record[s.fields[0]]), 'target': _text(record[s.fields[1]])}
-    text = ' '.join(_text(record[f]) for f in s.fields)
-    if s.task == 'classification':
-      return {'text': text, 'label': int(record[s.label])}
-    return {'text': text}
+    out = {'text': ' '.join(_text(record[f]) for f in s.fields)}
+    if fmt.labeled:
+      out['label'] = int(record[s.label])
+    return out
 
 
 def load_builder(name: str, data_dir: str | None):

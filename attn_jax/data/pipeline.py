@@ -30,7 +30,16 @@ from typing import Any
 import grain
 import numpy as np
 
-from attn_jax.data import algorithmic, batching, builders, images, local, named, tokenizers
+from attn_jax.data import (
+    algorithmic,
+    batching,
+    builders,
+    formats,
+    images,
+    local,
+    named,
+    tokenizers,
+)
 from attn_jax.data import config as config_lib
 from attn_jax.data import listops as listops_lib
 
@@ -93,11 +102,12 @@ class Encode:
     return np.append(ids.astype(np.int32), np.int32(tokenizers.EOS_ID))
 
   def __call__(self, ex: dict) -> dict[str, np.ndarray]:
-    if self.task == 'seq2seq':
+    fmt = formats.format_of(self.task)
+    if fmt.paired:
       return {'inputs': self._eos(self.inputs_tok.encode(ex['source'])),
               'targets': self._eos(self.targets_tok.encode(ex['target']))}
     out = {'inputs': self._eos(self.inputs_tok.encode(ex['text']))}
-    if self.task == 'classification':
+    if fmt.labeled:
       out['label'] = np.int32(ex['label'])
     return out
 
@@ -115,19 +125,17 @@ def _sources(cfg, data_dir: str):
     meta = {'num_classes': listops_lib.NUM_CLASSES, 'label_names': list(listops_lib.DIGITS)}
   elif cfg.name == 'local':
     b, info = local.prepare_corpus(cfg.local, data_dir, cfg.data_seed)
-    fields = {'seq2seq': {'source': 'source', 'target': 'target'},
-              'classification': {'text': 'text', 'label': 'label'},
-              'lm': {'text': 'text'}}[cfg.local.task]
-    canon, evals = _Canonical(fields), tuple(s for s in info['splits'] if s != 'train')
+    fmt = formats.format_of(cfg.local.task)
+    canon, evals = _Canonical(fmt.features()), tuple(s for s in info['splits'] if s != 'train')
     meta = {'skipped': info['skipped'], 'label_names': info['label_names']}
-    if cfg.local.task == 'classification':
+    if fmt.labeled:
       meta['num_classes'] = len(info['label_names'])
   else:
     spec = named.spec_for(cfg.name, reverse_translation=cfg.tfds.reverse_translation)
     b = named.load_builder(cfg.name, data_dir)
     canon, evals = named.Canonicalize(spec), spec.eval_splits
     meta = {}
-    if spec.task == 'classification':
+    if formats.format_of(spec.task).labeled:
       meta = {'num_classes': spec.num_classes,
               'label_names': list(b.info.features[spec.label].names)}
     if cfg.tfds.train_split:
@@ -161,7 +169,7 @@ def _default_kind(cfg, task: str) -> str:
     return 'word'
   if cfg.tokenizer.kind:
     return cfg.tokenizer.kind
-  if task == 'seq2seq' or cfg.name == 'lm1b':
+  if formats.format_of(task).paired or cfg.name == 'lm1b':
     return 'sentencepiece'
   return 'char' if cfg.name == 'tiny_shakespeare' else 'byte'
 
@@ -200,9 +208,9 @@ def _make_tokenizers(cfg, task: str, train_source, data_key: str, data_dir: str)
                                  'reverse': cfg.tfds.reverse_translation,
                                  'train_split': cfg.tfds.train_split})
   directory = os.path.join(data_dir, TOKENIZER_DIR, data_key, f'{kind}_{digest}')
-  fields = {'seq2seq': ('source', 'target')}.get(task, ('text',))
-  roles = {'joint': fields} if (task != 'seq2seq' or t.joint) else {
-      'inputs': ('source',), 'targets': ('target',)}
+  fmt = formats.format_of(task)
+  roles = {'joint': fmt.fields} if (not fmt.paired or t.joint) else {
+      'inputs': fmt.fields[:1], 'targets': fmt.fields[1:]}
   made, paths = {}, {}
   for role, role_fields in roles.items():
     path = os.path.join(directory, f'{role}_{tokenizers.tokenizer_filename(kind)}')
@@ -284,7 +292,7 @@ def _batches(ds: grain.MapDataset, cfg, *, train: bool, seed: int, encode: Encod
     # Every process runs the same number of eval steps: that of the largest shard.
     num_batches = math.ceil(math.ceil(total / process_count) / batch_size)
     template = {f: np.zeros((batch_size, b[0]), np.int32) for f, b in pad.boundaries.items()}
-    if encode.task == 'classification':
+    if formats.format_of(encode.task).labeled:
       template['label'] = np.zeros((batch_size,), np.int32)
     it = batching.FixedBatchCountIterDataset(it, num_batches=num_batches, template=template)
   return it, policy
@@ -340,7 +348,7 @@ def make_datasets(cfg, *, data_dir: str | None = None, seed: int = 0, process_in
     raise ValueError(f'process_index={process_index} not in [0, process_count={process_count}).')
   data_dir = os.path.expanduser(data_dir or '~/tensorflow_datasets')
   task = config_lib.task_of(cfg)
-  if task == images.TASK:
+  if formats.format_of(task).images:
     return _image_bundle(cfg, data_dir, seed=seed, process_index=process_index,
                          process_count=process_count)
   sources, meta = _sources(cfg, data_dir)
@@ -348,7 +356,7 @@ def make_datasets(cfg, *, data_dir: str | None = None, seed: int = 0, process_in
                                      meta['dataset_key'], data_dir)
   encode = Encode(task, toks['inputs'], toks['targets'])
   max_lengths = {'inputs': cfg.max_length}
-  if task == 'seq2seq':
+  if formats.format_of(task).paired:
     max_lengths['targets'] = cfg.max_target_length or cfg.max_length
   common = dict(encode=encode, max_lengths=max_lengths, process_index=process_index,
                 process_count=process_count)
