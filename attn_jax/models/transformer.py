@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from attn_jax import ops
-from attn_jax.models import decoding, names
+from attn_jax.models import decoding, names, value_residual
 from attn_jax.models.attention import MultiHeadAttention, partitioned
 from attn_jax.models.configs import IN_ATTENTION_POSITIONALS, AttentionConfig, TransformerConfig
 from attn_jax.models.layers import Dropout, Embedder, FeedForward, make_norm, shift_right
@@ -97,18 +97,47 @@ class _Block(nn.Module):
 
     return self.residual(x, feed_forward, 'mlp')
 
+  def self_attention(self, carry, attn, **kwargs):
+    """The self-attention sublayer on `carry`: the hidden states, or `(hidden, StackState)`
+    when a variant needs the layer's depth or the first layer's values (see
+    `value_residual`); returns the same structure, the state advanced past this layer."""
+    x, stack = carry if isinstance(carry, tuple) else (carry, None)
+    first = []
+
+    def sublayer(h):
+      if stack is None:
+        return attn(h, **kwargs)
+      out = attn(h, stack=stack, **kwargs)
+      if isinstance(out, tuple):  # value residual: the first layer's values come back
+        out, values = out
+        first.append(values)
+      return out
+
+    x = self.residual(x, sublayer, 'self')
+    if stack is None:
+      return x
+    return x, value_residual.advance(stack, first[0] if first else None)
+
+
+def _hidden(carry):
+  return carry[0] if isinstance(carry, tuple) else carry
+
+
+def _with_hidden(carry, x):
+  return (x, carry[1]) if isinstance(carry, tuple) else x
+
 
 class EncoderLayer(_Block):
-  """Bidirectional self-attention + FFN. `x` `[batch, length, d_model]` -> same shape."""
+  """Bidirectional self-attention + FFN. `carry`: `x` `[batch, length, d_model]` (or `(x,
+  StackState)`, see `_Block.self_attention`) -> the same structure."""
 
   @nn.compact
-  def __call__(self, x, mask, segment_ids, positions, needed=None):
+  def __call__(self, carry, mask, segment_ids, positions, needed=None):
     attn = _attention(self.config, causal=False, self_attention=True, name=names.ENCODER_SELF,
                       capture=self.capture, kind=self.kind)
-    x = self.residual(x, lambda h: attn(h, mask=mask, segment_ids=segment_ids,
-                                        positions=positions,
-                                        deterministic=self.deterministic), 'self')
-    return self.ffn(x, needed), None
+    carry = self.self_attention(carry, attn, mask=mask, segment_ids=segment_ids,
+                                positions=positions, deterministic=self.deterministic)
+    return _with_hidden(carry, self.ffn(_hidden(carry), needed)), None
 
 
 class DecoderLayer(_Block):
@@ -120,7 +149,7 @@ class DecoderLayer(_Block):
   cross: bool = False
 
   @nn.compact
-  def __call__(self, y, encoded, cross_mask, segment_ids, cross_segment_ids, positions,
+  def __call__(self, carry, encoded, cross_mask, segment_ids, cross_segment_ids, positions,
                needed=None):
     cfg = self.config
     if encoded is not None and not self.cross:
@@ -130,9 +159,9 @@ class DecoderLayer(_Block):
                        'after a prefill with encoded)')
     attn = _attention(cfg, causal=True, self_attention=True, name=names.DECODER_SELF,
                       capture=self.capture, kind=self.kind)
-    y = self.residual(y, lambda h: attn(h, segment_ids=segment_ids, positions=positions,
-                                        deterministic=self.deterministic,
-                                        decode=self.decode), 'self')
+    carry = self.self_attention(carry, attn, segment_ids=segment_ids, positions=positions,
+                                deterministic=self.deterministic, decode=self.decode)
+    y = _hidden(carry)
     if self.cross:
       cross = _attention(cfg, causal=False, self_attention=False, name=names.CROSS,
                          capture=self.capture)
@@ -140,12 +169,24 @@ class DecoderLayer(_Block):
                                            segment_ids=cross_segment_ids,
                                            deterministic=self.deterministic,
                                            decode=self.decode), 'cross')
-    return self.ffn(y, needed), None
+    return _with_hidden(carry, self.ffn(y, needed)), None
 
 
 def stack_layers(cfg: TransformerConfig, layer_cls, num_layers: int, x: jax.Array,
                  *args: Any, **attrs: Any) -> jax.Array:
-  """Applies `num_layers` layers, unrolled or under `nn.scan`; call from a compact method."""
+  """Applies `num_layers` layers, unrolled or under `nn.scan`; call from a compact method.
+
+  What flows from layer to layer is the hidden states, or `(hidden, StackState)` when the
+  attention needs each layer's depth or the first layer's values (`value_residual`): under
+  `nn.scan` the state is part of the scan carry (an int32 depth, the values from zeros).
+  """
+  stacked = cfg.scan_layers or cfg.share_layers
+  if value_residual.needs_stack_state(cfg.attention):
+    x = (x, value_residual.initial_state(cfg.attention, x, cfg.head_dim, scanned=stacked))
+  return _hidden(_stack(cfg, layer_cls, num_layers, x, *args, **attrs))
+
+
+def _stack(cfg: TransformerConfig, layer_cls, num_layers: int, x, *args: Any, **attrs: Any):
   cls = layer_cls
   if cfg.remat:
     # Under scan, CSE across iterations cannot happen, so skip the barrier (faster).
