@@ -97,6 +97,13 @@ class MultiHeadAttention(nn.Module):
   `[features, head_dim]` projection for all heads (Michel et al. 2019). `config.aggregation=
   'backward'`: `sum_i alpha_ij v_i` per key (`ops.backward_aggregation`), bidirectional
   self-attention only; a key padding mask then hides padding as queries too.
+
+  Variants, each in its own module, entered at one point (`_attend`, and the projections for
+  MLA): `config.kind='latent'` (`latent.py`: compressed keys/values under `latent/`, the
+  decode cache holds the latent and the shared RoPE key only), `kind='differential'`
+  (`differential.py`: two maps per head, its depth from `stack`), `config.talking_heads`,
+  `config.num_memory_kv` (`talking_heads.py`, `memory.py`), `config.output_gate`
+  (`gating.py`: a `gate` projection) and `config.value_residual` (`value_residual.py`).
   """
   config: AttentionConfig
   is_causal: bool = False
