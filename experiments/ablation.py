@@ -63,8 +63,9 @@ CACHE_DIR = 'jax_cache'
 SINGLE_THREAD_FLAG = '--xla_cpu_multi_thread_eigen=false'
 PHASES = ('tune', 'final')
 FIRST_TASKS = ('bible',)  # budgeted runs first in each job (see the module docstring)
-# A tuning run is scored on what chooses its rate only.
-SCORED_SPLITS = {'tune': ('validation',), 'final': ('validation', 'test')}
+# What `ablation_eval` scores per phase: a tuning run is chosen by its own final evaluation
+# (`TUNE_METRICS`), so it decodes nothing more.
+SCORED_SPLITS = {'tune': (), 'final': ('validation', 'test')}
 
 _CONFIG = flags.DEFINE_string('config', 'configs/ablation.py', 'The study config (get_config, '
                               'sweep, final_sweep, cells, STUDY_TASKS, VARIANTS, LABELS, '
@@ -140,7 +141,8 @@ def train_and_score(runs: Sequence[sweep.Run], *, config_path: str, base: pathli
     if statuses[run.name] != 'done':
       continue
     try:
-      ablation_eval.evaluate_run(workdir, splits)
+      if splits:
+        ablation_eval.evaluate_run(workdir, splits)
     except Exception:  # One run's evaluation must not stop the study; gather reports it.
       logging.exception('%s: the evaluation failed', run.name)
       continue
@@ -223,25 +225,25 @@ def gather(runs: Sequence[sweep.Run], base: pathlib.Path, module, phase: str
     keys = run_keys(run)
     workdir = base / run.name
     status = sweep.run_status(workdir)
+    done = workdir_lib.read_done(workdir) if status == 'done' else None
     evaluated = _evaluated(workdir) if status == 'done' else None
-    if status == 'done' and evaluated is None:
+    if phase == 'final' and status == 'done' and evaluated is None:
       status = 'unscored'
     values, errors, examples = ablation_report.scores_of(evaluated, module.METRICS[keys['task']])
-    split, score = module.TUNE_METRICS[keys['task']]
-    tune = (evaluated or {}).get('summary', {}).get(split, {}).get(score)
+    tune = (done or {}).get('final', {}).get(module.TUNE_METRICS[keys['task']][0])
     timing_path = workdir / TIMING_FILE
     timing = json.loads(timing_path.read_text()) if timing_path.exists() else {}
     history = read_metrics(workdir) if workdir.exists() else []
     cell = (keys['task'], keys['variant'])
-    if evaluated and params.get(cell) is None:  # every seed and rate builds the same model
+    if done and params.get(cell) is None:  # every seed and rate builds the same model
       params[cell] = num_params(workdir)
     records.append({
         'name': run.name, **keys, 'phase': phase, 'status': status,
-        'step': (evaluated or {}).get('step'), 'metrics': values, 'se': errors,
+        'step': (done or {}).get('step'), 'metrics': values, 'se': errors,
         'examples': examples, 'tune_score': tune,
-        'num_params': params.get(cell) if evaluated else None,
+        'num_params': params.get(cell) if done else None,
         'steps_per_second': _median_steps_per_second(history),
-        'train_steps': (evaluated or {}).get('step'),
+        'train_steps': (done or {}).get('step'),
         'wall_s': (timing['train_s'] + timing['eval_s']) if timing else None,
     })
   return records

@@ -67,19 +67,17 @@ def scores_of(evaluated: Mapping[str, Any] | None, metrics: Mapping[str, tuple[s
 def choose_learning_rates(records: Sequence[Mapping[str, Any]],
                           tune_metrics: Mapping[str, tuple[str, str]],
                           scales: Sequence[float]) -> tuple[dict[str, float], dict[str, Any]]:
-  """Each cell's rate: the scale whose tuning run scored best on its task's tuning metric (ties
-  and missing runs: the scale nearest 1). Returns `({'task/variant': scale}, {'task/variant':
-  {scale: score}})`."""
+  """Each cell's rate: the scale whose tuning run scored best (`record['tune_score']`, in the
+  direction 'max' or 'min' of its task's `tune_metrics` entry `(metric, direction)`); ties and
+  cells without a score: the scale nearest 1. Returns `({'task/variant': scale},
+  {'task/variant': {scale: score}})`."""
   tuning: dict[str, dict[str, float]] = {}
   for r in records:
-    split, score = tune_metrics[r['task']]
-    value = r.get('tune_score')
-    if value is not None:
-      tuning.setdefault(f"{r['task']}/{r['variant']}", {})[f"{r['lr']:g}"] = value
+    if r.get('tune_score') is not None:
+      tuning.setdefault(f"{r['task']}/{r['variant']}", {})[f"{r['lr']:g}"] = r['tune_score']
   choice = {}
   for cell, by_scale in tuning.items():
-    task = cell.split('/')[0]
-    sign = -1.0 if lower_is_better(tune_metrics[task][1]) else 1.0
+    sign = 1.0 if tune_metrics[cell.split('/')[0]][1] == 'max' else -1.0
     ranked = sorted(by_scale, key=lambda s: (-sign * by_scale[s], abs(np.log(float(s)))))
     choice[cell] = float(ranked[0])
   for cell in {f"{r['task']}/{r['variant']}" for r in records} - set(choice):
