@@ -10,9 +10,10 @@ skipped; an unfinished one resumes from its checkpoint; a crash is recorded and 
 on), `--jobs` processes at a time (default 2, one per core of a 2-core CPU: each runs XLA
 single-threaded, `--xla_cpu_multi_thread_eigen=false`):
 
-  1. tuning: `sweep()`, every task x variant at each learning-rate factor on the tuning seed;
-     then `--workdir/lr_choice.json`, each cell's best factor on its validation score;
-  2. final: `final_sweep(choice)`, every cell at its factor on the reported seeds.
+  1. tuning: `sweep()`, every variant of the tuning tasks (the config's `TUNE_ON`) at each
+     learning-rate factor on the tuning seed; then `--workdir/lr_choice.json`, each one's best
+     factor on its validation score;
+  2. final: `final_sweep(choice)`, every cell at its chosen factor on the reported seeds.
 
 After training, each run is scored in the job that trained it (`ablation_eval.evaluate_run`:
 whole eval splits, per example; cached in the run's workdir). The runs of one cell (and rate)
@@ -252,9 +253,13 @@ def gather(runs: Sequence[sweep.Run], base: pathlib.Path, module, phase: str
 # --- Entry point -----------------------------------------------------------------------------
 
 
-def _phase_runs(module, phase: str, base: pathlib.Path, config_path: str, common) -> list:
+def _phase_runs(module, phase: str, base: pathlib.Path, common) -> list[sweep.Run]:
+  """The selected runs of `phase` ('final' reads the learning rates chosen; 'tune' has the
+  runs of the tasks whose tuning chooses the selected tasks' rates)."""
+  tasks = _TASKS.value
   if phase == 'tune':
     entries = module.sweep()
+    tasks = tasks and sorted({module.TUNE_ON[t] for t in tasks})
   else:
     choice = json.loads((base / CHOICE_FILE).read_text(encoding='utf-8'))['choice']
     only = {f'{t}/{v}' for t, v in module.cells()
@@ -262,12 +267,12 @@ def _phase_runs(module, phase: str, base: pathlib.Path, config_path: str, common
             and (not _VARIANTS.value or v in _VARIANTS.value)}
     entries = module.final_sweep(choice, only)
   runs = sweep.parse_sweep(entries, get_config=module.get_config, common_overrides=common)
-  return select_runs(runs, tasks=_TASKS.value, variants=_VARIANTS.value, extra_arg=_ARG.value)
+  return select_runs(runs, tasks=tasks, variants=_VARIANTS.value, extra_arg=_ARG.value)
 
 
 def _train_phase(module, phase: str, base: pathlib.Path, config_path: str, common) -> None:
   jobs = max(1, _JOBS.value)
-  runs = _phase_runs(module, phase, base, config_path, common)
+  runs = _phase_runs(module, phase, base, common)
   if jobs == 1:
     train_and_score(runs, config_path=config_path, base=base,
                     train_script=_TRAIN_SCRIPT.value, common=common,
@@ -280,9 +285,9 @@ def _train_phase(module, phase: str, base: pathlib.Path, config_path: str, commo
     logging.warning('a job share exited with %d; going on with what finished', code)
 
 
-def _choose(module, base: pathlib.Path, config_path: str, common) -> dict[str, Any]:
+def _choose(module, base: pathlib.Path, common) -> dict[str, Any]:
   """Chooses each cell's rate from the tuning runs; writes and returns `lr_choice.json`."""
-  runs = _phase_runs(module, 'tune', base, config_path, common)
+  runs = _phase_runs(module, 'tune', base, common)
   records = gather(runs, base, module, 'tune')
   choice, tuning = ablation_report.choose_learning_rates(records, module.TUNE_METRICS,
                                                          module.LR_SCALES)
@@ -304,7 +309,7 @@ def main(argv):
   _child_env(base, max(1, _JOBS.value))
   if _SHARD.value:
     k, n = (int(x) for x in _SHARD.value.split('/'))
-    runs = _phase_runs(module, _PHASE.value, base, config_path, common)
+    runs = _phase_runs(module, _PHASE.value, base, common)
     train_and_score(shard(runs, k, n), config_path=config_path, base=base,
                     train_script=_TRAIN_SCRIPT.value, common=common,
                     splits=SCORED_SPLITS[_PHASE.value])
@@ -312,13 +317,13 @@ def main(argv):
   try:
     if not _GATHER_ONLY.value:
       _train_phase(module, 'tune', base, config_path, common)
-    chosen = _choose(module, base, config_path, common)
+    chosen = _choose(module, base, common)
     if not _GATHER_ONLY.value:
       _train_phase(module, 'final', base, config_path, common)
   except sweep.SweepInterrupted as e:  # The running trainings have checkpointed.
     logging.warning('%s', e)
     return 128 + e.signum
-  final_runs = _phase_runs(module, 'final', base, config_path, common)
+  final_runs = _phase_runs(module, 'final', base, common)
   sweep.write_summary(final_runs, base)
   tasks_ = [t for t in module.STUDY_TASKS if not _TASKS.value or t in _TASKS.value]
   variants = [v for v in module.VARIANTS if not _VARIANTS.value or v in _VARIANTS.value]

@@ -41,14 +41,17 @@ def test_phases_cover_every_cell_and_shards_keep_a_cells_seeds_together():
   assert {'latent', 'differential', 'gated', 'value_residual', 'talking_heads',
           'memory_kv'} <= set(m.VARIANTS)
   tune = sweep.parse_sweep(m.sweep())
+  assert m.TUNE_ON['sort'] == 'reverse'  # sort takes the rates reverse chose
   assert {(k['task'], k['variant'], k['seed'], k['lr'])
           for k in map(study.run_keys, tune)} == {
-              (t, v, m.TUNE_SEED, lr) for t, v in cells for lr in m.LR_SCALES}
-  choice = {f'{t}/{v}': 2.0 if v == 'rope' else 0.5 for t, v in cells}
+              (t, v, m.TUNE_SEED, lr) for t, v in cells for lr in m.LR_SCALES
+              if t in ('reverse', 'bible')}
+  choice = {f'{t}/{v}': 2.0 if v == 'rope' else 0.5 for t, v in cells if t != 'sort'}
   final = sweep.parse_sweep(m.final_sweep(choice))
   assert len(final) == len(cells) * len(m.SEEDS)
   assert m.TUNE_SEED not in {study.run_keys(r)['seed'] for r in final}
   assert {study.run_keys(r)['lr'] for r in final if 'rope' in r.name} == {2.0}
+  assert {study.run_keys(r)['lr'] for r in final if r.name.startswith('sort_')} == {0.5, 2.0}
   shares = [study.shard(final, k, 2) for k in range(2)]
   assert sorted(r.name for s in shares for r in s) == sorted(r.name for r in final)
   for share in shares:
@@ -214,7 +217,8 @@ def test_study_command_tunes_then_runs_the_chosen_rates_in_two_shares(tmp_path):
        '--jobs=2'], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
   choice = json.loads((base / study.CHOICE_FILE).read_text())['choice']
-  assert choice == {'sort/baseline': 2.0, 'sort/rope': 2.0}
+  assert choice == {'reverse/baseline': 2.0, 'reverse/rope': 2.0}  # sort's rates: reverse's
+  assert not list(base.glob('sort_*_seed100'))
   finals = [f'sort_{v}_lr2_seed{s}' for v in ('baseline', 'rope') for s in (0, 1, 2)]
   envs = {n: json.loads((base / n / 'env.json').read_text()) for n in finals}
   for variant in ('baseline', 'rope'):  # a cell's seeds launched by the same share
