@@ -138,7 +138,11 @@ class MultiHeadAttention(nn.Module):
     if self.head_dim is None and features % self.num_heads:
       raise ValueError(
           f'input features {features} are not divisible by num_heads={self.num_heads}')
-    return self.config.kv_heads, self.head_dim or features // self.num_heads
+    head_dim = self.head_dim or features // self.num_heads
+    if self.config.kind == 'differential' and head_dim % 2:
+      raise ValueError(f"kind='differential' splits each head in two: head_dim {head_dim} must "
+                       'be even')
+    return self.config.kv_heads, head_dim
 
   def _score_mod(self, kv_heads: int, head_dim: int):
     """The layer's score functions as one (see the class docstring for the order): each

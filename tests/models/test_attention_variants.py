@@ -312,6 +312,9 @@ def test_model_level_rules_of_the_variants():
         kind='latent', kv_lora_rank=8, qk_rope_head_dim=4))
   with pytest.raises(ValueError, match="kind='differential' splits each head in two"):
     models.transformer_config('tiny', d_model=36, attention=dict(kind='differential'))
+  odd = MultiHeadAttention(AttentionConfig(num_heads=2, kind='differential'), is_causal=True)
+  with pytest.raises(ValueError, match='head_dim 3 must be even'):
+    odd.init(jax.random.key(0), jnp.zeros((1, 2, 6)))
   cross = AttentionConfig(kind='latent', kv_lora_rank=8, qk_rope_head_dim=4, num_memory_kv=0,
                           output_gate=True).for_cross()
   assert (cross.kind, cross.kv_lora_rank, cross.output_gate) == ('softmax', 0, True)
