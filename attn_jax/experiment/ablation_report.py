@@ -184,8 +184,7 @@ def markdown_table(agg: Mapping[str, Mapping[str, Any]], labels: Mapping[str, st
   the difference from the baseline is significant), then the learning-rate factors, the
   parameters and the speed per task."""
   tasks = list(metrics)
-  header = ['variant'] + [f'{t} {label}' if len(metrics[t]) > 1 else f'{t} {label}'
-                          for t in tasks for label in metrics[t]]
+  header = ['variant'] + [f'{t} {label}' for t in tasks for label in metrics[t]]
   header += ['lr factor (' + ', '.join(tasks) + ')'] + [f'params ({t})' for t in tasks]
   header += [f'steps/s ({t})' for t in tasks]
   lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
