@@ -26,6 +26,8 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from attn_jax.experiment import ablation_report
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 FIGURES = ROOT / 'experiments' / 'figures'
 MARKER = re.compile(r'(<!-- table:([\w-]+) -->\n)(.*?)(<!-- /table:\2 -->)', re.S)
@@ -217,7 +219,11 @@ def length_study(r: dict) -> str:
 
 
 def ablation(r: dict) -> str:
-  """Mean over seeds per variant and task metric (with the spread the record gives)."""
+  """Mean over seeds per variant and task metric: with its 95% t-interval and the tests
+  against the baseline (`ablation_report`'s own table), or, in records of the 2-seed pilot,
+  with half the seeds' range."""
+  if 'rank_stability' in r:  # the study's own format (issue #26 onwards)
+    return ablation_report.markdown_table(r['aggregate'], r['labels'], r['metrics']).rstrip()
   columns = [(task, name) for task, metrics in r['metrics'].items() for name in metrics]
   rows = []
   for variant, tasks in r['aggregate'].items():

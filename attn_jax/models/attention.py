@@ -19,14 +19,29 @@ import jax.numpy as jnp
 import numpy as np
 
 from attn_jax import ops
-from attn_jax.models import modifiers, names
-from attn_jax.models import sequence_parallel as sp
+from attn_jax.models import (
+  differential,
+  gating,
+  latent,
+  memory,
+  modifiers,
+  names,
+  talking_heads,
+  value_residual,
+)
+from attn_jax.models import (
+  sequence_parallel as sp,
+)
 from attn_jax.models.configs import AttentionConfig
 from attn_jax.models.modifiers import LayerInfo
 from attn_jax.models.names import CROSS_CACHE, SLOT_CACHE  # noqa: F401  (re-exported)
+from attn_jax.models.projection import (  # noqa: F401  (re-exported)
+  Projection,
+  default_kernel_init,
+  partitioned,
+)
 
 POSITIONAL = ('none', 'rope', 'alibi', 't5', 'rope_2d')
-default_kernel_init = nn.initializers.lecun_normal()
 
 # Slots per chunk of the decoding loop over the filled cache. Small enough that a short
 # sequence reads little past its end, big enough that the loop's per-chunk overhead stays
@@ -43,55 +58,6 @@ def cache_slots(max_len: int) -> int:
   """Slots of a decoding cache asked to hold `max_len` tokens: up to `DECODE_CHUNK` as
   asked (one chunk), beyond that rounded up to whole chunks."""
   return max_len if max_len <= DECODE_CHUNK else -(-max_len // DECODE_CHUNK) * DECODE_CHUNK
-
-
-def partitioned(init, names: tuple[str | None, ...]):
-  return nn.with_logical_partitioning(init, names)
-
-
-class Projection(nn.Module):
-  """`nn.DenseGeneral` whose kernel is created at its full rank.
-
-  `DenseGeneral` initializes a flattened 2-D kernel and reshapes it; under a mesh
-  flax applies the kernel's 3-axis logical sharding to that 2-D value and fails.
-  Here the same flattened initializer (same fan-in/out, hence the same values
-  for the same rng) runs inside a full-rank initializer, so the parameter tree,
-  shapes and values equal `DenseGeneral`'s and sharding works.
-
-  Attributes:
-    features: output feature shape, e.g. `(heads, head_dim)`.
-    contract: how many trailing input axes to contract (1 for q/k/v, 2 for out).
-    kernel_axes / bias_axes: logical axis names of the kernel
-      `[*in_shape, *features]` and the bias `[*features]`.
-  """
-  features: tuple[int, ...]
-  kernel_axes: tuple[str | None, ...]
-  bias_axes: tuple[str | None, ...]
-  contract: int = 1
-  kernel_init: Any = default_kernel_init
-  use_bias: bool = True
-  dtype: Any = None
-  param_dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    in_shape = x.shape[x.ndim - self.contract:]
-    fan_in = int(np.prod(in_shape))
-
-    def full_rank_init(rng, shape, dtype):
-      flat = self.kernel_init(rng, (fan_in, int(np.prod(self.features))), dtype)
-      return flat.reshape(shape)
-
-    kernel = self.param('kernel', partitioned(full_rank_init, self.kernel_axes),
-                        in_shape + tuple(self.features), self.param_dtype)
-    bias = None
-    if self.use_bias:
-      bias = self.param('bias', partitioned(nn.initializers.zeros, self.bias_axes),
-                        tuple(self.features), self.param_dtype)
-    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-    axes = (tuple(range(x.ndim - self.contract, x.ndim)), tuple(range(self.contract)))
-    y = jax.lax.dot_general(x, kernel, (axes, ((), ())))
-    return y if bias is None else y + bias
 
 
 class MultiHeadAttention(nn.Module):
@@ -135,6 +101,13 @@ class MultiHeadAttention(nn.Module):
   `[features, head_dim]` projection for all heads (Michel et al. 2019). `config.aggregation=
   'backward'`: `sum_i alpha_ij v_i` per key (`ops.backward_aggregation`), bidirectional
   self-attention only; a key padding mask then hides padding as queries too.
+
+  Variants, each in its own module, entered at one point (`_attend`, and the projections for
+  MLA): `config.kind='latent'` (`latent.py`: compressed keys/values under `latent/`, the
+  decode cache holds the latent and the shared RoPE key only), `kind='differential'`
+  (`differential.py`: two maps per head, its depth from `stack`), `config.talking_heads`,
+  `config.num_memory_kv` (`talking_heads.py`, `memory.py`), `config.output_gate`
+  (`gating.py`: a `gate` projection) and `config.value_residual` (`value_residual.py`).
   """
   config: AttentionConfig
   is_causal: bool = False
@@ -169,7 +142,11 @@ class MultiHeadAttention(nn.Module):
     if self.head_dim is None and features % self.num_heads:
       raise ValueError(
           f'input features {features} are not divisible by num_heads={self.num_heads}')
-    return self.config.kv_heads, self.head_dim or features // self.num_heads
+    head_dim = self.head_dim or features // self.num_heads
+    if self.config.kind == 'differential' and head_dim % 2:
+      raise ValueError(f"kind='differential' splits each head in two: head_dim {head_dim} must "
+                       'be even')
+    return self.config.kv_heads, head_dim
 
   def _score_mod(self, kv_heads: int, head_dim: int):
     """The layer's score functions as one (see the class docstring for the order): each
@@ -200,7 +177,8 @@ class MultiHeadAttention(nn.Module):
                mask: jax.Array | None = None, segment_ids=None,
                positions: jax.Array | None = None, block_mask: ops.BlockMask | None = None,
                deterministic: bool = True, decode: bool = False,
-               capture_attention: bool | None = None) -> jax.Array:
+               capture_attention: bool | None = None,
+               stack: value_residual.StackState | None = None):
     """Attends from `inputs_q` to itself, or to `inputs_kv` with `cross_attention=True`.
 
     Args:
@@ -257,6 +235,98 @@ class MultiHeadAttention(nn.Module):
     dense = functools.partial(
         Projection, kernel_init=self.kernel_init, use_bias=self.use_bias, dtype=self.dtype,
         param_dtype=self.param_dtype)
+    mla = None
+    if cfg.kind == 'latent':  # compressed keys/values; decoding caches the latent only
+      mla = latent.LatentProjections(cfg, head_dim, use_bias=self.use_bias, dtype=self.dtype,
+                                     param_dtype=self.param_dtype, kernel_init=self.kernel_init,
+                                     name='latent')
+      query, key, value = mla.absorbed(inputs_q) if decode else mla.naive(inputs_q)
+    else:
+      query, key, value = self._projections(dense, inputs_q, inputs_kv, kv_heads, head_dim,
+                                            cross_decode)
+    first_values = None
+    if cfg.value_residual and is_self:
+      value, first_values = value_residual.mix(self, value, stack, self.param_dtype)
+    # Before `sinks`: a parameter's initial value depends on the order of creation.
+    score_mod = self._score_mod(kv_heads, head_dim)
+    sinks = None
+    if cfg.sinks:
+      sinks = self.param('sinks', partitioned(nn.initializers.zeros, ('heads',)),
+                         (self.num_heads,), self.param_dtype)
+
+    window = None
+    if cfg.sliding_window is not None:
+      window = (cfg.sliding_window, 0 if self.is_causal else cfg.sliding_window)
+    kwargs: dict[str, Any] = dict(is_causal=self.is_causal, local_window=window, mask=mask,
+                                  sinks=sinks)
+    mask_mod = modifiers.resolve_mod(cfg.mask_mod, 'mask_mod')
+    if cfg.shared_qk:
+      kwargs['scale'] = 1.0
+    if mla is not None:  # the absorbed form's queries are wider; the logits are the same
+      kwargs['scale'] = mla.scale
+    if decode and not cross_decode:
+      windowed = cfg.sliding_window is not None
+      cache = self._window_cache if windowed else self._decode_cache
+      key, value, query, cache_kwargs = cache(query, key, value, segment_ids, positions)
+      if windowed:
+        # Causality and the window are counted in token positions: a ragged prompt's padding
+        # slots must not take real keys' places in the window.
+        kwargs.update(is_causal=False, local_window=None)
+        mask_mod = ops.and_masks(ops.mask_mods.causal(),
+                                 ops.mask_mods.sliding_window(cfg.sliding_window), mask_mod)
+      cache_mask = cache_kwargs.pop('mask', None)
+      q_positions, kv_positions = cache_kwargs.pop('positions')
+      kwargs.update(cache_kwargs, mask=ops.combine_masks(mask, cache_mask))
+      mask_mod, score_mod = _at_positions(mask_mod, score_mod, q_positions, kv_positions,
+                                          cache_kwargs['q_offset'])
+    else:
+      if self.positional == 'rope':
+        query = self._rope(query, positions)
+        key = self._rope(key, positions if is_self else None)
+      elif self.positional == 'rope_2d':  # self-attention only (AttentionConfig.check_layer)
+        query = ops.rope_2d(query, positions, cfg.rope_base)
+        key = ops.rope_2d(key, positions, cfg.rope_base)
+      kwargs.update(segment_ids=segment_ids)
+    if value is None:  # MLA's absorbed form: the values are the cached latent
+      value = mla.latent_values(key)
+    kwargs.update(mask_mod=mask_mod, score_mod=score_mod)
+    if block_mask is not None and not decode and not capture:
+      # The block mask already holds every mask of the call (built once for the stack).
+      for name in ('mask', 'segment_ids', 'mask_mod', 'local_window'):
+        kwargs.pop(name, None)
+      kwargs.update(block_mask=block_mask, is_causal=False)
+
+    dropout_rng = None
+    if not deterministic and cfg.dropout_rate > 0.0:
+      dropout_rng = self.make_rng('dropout')
+    filled = kwargs.pop('length', None)
+    beams = 1
+    if cross_decode and query.shape[0] != key.shape[0]:
+      query, kwargs, beams = _group_beams(query, key, kwargs)
+    if cfg.aggregation == 'backward':
+      result = self._backward_aggregation(query, key, value, kwargs, capture)
+    else:
+      context_parallel = is_self and not decode and not capture and (
+          sp.sequence_devices() > 1)
+      result = self._attend(query, key, value, kwargs, filled=filled, capture=capture,
+                            head_dim=head_dim, dropout_rng=dropout_rng, beams=beams,
+                            stack=stack, context_parallel=context_parallel)
+    if beams > 1:
+      result = result.reshape(result.shape[0] * beams, -1, *result.shape[2:])
+    if mla is not None and decode:
+      result = mla.output(result)
+    if cfg.output_gate:
+      result = gating.output_gate(dense, inputs_q, result)
+    out = dense((self.out_features or features,), ('heads', 'kv', 'embed'), ('embed',),
+                contract=2, name='out')(result)
+    return out if first_values is None else (out, first_values)
+
+  def _projections(self, dense, inputs_q, inputs_kv, kv_heads: int, head_dim: int,
+                   cross_decode: bool):
+    """Queries `[batch, q, heads, head_dim]`, keys and values `[batch, kv, kv_heads, ...]`
+    from the layer's projections (or the input itself, the queries for shared-QK keys, the
+    cross-attention cache)."""
+    cfg = self.config
 
     def heads_projection(heads: int, axes: tuple[str, str, str], name: str):
       if not cfg.share_head_projections:
@@ -285,66 +355,55 @@ class MultiHeadAttention(nn.Module):
         key_proj = lambda x: key_norm(key_dense(x))  # noqa: E731
     if cfg.shared_qk:
       # Reformer: the keys are the (normed) queries, of unit length; self-attention only.
-      key, value = ops.l2_normalize(query), value_proj(inputs_kv)
-    elif cross_decode:
-      key, value = self._cross_cache(inputs_kv, key_proj, value_proj)
-    else:
-      key, value = key_proj(inputs_kv), value_proj(inputs_kv)
-    # Before `sinks`: a parameter's initial value depends on the order of creation.
-    score_mod = self._score_mod(kv_heads, head_dim)
-    sinks = None
-    if cfg.sinks:
-      sinks = self.param('sinks', partitioned(nn.initializers.zeros, ('heads',)),
-                         (self.num_heads,), self.param_dtype)
+      return query, ops.l2_normalize(query), value_proj(inputs_kv)
+    if cross_decode:
+      return query, *self._cross_cache(inputs_kv, key_proj, value_proj)
+    return query, key_proj(inputs_kv), value_proj(inputs_kv)
 
-    window = None
-    if cfg.sliding_window is not None:
-      window = (cfg.sliding_window, 0 if self.is_causal else cfg.sliding_window)
-    kwargs: dict[str, Any] = dict(is_causal=self.is_causal, local_window=window, mask=mask,
-                                  sinks=sinks)
-    mask_mod = modifiers.resolve_mod(cfg.mask_mod, 'mask_mod')
-    if cfg.shared_qk:
-      kwargs['scale'] = 1.0
-    if decode and not cross_decode:
-      windowed = cfg.sliding_window is not None
-      cache = self._window_cache if windowed else self._decode_cache
-      key, value, query, cache_kwargs = cache(query, key, value, segment_ids, positions)
-      if windowed:
-        # Causality and the window are counted in token positions: a ragged prompt's padding
-        # slots must not take real keys' places in the window.
-        kwargs.update(is_causal=False, local_window=None)
-        mask_mod = ops.and_masks(ops.mask_mods.causal(),
-                                 ops.mask_mods.sliding_window(cfg.sliding_window), mask_mod)
-      cache_mask = cache_kwargs.pop('mask', None)
-      q_positions, kv_positions = cache_kwargs.pop('positions')
-      kwargs.update(cache_kwargs, mask=ops.combine_masks(mask, cache_mask))
-      mask_mod, score_mod = _at_positions(mask_mod, score_mod, q_positions, kv_positions,
-                                          cache_kwargs['q_offset'])
+  def _attend(self, query, key, value, kwargs, *, filled, capture, head_dim, dropout_rng,
+              beams, stack, context_parallel=False):
+    """The attention of the layer's kind and options (the dispatch point of the variants):
+    `[batch, q, heads, v_dim]`; sows the weights when capturing."""
+    cfg = self.config
+    core = self._core(kwargs, filled=filled, capture=capture, head_dim=head_dim,
+                      dropout_rng=dropout_rng, context_parallel=context_parallel)
+    if cfg.kind == 'differential':
+      result, weights = differential.attend(
+          self, core, query, key, value, layer_index=0 if stack is None else stack.index,
+          dtype=self.dtype, param_dtype=self.param_dtype)
+    elif cfg.num_memory_kv:
+      result, weights = memory.attend(
+          self, core, query, key, value, config=cfg, scale=kwargs.get('scale'),
+          dropout_rate=cfg.dropout_rate, dropout_rng=dropout_rng, param_dtype=self.param_dtype)
     else:
-      if self.positional == 'rope':
-        query = self._rope(query, positions)
-        key = self._rope(key, positions if is_self else None)
-      elif self.positional == 'rope_2d':  # self-attention only (AttentionConfig.check_layer)
-        query = ops.rope_2d(query, positions, cfg.rope_base)
-        key = ops.rope_2d(key, positions, cfg.rope_base)
-      kwargs.update(segment_ids=segment_ids)
-    kwargs.update(mask_mod=mask_mod, score_mod=score_mod)
-    if block_mask is not None and not decode and not capture:
-      # The block mask already holds every mask of the call (built once for the stack).
-      for name in ('mask', 'segment_ids', 'mask_mod', 'local_window'):
-        kwargs.pop(name, None)
-      kwargs.update(block_mask=block_mask, is_causal=False)
+      result, weights, _ = core(query, key, value)
+    if capture:
+      if beams > 1:  # [B, H, beams * q, S] -> [B * beams, H, q, S]
+        b, h, _, s_len = weights.shape
+        weights = jnp.swapaxes(weights.reshape(b, h, beams, -1, s_len), 1, 2)
+        weights = weights.reshape(b * beams, h, -1, s_len)
+      self.sow(names.INTERMEDIATES, names.ATTENTION_WEIGHTS, weights)
+    return result
 
-    dropout_rng = None
-    if not deterministic and cfg.dropout_rate > 0.0:
-      dropout_rng = self.make_rng('dropout')
-    filled = kwargs.pop('length', None)
-    beams = 1
-    if cross_decode and query.shape[0] != key.shape[0]:
-      query, kwargs, beams = _group_beams(query, key, kwargs)
-    if cfg.aggregation == 'backward':
-      result = self._backward_aggregation(query, key, value, kwargs, capture)
-    else:
+  def _core(self, kwargs, *, filled, capture, head_dim, dropout_rng, context_parallel=False):
+    """The layer's attention over its keys as one function, `core(q, k, v, *, return_lse=False,
+    part=0) -> (out, weights | None, lse | None)`: the kind's op (talking heads, kernelized,
+    the decode cache's prefix walk, or `ops.dot_product_attention`) with the layer's masks and
+    score functions; `part` > 0 draws another dropout mask (differential attention's maps)."""
+    cfg = self.config
+    rate = 0.0 if dropout_rng is None else cfg.dropout_rate
+    mixes = talking_heads.mixes(self, self.num_heads, self.param_dtype) if (
+        cfg.talking_heads) else None
+
+    def core(q, k, v, *, return_lse=False, part=0):
+      rng = dropout_rng if dropout_rng is None or not part else jax.random.fold_in(
+          dropout_rng, part)
+      common = dict(dropout_rate=rate, dropout_rng=rng, **kwargs)
+      if mixes is not None:
+        common.pop('sinks')  # None: the config refuses sinks with talking heads
+        out = ops.talking_heads_attention(q, k, v, pre_softmax=mixes[0], post_softmax=mixes[1],
+                                          return_weights=capture, **common)
+        return (*out, None) if capture else (out, None, None)
       attend, options = ops.dot_product_attention, dict(return_weights=capture)
       if cfg.kind == 'linear':
         attend = ops.linear_attention
@@ -354,24 +413,18 @@ class MultiHeadAttention(nn.Module):
       elif filled is not None and not capture:
         # Decoding: read the cache's filled slots only, chunk by chunk.
         attend, options = ops.prefix_attention, dict(
-            length=filled, chunk_size=slot_chunk(key.shape[1]))
-      elif is_self and not decode and not capture and sp.sequence_devices() > 1:
+            length=filled, chunk_size=slot_chunk(k.shape[1]))
+      elif context_parallel:
         attend, options = self._context_parallel(dropout_rng is not None), {}
-      result = attend(
-          query, key, value, dropout_rate=0.0 if dropout_rng is None else cfg.dropout_rate,
-          dropout_rng=dropout_rng, implementation='dense' if capture else cfg.implementation,
-          **options, **kwargs)
-      if capture:
-        result, weights = result
-        if beams > 1:  # [B, H, beams * q, S] -> [B * beams, H, q, S]
-          b, h, _, s_len = weights.shape
-          weights = jnp.swapaxes(weights.reshape(b, h, beams, -1, s_len), 1, 2)
-          weights = weights.reshape(b * beams, h, -1, s_len)
-        self.sow(names.INTERMEDIATES, names.ATTENTION_WEIGHTS, weights)
-    if beams > 1:
-      result = result.reshape(result.shape[0] * beams, -1, *result.shape[2:])
-    return dense((self.out_features or features,), ('heads', 'kv', 'embed'), ('embed',),
-                 contract=2, name='out')(result)
+      if return_lse:
+        options['return_lse'] = True
+      result = attend(q, k, v, implementation='dense' if capture else cfg.implementation,
+                      **options, **common)
+      result = result if isinstance(result, tuple) else (result,)
+      return (result[0], result[1] if capture else None,
+              result[-1] if return_lse else None)
+
+    return core
 
   def _context_parallel(self, dropout: bool):
     """Self-attention over a sequence split on the mesh's `sequence` axis (ring attention,
@@ -431,15 +484,16 @@ class MultiHeadAttention(nn.Module):
     `DECODE_CHUNK` slots beyond one chunk). It holds `cached_key`/`cached_value`
     `[batch, slots, kv_heads, head_dim]`, `cached_segment` `[batch, slots]` (0 = padding or
     not yet written), `cached_position` `[batch, slots]` and the write index `cache_index`;
-    a call attends to the `cache_index` filled slots only.
+    a call attends to the `cache_index` filled slots only. `value=None` (MLA, whose values
+    are part of its cached keys) caches no values and returns None for them.
     """
     batch, q_len = query.shape[:2]
     initialized = self.has_variable('cache', 'cached_key')
     slots = (batch, cache_slots(key.shape[1]))
     cached_key = self.variable('cache', 'cached_key', jnp.zeros, slots + key.shape[2:],
                                key.dtype)
-    cached_value = self.variable('cache', 'cached_value', jnp.zeros, slots + value.shape[2:],
-                                 value.dtype)
+    cached_value = None if value is None else self.variable(
+        'cache', 'cached_value', jnp.zeros, slots + value.shape[2:], value.dtype)
     cached_segment = self.variable('cache', 'cached_segment', jnp.zeros, slots, jnp.int32)
     cached_position = self.variable('cache', 'cached_position', jnp.zeros, slots, jnp.int32)
     cache_index = self.variable('cache', 'cache_index', lambda: jnp.array(0, jnp.int32))
@@ -458,7 +512,8 @@ class MultiHeadAttention(nn.Module):
       return jax.lax.dynamic_update_slice_in_dim(cache, x, index, axis=1)
 
     cached_key.value = update(cached_key.value, key.astype(cached_key.value.dtype))
-    cached_value.value = update(cached_value.value, value.astype(cached_value.value.dtype))
+    if cached_value is not None:
+      cached_value.value = update(cached_value.value, value.astype(cached_value.value.dtype))
     cached_segment.value = update(cached_segment.value, segment_ids)
     cached_position.value = update(cached_position.value, positions)
     cache_index.value = index + q_len
@@ -469,7 +524,8 @@ class MultiHeadAttention(nn.Module):
     # slots: a ragged prompt leaves padding slots between the prompt and generated tokens.
     kwargs: dict[str, Any] = dict(q_offset=index, mask=valid, length=index + q_len,
                                   positions=(positions, cached_position.value))
-    return cached_key.value, cached_value.value, query, kwargs
+    return (cached_key.value, None if cached_value is None else cached_value.value, query,
+            kwargs)
 
   def _decode_inputs(self, query, key, index, positions, segment_ids):
     """A decoding call's positions `[batch, q_len]` (default: from the cache index on) and
@@ -489,10 +545,19 @@ class MultiHeadAttention(nn.Module):
     return query, key, positions, segment_ids
 
   def _rope(self, x: jax.Array, positions: jax.Array | None) -> jax.Array:
-    """RoPE with the config's base, rotated share, layout and scaling."""
+    """RoPE with the config's base, rotated share, layout and scaling; MLA rotates only its
+    decoupled part (the last channels), differential attention each half of a head."""
     cfg = self.config
-    return ops.rope(x, positions, cfg.rope_base, fraction=cfg.rope_fraction,
-                    interleaved=cfg.rope_interleaved, scaling=rope_scaling(cfg))
+
+    def rotate(y):
+      return ops.rope(y, positions, cfg.rope_base, fraction=cfg.rope_fraction,
+                      interleaved=cfg.rope_interleaved, scaling=rope_scaling(cfg))
+
+    if cfg.kind == 'latent':
+      return latent.rotate_tail(rotate, x, cfg.qk_rope_head_dim)
+    if cfg.kind == 'differential':
+      return differential.per_half(rotate, x)
+    return rotate(x)
 
   def _window_cache(self, query, key, value, segment_ids, positions):
     """The cache of a sliding-window layer: only the window, so a step costs O(window).

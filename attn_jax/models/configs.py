@@ -25,8 +25,10 @@ NORM_POSITIONS = ('pre', 'post')
 # back to d_model): 'concat_geometric'. Inside attention: 'rope', 'alibi', 't5' (relative
 # bias). 'none' for neither (e.g. a bag-of-words ablation).
 POSITIONALS = ('sinusoidal', 'learned', 'concat_geometric', 'rope', 'alibi', 't5', 'none')
-# Softmax attention, or a linear-time kernelized baseline of the Long Range Arena.
-ATTENTION_KINDS = ('softmax', 'linear', 'performer')
+# Softmax attention; the linear-time kernelized baselines of the Long Range Arena (no logits);
+# softmax attention with compressed keys/values (MLA) or the difference of two softmax maps.
+KERNELIZED_KINDS = ('linear', 'performer')
+ATTENTION_KINDS = ('softmax',) + KERNELIZED_KINDS + ('latent', 'differential')
 # How the encoder's self-attention aggregates: over keys for each query (the usual), or over
 # queries for each key (`ops.backward_aggregation`).
 AGGREGATIONS = ('forward', 'backward')
@@ -104,8 +106,13 @@ class _LayerStack:
 
   @property
   def rotary_dim(self) -> int:
-    """Channels of each head that RoPE rotates."""
-    return int(self.head_dim * self.attention.rope_fraction)
+    """Channels of each (query/key) head that RoPE rotates: MLA rotates its decoupled part,
+    differential attention each half of a head on its own."""
+    attn = self.attention
+    if attn.kind == 'latent':
+      return attn.qk_rope_head_dim
+    per_head = self.head_dim // 2 if attn.kind == 'differential' else self.head_dim
+    return int(per_head * attn.rope_fraction)
 
   def layer_kind(self, index: int) -> str:
     """The self-attention kind of layer `index` of a stack: 'G', 'L' or 'N'."""
@@ -164,8 +171,10 @@ class AttentionConfig:
   num_heads: int = 8
   # Key/value heads for GQA (1 = MQA); None = num_heads (plain multi-head attention).
   num_kv_heads: int | None = None
-  # 'softmax', or the linear-time baselines 'linear' (Katharopoulos et al. 2020, elu + 1
-  # features) and 'performer' (FAVOR+, Choromanski et al. 2021).
+  # 'softmax', the linear-time baselines 'linear' (Katharopoulos et al. 2020, elu + 1
+  # features) and 'performer' (FAVOR+, Choromanski et al. 2021), 'latent' (DeepSeek-V2's
+  # multi-head latent attention, `models/latent.py`) or 'differential' (Ye et al. 2024, the
+  # difference of two softmax maps, `models/differential.py`).
   kind: str = 'softmax'
   # Self-attention sliding window (keys at most this far in the past, and in the future for
   # an encoder); None = full attention. The model's `layer_pattern` says which layers use it.
@@ -210,10 +219,34 @@ class AttentionConfig:
   # (`ops.backward_aggregation`); the model applies it to its encoder.
   aggregation: str = 'forward'
   implementation: str | None = None  # attention path, passed to ops.dot_product_attention.
+  # kind='latent': the rank of the compressed key/value latent c_KV (what the decode cache
+  # holds), the rank of the compressed query (0 = a full-rank query projection) and the
+  # channels of the decoupled RoPE part of each query/key head (the key's shared by all
+  # heads). DeepSeek-V2 uses 4 x and 1/2 x the head dim for the first and the last.
+  kv_lora_rank: int = 0
+  q_lora_rank: int = 0
+  qk_rope_head_dim: int = 0
+  # Talking-heads attention (Shazeer et al. 2020): learned [heads, heads] mixes of the logits
+  # before the softmax and of the weights after it; the logits are materialized (the dense
+  # path, `models/talking_heads.py`).
+  talking_heads: bool = False
+  # Learned key/value slots per key/value head that every query sees, never masked
+  # (persistent memory, x-transformers' num_mem_kv; `models/memory.py`); 0 = none.
+  num_memory_kv: int = 0
+  # An elementwise sigmoid gate on each head's output, computed from the layer input (the
+  # output gate of Qwen's gated attention; `models/gating.py`).
+  output_gate: bool = False
+  # ResFormer (Zhou et al. 2024): each self-attention layer's values mixed with the first
+  # layer's values, by two learned scalars (`models/value_residual.py`; the model carries the
+  # first layer's values through its stack).
+  value_residual: bool = False
 
   def __post_init__(self):
     _check_positive(self, 'num_heads', 't5_num_buckets', 't5_max_distance',
                     'performer_features')
+    for name in ('kv_lora_rank', 'q_lora_rank', 'qk_rope_head_dim', 'num_memory_kv'):
+      if getattr(self, name) < 0:
+        raise ValueError(f'{name} must be >= 0, got {getattr(self, name)}')
     if self.num_kv_heads is not None and (
         self.num_kv_heads <= 0 or self.num_heads % self.num_kv_heads):
       raise ValueError(f'num_heads={self.num_heads} is not a multiple of '
@@ -236,7 +269,8 @@ class AttentionConfig:
   def _check_combinations(self) -> None:
     """The options that have no meaning together."""
     mha = self.kv_heads == self.num_heads
-    if self.kind != 'softmax':
+    self._check_variants()
+    if not self.has_logits:
       # A kernelized similarity has no logits to cap, window, mask or modify per block.
       logits = {'sliding_window': self.sliding_window is not None,
                 'logit_softcap': self.logit_softcap is not None, 'sinks': self.sinks,
@@ -259,6 +293,56 @@ class AttentionConfig:
     if self.aggregation == 'backward' and self.dropout_rate > 0.0:
       raise ValueError("aggregation='backward' takes no attention dropout_rate")
 
+  def _check_variants(self) -> None:
+    """The variants of issue #26 (latent, differential, talking heads, memory slots, value
+    residual) against the options they cannot take."""
+    latent = ('kv_lora_rank', 'q_lora_rank', 'qk_rope_head_dim')
+    if self.kind != 'latent':
+      set_ = [name for name in latent if getattr(self, name)]
+      if set_:
+        raise ValueError(f"{set_} apply to kind='latent', not kind={self.kind!r}")
+    elif not (self.kv_lora_rank and self.qk_rope_head_dim) or self.qk_rope_head_dim % 2:
+      raise ValueError(f"kind='latent' needs kv_lora_rank > 0 and an even qk_rope_head_dim > 0 "
+                       f'(DeepSeek-V2: 4 x and 1/2 x the head dim), got kv_lora_rank='
+                       f'{self.kv_lora_rank}, qk_rope_head_dim={self.qk_rope_head_dim}')
+    refused = {
+        # MLA has its own projections and norms and one (latent) key/value head for all.
+        'latent': {'num_kv_heads': self.num_kv_heads is not None, 'qk_norm': self.qk_norm,
+                   'shared_qk': self.shared_qk, 'key_projection': not self.key_projection,
+                   'value_projection': not self.value_projection,
+                   'share_head_projections': self.share_head_projections,
+                   'rope_fraction': self.rope_fraction != 1.0,
+                   'sliding_window': self.sliding_window is not None,
+                   'aggregation': self.aggregation != 'forward',
+                   'talking_heads': self.talking_heads, 'num_memory_kv': self.num_memory_kv > 0,
+                   'value_residual': self.value_residual},
+        # Two maps from the halves of each head: one softmax per half, no mixing across them.
+        'differential': {'qk_norm': self.qk_norm, 'shared_qk': self.shared_qk,
+                         'aggregation': self.aggregation != 'forward',
+                         'talking_heads': self.talking_heads,
+                         'num_memory_kv': self.num_memory_kv > 0},
+    }.get(self.kind, {})
+    if self.talking_heads:
+      refused.update({'kind': self.kind != 'softmax', 'sinks': self.sinks,
+                      'implementation': self.implementation not in (None, 'dense'),
+                      'aggregation': self.aggregation != 'forward',
+                      'num_memory_kv': self.num_memory_kv > 0})
+    if self.num_memory_kv:
+      # Memory joins the softmax by its log-sum-exp: kernelized kinds have none, and shared-QK
+      # keys are normalized queries that learned slots would not be.
+      refused.update({'kind': self.kind != 'softmax',
+                      'shared_qk': self.shared_qk, 'aggregation': self.aggregation != 'forward'})
+    bad = [name for name, used in refused.items() if used]
+    if bad:
+      chosen = [f'kind={self.kind!r}'] * (self.kind in ('latent', 'differential')) + [
+          name for name in ('talking_heads', 'num_memory_kv') if getattr(self, name)]
+      raise ValueError(f'attention {chosen} cannot take {bad}')
+
+  @property
+  def has_logits(self) -> bool:
+    """Whether the attention computes softmax logits (masks, biases, caps apply to them)."""
+    return self.kind not in KERNELIZED_KINDS
+
   @property
   def kv_heads(self) -> int:
     return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
@@ -271,7 +355,12 @@ class AttentionConfig:
     """The rules a layer's own choices must follow with this config (one home for them):
     `MultiHeadAttention` calls it with its attributes."""
     _check_choice('positional', positional, LAYER_POSITIONALS)
-    if self.kind != 'softmax' and positional in ('alibi', 't5'):
+    if self.kind == 'latent' and (cross_attention or positional != 'rope'):
+      raise ValueError(f"kind='latent' rotates its decoupled RoPE part: a self-attention layer "
+                       f"with positional='rope' (got positional={positional!r}, cross_attention="
+                       f'{cross_attention}; AttentionConfig.for_cross() gives cross-attention '
+                       'plain heads)')
+    if not self.has_logits and positional in ('alibi', 't5'):
       raise ValueError(f'attention kind={self.kind!r} has no logits, so it cannot take '
                        f'positional={positional!r} (a logit bias)')
     if cross_attention:
@@ -289,9 +378,14 @@ class AttentionConfig:
                        'into a causal decoder: it needs bidirectional self-attention')
 
   def for_cross(self) -> AttentionConfig:
-    """This config for cross-attention: the self-attention-only options off."""
+    """This config for cross-attention: the self-attention-only options off. MLA becomes
+    plain multi-head attention there: it compresses a decoder's growing self-attention cache,
+    while cross-attention keys/values are projected once per source anyway."""
+    latent = dict(kind='softmax', kv_lora_rank=0, q_lora_rank=0, qk_rope_head_dim=0) if (
+        self.kind == 'latent') else {}
     return dataclasses.replace(self, mask_mod='', score_mod='', modifiers='', shared_qk=False,
-                               aggregation='forward', sliding_window=None)
+                               aggregation='forward', sliding_window=None, num_memory_kv=0,
+                               value_residual=False, **latent)
 
 
 def _attention_config(value: Any) -> AttentionConfig:
@@ -374,6 +468,10 @@ class TransformerConfig(_VocabAndDtype, _LayerStack):
       raise ValueError(f'positional=rope rotates channel pairs: head_dim {self.head_dim} x '
                        f'attention.rope_fraction {self.attention.rope_fraction} = '
                        f'{self.rotary_dim} channels must be even')
+    if self.attention.kind == 'differential' and self.head_dim % 2:
+      raise ValueError(f"attention kind='differential' splits each head in two: head_dim "
+                       f'{self.head_dim} (d_model {self.d_model} / num_heads '
+                       f'{self.num_heads}) must be even')
     if self.positional == 'sinusoidal' and self.d_model % 2:
       raise ValueError(f'positional=sinusoidal needs an even d_model, got {self.d_model}')
     if self.pad_skip_chunk < 0:
@@ -389,9 +487,13 @@ class TransformerConfig(_VocabAndDtype, _LayerStack):
     """The layer pattern and what the model's layers need from the attention config."""
     attn = self.attention
     _check_layer_pattern(self, IN_ATTENTION_POSITIONALS)
-    if attn.kind != 'softmax' and self.positional in ('alibi', 't5'):
+    if not attn.has_logits and self.positional in ('alibi', 't5'):
       raise ValueError(f'attention kind={attn.kind!r} has no logits, so it cannot take '
                        f'positional={self.positional!r} (a logit bias)')
+    if attn.kind == 'latent' and (self.positional != 'rope' or 'N' in self.layer_pattern):
+      raise ValueError(f"attention kind='latent' rotates its decoupled RoPE part: it needs "
+                       f"positional='rope' in every layer, got positional={self.positional!r}, "
+                       f'layer_pattern={self.layer_pattern!r}')
     if attn.aggregation == 'backward' and self.num_encoder_layers == 0:
       raise ValueError("attention.aggregation='backward' applies to encoder self-attention, "
                        'but num_encoder_layers=0')

@@ -106,5 +106,9 @@ def supported(config: Any, *, dropout: bool) -> str | None:
     return "aggregation='backward'"
   if dropout:
     return 'attention dropout (set attention.dropout_rate=0)'
+  if getattr(config, 'talking_heads', False):
+    return 'talking_heads (its post-softmax mix needs whole rows of weights)'
+  if getattr(config, 'num_memory_kv', 0):
+    return 'num_memory_kv (the memory slots are not on the sequence axis)'
   return None
 

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from attn_jax import ops
-from attn_jax.models import decoding, modifiers, names
+from attn_jax.models import decoding, modifiers, names, value_residual
 from attn_jax.models import sequence_parallel as sp
 from attn_jax.models.attention import MultiHeadAttention, partitioned
 from attn_jax.models.configs import LAYER_POSITIONALS, AttentionConfig, TransformerConfig
@@ -70,12 +70,13 @@ def shared_block_masks(cfg: Any, *, causal: bool, shape: tuple[int, int], dtype:
   step (a layer that built its own would classify the same blocks again in every layer).
 
   None where the layers' attention would not use one: a kernelized kind, backward aggregation,
-  context parallelism, or an implementation (given, or the dispatcher's choice for these
-  shapes) that is neither the blockwise loop nor the fused kernels.
+  talking heads, memory slots (keys the mask does not cover), context parallelism, or an
+  implementation (given, or the dispatcher's choice for these shapes) that is neither the
+  blockwise loop nor the fused kernels.
   """
   attn = cfg.attention
   if (not num_layers or attn.kind != 'softmax' or (attn.aggregation != 'forward' and not causal)
-      or sp.sequence_devices() > 1):
+      or attn.talking_heads or attn.num_memory_kv or sp.sequence_devices() > 1):
     return None
   batch, length = shape
   backend = jax.default_backend()
@@ -144,19 +145,49 @@ class _Block(nn.Module):
 
     return self.residual(x, feed_forward, 'mlp')
 
+  def self_attention(self, carry, attn, **kwargs):
+    """The self-attention sublayer on `carry`: the hidden states, or `(hidden, StackState)`
+    when a variant needs the layer's depth or the first layer's values (see
+    `value_residual`); returns the same structure, the state advanced past this layer."""
+    x, stack = carry if isinstance(carry, tuple) else (carry, None)
+    first = []
+
+    def sublayer(h):
+      if stack is None:
+        return attn(h, **kwargs)
+      out = attn(h, stack=stack, **kwargs)
+      if isinstance(out, tuple):  # value residual: the first layer's values come back
+        out, values = out
+        first.append(values)
+      return out
+
+    x = self.residual(x, sublayer, 'self')
+    if stack is None:
+      return x
+    return x, value_residual.advance(stack, first[0] if first else None)
+
+
+def _hidden(carry):
+  return carry[0] if isinstance(carry, tuple) else carry
+
+
+def _with_hidden(carry, x):
+  return (x, carry[1]) if isinstance(carry, tuple) else x
+
 
 class EncoderLayer(_Block):
-  """Bidirectional self-attention + FFN. `x` `[batch, length, d_model]` -> same shape."""
+  """Bidirectional self-attention + FFN. `carry`: `x` `[batch, length, d_model]` (or `(x,
+  StackState)`, see `_Block.self_attention`) -> the same structure."""
 
   @nn.compact
-  def __call__(self, x, mask, segment_ids, positions, needed=None, block_masks=None):
+  def __call__(self, carry, mask, segment_ids, positions, needed=None, block_masks=None):
     attn = _attention(self.config, causal=False, self_attention=True, name=names.ENCODER_SELF,
                       capture=self.capture, kind=self.kind)
     block_mask = None if block_masks is None else block_masks[self.kind]
-    x = self.residual(x, lambda h: attn(h, mask=mask, segment_ids=segment_ids,
-                                        positions=positions, block_mask=block_mask,
-                                        deterministic=self.deterministic), 'self')
-    return self.ffn(x, needed), None
+    carry = self.self_attention(carry, attn, mask=mask, segment_ids=segment_ids,
+                                positions=positions, block_mask=block_mask,
+                                deterministic=self.deterministic)
+    return _with_hidden(carry, self.ffn(_hidden(carry), needed)), None
 
 
 class DecoderLayer(_Block):
@@ -168,7 +199,7 @@ class DecoderLayer(_Block):
   cross: bool = False
 
   @nn.compact
-  def __call__(self, y, encoded, cross_mask, segment_ids, cross_segment_ids, positions,
+  def __call__(self, carry, encoded, cross_mask, segment_ids, cross_segment_ids, positions,
                needed=None, block_masks=None):
     cfg = self.config
     if encoded is not None and not self.cross:
@@ -179,10 +210,10 @@ class DecoderLayer(_Block):
     attn = _attention(cfg, causal=True, self_attention=True, name=names.DECODER_SELF,
                       capture=self.capture, kind=self.kind)
     block_mask = None if block_masks is None else block_masks[self.kind]
-    y = self.residual(y, lambda h: attn(h, segment_ids=segment_ids, positions=positions,
-                                        block_mask=block_mask,
-                                        deterministic=self.deterministic,
-                                        decode=self.decode), 'self')
+    carry = self.self_attention(carry, attn, segment_ids=segment_ids, positions=positions,
+                                block_mask=block_mask, deterministic=self.deterministic,
+                                decode=self.decode)
+    y = _hidden(carry)
     if self.cross:
       cross = _attention(cfg, causal=False, self_attention=False, name=names.CROSS,
                          capture=self.capture)
@@ -190,7 +221,7 @@ class DecoderLayer(_Block):
                                            segment_ids=cross_segment_ids,
                                            deterministic=self.deterministic,
                                            decode=self.decode), 'cross')
-    return self.ffn(y, needed), None
+    return _with_hidden(carry, self.ffn(y, needed)), None
 
 
 def stack_layers(cfg: TransformerConfig, layer_cls, num_layers: int, x: jax.Array,
@@ -198,7 +229,17 @@ def stack_layers(cfg: TransformerConfig, layer_cls, num_layers: int, x: jax.Arra
   """Applies `num_layers` layers, unrolled or under `nn.scan`; call from a compact method.
 
   `cfg` is a `TransformerConfig` or a `ViTConfig` (the fields `configs._LayerStack` lists).
+  What flows from layer to layer is the hidden states, or `(hidden, StackState)` when the
+  attention needs each layer's depth or the first layer's values (`value_residual`): under
+  `nn.scan` the state is part of the scan carry (an int32 depth, the values from zeros).
   """
+  stacked = cfg.scan_layers or cfg.share_layers
+  if value_residual.needs_stack_state(cfg.attention):
+    x = (x, value_residual.initial_state(cfg.attention, x, cfg.head_dim, scanned=stacked))
+  return _hidden(_stack(cfg, layer_cls, num_layers, x, *args, **attrs))
+
+
+def _stack(cfg: TransformerConfig, layer_cls, num_layers: int, x, *args: Any, **attrs: Any):
   cls = layer_cls
   if cfg.remat:
     # Under scan, CSE across iterations cannot happen, so skip the barrier (faster).

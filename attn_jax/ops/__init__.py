@@ -93,6 +93,7 @@ from attn_jax.ops.rope import (
 )
 from attn_jax.ops.scores import additive_scores, dot_scores, general_scores, scaled_dot_scores
 from attn_jax.ops.shared_qk import exclude_self, l2_normalize, shared_qk_attention
+from attn_jax.ops.talking_heads import talking_heads_attention
 from attn_jax.ops.token_chunks import map_valid_chunks, valid_first_order
 
 __all__ = [
@@ -114,7 +115,7 @@ __all__ = [
     'rope_attention_factor', 'rope_frequencies',
     'scaled_dot_scores', 'score_mods',
     'segment_mask', 'sequence_layout', 'sequence_sharded_attention', 'shared_qk_attention',
-    'sinusoidal', 'split_heads', 'valid_first_order',
+    'sinusoidal', 'split_heads', 'talking_heads_attention', 'valid_first_order',
     'valid_positions',
     'attention_rollout', 'grid_positions', 'patch_attention', 'patchify', 'rope_2d',
     'sinusoidal_2d',

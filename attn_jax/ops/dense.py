@@ -16,7 +16,7 @@ from attn_jax.ops import keywords
 from attn_jax.ops import masks as masks_lib
 from attn_jax.ops import scores as scores_lib
 from attn_jax.ops.mods import Mod
-from attn_jax.ops.shapes import check_broadcastable, check_qkv, split_segment_ids, to_grouped
+from attn_jax.ops.shapes import check_broadcastable, check_qkv, to_grouped
 
 
 def masked_softmax(logits: jax.Array, mask: jax.Array | None,
@@ -70,6 +70,37 @@ def _log_sum_exp(logits, mask, sinks):
   return jnp.where(seen, jnp.log(jnp.where(seen, total, 1.0)) + peak[..., 0], -jnp.inf)
 
 
+def apply_score_mod(logits: jax.Array, score_mod, q_offset=0) -> jax.Array:
+  """float32 `score_mod(logit, b, h, q_idx, kv_idx)` on every logit `[B, H, T, S]` (queries at
+  positions `q_offset + i`, keys at `j`)."""
+  b, h, t, s = logits.shape
+  mod, consts = Mod.of_score(score_mod)
+  return mod.grid(consts, jnp.arange(b), jnp.arange(h), jnp.arange(t) + q_offset,
+                  jnp.arange(s), score=logits).astype(jnp.float32)
+
+
+def visible_mask(dims, *, mask=None, is_causal=False, local_window=None, segment_ids=None,
+                 q_offset=0, mask_mod=None, block_mask=None) -> tuple[jax.Array | None, bool]:
+  """Which keys each query may see, from every mask argument of `dot_product_attention`:
+  bool `[B|1, H|1, T, S]` (None: all), and whether a row may see nothing (only a plain causal
+  mask with a static offset >= 0 is known to leave every query key 0)."""
+  t, s = dims.q_len, dims.kv_len
+  user_mask = None
+  if mask_mod is not None:
+    mod, consts = Mod.of_mask(mask_mod)
+    user_mask = mod.grid(consts, jnp.arange(dims.batch), jnp.arange(dims.heads),
+                         jnp.arange(t) + q_offset, jnp.arange(s))
+  if block_mask is not None:
+    user_mask = block_mask.dense()  # [Bm, Hm, T, S]: hidden blocks are False already
+  combined = masks_lib.combine_masks(
+      keywords.keyword_mask(dims, mask=mask, is_causal=is_causal, local_window=local_window,
+                            segment_ids=segment_ids, q_offset=q_offset),
+      user_mask)
+  only_causal = (is_causal and mask is None and local_window is None and segment_ids is None
+                 and user_mask is None and isinstance(q_offset, int) and q_offset >= 0)
+  return combined, not only_causal
+
+
 def dense_attention(query, key, value, *, bias=None, mask=None, is_causal=False, scale=None,
                     segment_ids=None, local_window=None, q_offset=0, bias_fn=None,
                     bias_params=None, mask_mod=None, score_mod=None, block_mask=None,
@@ -79,7 +110,6 @@ def dense_attention(query, key, value, *, bias=None, mask=None, is_causal=False,
   dims = check_qkv(query, key, value)
   check_broadcastable('mask', mask, dims)
   check_broadcastable('bias', bias, dims)
-  q_seg, kv_seg = split_segment_ids(segment_ids, dims)
   scale = 1.0 / math.sqrt(dims.head_dim) if scale is None else scale
   b, t, s, kh, g = dims.batch, dims.q_len, dims.kv_len, dims.kv_heads, dims.groups
 
@@ -93,30 +123,13 @@ def dense_attention(query, key, value, *, bias=None, mask=None, is_causal=False,
   if bias is not None:
     logits = logits + grouped(bias).astype(jnp.float32)
   score_mod = keywords.with_position_bias(score_mod, bias_fn, bias_params)
-  b_idx, h_idx = jnp.arange(b), jnp.arange(dims.heads)
   if block_mask is not None:
     q_offset = block_mask.q_offset
-  q_pos, kv_pos = jnp.arange(t) + q_offset, jnp.arange(s)
   if score_mod is not None:
-    mod, consts = Mod.of_score(score_mod)
-    flat = logits.reshape(b, dims.heads, t, s)
-    logits = grouped(mod.grid(consts, b_idx, h_idx, q_pos, kv_pos, score=flat)
-                     .astype(jnp.float32))
-
-  user_mask = None
-  if mask_mod is not None:
-    mod, consts = Mod.of_mask(mask_mod)
-    user_mask = mod.grid(consts, b_idx, h_idx, q_pos, kv_pos)
-  if block_mask is not None:
-    user_mask = block_mask.dense()  # [Bm, Hm, T, S]: hidden blocks are False already
-  combined = masks_lib.combine_masks(
-      keywords.keyword_mask(dims, mask=mask, is_causal=is_causal, local_window=local_window,
-                            segment_ids=segment_ids, q_offset=q_offset),
-      user_mask)
-  # Only a plain causal mask with a non-negative static offset is known to leave
-  # every query some key (key 0).
-  only_causal = (is_causal and mask is None and local_window is None and q_seg is None
-                 and user_mask is None and isinstance(q_offset, int) and q_offset >= 0)
+    logits = grouped(apply_score_mod(logits.reshape(b, dims.heads, t, s), score_mod, q_offset))
+  combined, rows_may_be_empty = visible_mask(
+      dims, mask=mask, is_causal=is_causal, local_window=local_window, segment_ids=segment_ids,
+      q_offset=q_offset, mask_mod=mask_mod, block_mask=block_mask)
   grouped_mask = None if combined is None else grouped(combined)
   if sinks is not None:
     sinks = jnp.asarray(sinks)
@@ -126,7 +139,7 @@ def dense_attention(query, key, value, *, bias=None, mask=None, is_causal=False,
     flat_mask = None if combined is None else combined
     weights = grouped(_sink_softmax(logits.reshape(b, dims.heads, t, s), flat_mask, sinks))
   else:
-    weights = masked_softmax(logits, grouped_mask, rows_may_be_empty=not only_causal)
+    weights = masked_softmax(logits, grouped_mask, rows_may_be_empty=rows_may_be_empty)
   lse = None
   if return_lse:
     lse = _log_sum_exp(logits.reshape(b, dims.heads, t, s), combined, sinks)

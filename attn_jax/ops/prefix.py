@@ -48,7 +48,7 @@ def prefix_attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
                      scale: float | None = None, mask_mod: Any = None, score_mod: Any = None,
                      sinks: jax.Array | None = None, dropout_rate: float = 0.0,
                      dropout_rng: jax.Array | None = None, implementation: str | None = None,
-                     precision: Any = None) -> jax.Array:
+                     precision: Any = None, return_lse: bool = False):
   """`dot_product_attention(query, key[:, :length], value[:, :length], ...)` in O(length).
 
   Args:
@@ -63,9 +63,12 @@ def prefix_attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
       dropout_rng, implementation, precision: as in `dot_product_attention`, in slot
       indices (the functions see absolute slot indices and query positions).
     sinks: float `[heads]`, joining every row's normalizer once.
+    return_lse: also return the float32 row log-sum-exp `[batch, heads, q_len]` (sinks
+      included; -inf for a row that sees nothing), for `merge_attention`.
 
   Returns:
-    `[batch, q_len, heads, v_dim]` in `query.dtype`; a query that sees no key gets zeros.
+    `[batch, q_len, heads, v_dim]` in `query.dtype`; a query that sees no key gets zeros;
+    then the lse if asked.
   """
   dims = check_qkv(query, key, value)
   check_broadcastable('mask', mask, dims)
@@ -110,4 +113,5 @@ def prefix_attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
       raise ValueError(f'sinks must be one logit per query head, [{heads}], got {sinks.shape}')
     keep = jax.nn.sigmoid(lse - sinks[None, :, None])  # [B, H, T]; 0 where lse = -inf
     out = out * jnp.swapaxes(keep, 1, 2)[..., None]
-  return out.astype(query.dtype)
+    lse = jnp.logaddexp(lse, sinks[None, :, None])
+  return (out.astype(query.dtype), lse) if return_lse else out.astype(query.dtype)
