@@ -181,6 +181,8 @@ def test_host_helpers():
   mesh = parallel.make_mesh({'data': 4, 'fsdp': 2})
   with pytest.raises(ValueError, match=r"batch\['x'\] shape \(6, 2\): global batch not divisible"):
     parallel.global_batch({'x': np.zeros((6, 2))}, mesh)
-  got = parallel.global_batch({'x': np.arange(16.0).reshape(8, 2)}, mesh)
-  assert got['x'].sharding.spec == P(('data', 'fsdp'))
+  got = parallel.global_batch({'x': np.arange(16.0).reshape(8, 2), 'n': np.arange(8)}, mesh)
+  # Rows over the batch axes, lengths over `sequence` (of size 1 here): per leaf, by its rank.
+  assert got['x'].sharding.spec == P(('data', 'fsdp'), 'sequence')
+  assert got['n'].sharding.spec == P(('data', 'fsdp'))
   np.testing.assert_array_equal(parallel.to_host(got)['x'], np.arange(16.0).reshape(8, 2))
