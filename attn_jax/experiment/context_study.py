@@ -188,5 +188,6 @@ def _figure(summary: Sequence[Mapping[str, Any]], train_length: int, path: pathl
          title='Context extension of a character LM (mean, 95% band over seeds)')
   ax.set_xticks(sorted({s['length'] for s in summary}),
                 [str(n) for n in sorted({s['length'] for s in summary})])
+  ax.minorticks_off()  # a log axis otherwise labels its minor ticks as 6x10^1, 2x10^2, ...
   ax.legend(fontsize=7)
   plots.save_figure(fig, path)
