@@ -254,6 +254,7 @@ RENDERERS: dict[str, tuple[str, Callable[[dict], str]]] = {
     'attention_patterns': ('patterns.json', attention_patterns),
     'length_study': ('length_study.json', length_study),
     'ablation': ('ablation.json', ablation),
+    'ablation_pilot': ('ablation_pilot.json', ablation),
     'train_step': ('train_step_malloc.json', train_step),
     'decode_speed': ('decode_speed.json', decode_speed),
     'beam_speed': ('beam_speed.json', beam_speed),
