@@ -26,12 +26,7 @@ def tiny_config(name: str, /, **overrides):
   c.max_length, c.batch_size, c.eval_batch_size = 32, 4, 4
   c.read_threads, c.bucket_window = 1, 2
   c.tokenizer.vocab_size = 64
-  for key, value in overrides.items():
-    node = c
-    *path, last = key.split('.')
-    for p in path:
-      node = node[p]
-    node[last] = value
+  c.update_from_flattened_dict(overrides)  # 'a.b' keys reach nested fields
   return c
 
 

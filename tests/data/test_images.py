@@ -16,12 +16,7 @@ from attn_jax.data import digits, images
 def image_config(name: str, /, **overrides):
   c = data.default_config(name)
   c.batch_size, c.eval_batch_size, c.read_threads = 8, 64, 1
-  for key, value in overrides.items():
-    node = c
-    *path, last = key.split('.')
-    for p in path:
-      node = node[p]
-    node[last] = value
+  c.update_from_flattened_dict(overrides)  # 'a.b' keys reach nested fields
   return c
 
 

@@ -213,6 +213,27 @@ def _heads_major(x, length: int, dim: int):
   return pad(pad(x, 1, length), 3, dim).transpose(0, 2, 1, 3)
 
 
+def _query_major_maps(plan, tq: int, tk: int, per_block: int):
+  """(coords, q_map, kv_map) of a grid (batch, head, q tile, visit), the forward's and dQ's:
+  visit `step` of a q tile reads the kv tile its block's visit list names."""
+  g = plan.q_per_kv
+
+  def coords(bi, hi, q_tile, step, offset_ref, num_ref, nfull_ref, idx_ref):
+    del offset_ref, nfull_ref
+    kv_tile = _visit(plan, 'kv', tk, per_block, plan.group(bi, hi),
+                     plan.block_of_tile('q', q_tile, tq), step, num_ref, idx_ref)
+    return bi, hi, q_tile, kv_tile
+
+  def q_map(bi, hi, q_tile, *_):
+    return bi, hi, q_tile, 0
+
+  def kv_map(*ids):
+    bi, hi, _, kv_tile = coords(*ids)
+    return bi, div(hi, g), kv_tile, 0
+
+  return coords, q_map, kv_map
+
+
 def forward(plan: Plan, lay: Layout, q, k, v, q_offset, lists, sinks, mask_inputs, score_inputs,
             *, interpret: bool):
   """out `[B, T, H, Dv]` (q's dtype), lse float32 `[B, H, T]` (+inf: a row that sees nothing).
@@ -220,23 +241,11 @@ def forward(plan: Plan, lay: Layout, q, k, v, q_offset, lists, sinks, mask_input
   As `gpu_flash.forward`."""
   b, t, h, _ = q.shape
   tq, tk = lay.fwd
-  g = plan.q_per_kv
   per_block = plan.tiles_per_block('kv', tk, lay.kv_pad)
   width = plan.max_visits * per_block
   num, nfull, idx = combined_visits(*lists, plan.max_visits)
 
-  def coords(bi, hi, s, step, offset_ref, num_ref, nfull_ref, idx_ref):
-    del offset_ref, nfull_ref
-    kv_tile = _visit(plan, 'kv', tk, per_block, plan.group(bi, hi),
-                     plan.block_of_tile('q', s, tq), step, num_ref, idx_ref)
-    return bi, hi, s, kv_tile
-
-  def q_map(bi, hi, s, *_):
-    return bi, hi, s, 0
-
-  def kv_map(*ids):
-    bi, hi, _, kv_tile = coords(*ids)
-    return bi, div(hi, g), kv_tile, 0
+  coords, q_map, kv_map = _query_major_maps(plan, tq, tk, per_block)
 
   mask_ops, mask_specs = _mod_operands(plan.mask, mask_inputs, False, lay.fwd, coords) if (
       plan.mask is not None) else ([], [])
@@ -423,18 +432,7 @@ def backward(plan: Plan, lay: Layout, q, k, v, q_offset, lists, lists_t, mask_in
   per_kv = plan.tiles_per_block('kv', tk, lay.kv_pad)
   num, nfull, idx = combined_visits(*lists, plan.max_visits)
 
-  def coords(bi, hi, s_tile, step, offset_ref, num_ref, nfull_ref, idx_ref):
-    del offset_ref, nfull_ref
-    kv_tile = _visit(plan, 'kv', tk, per_kv, plan.group(bi, hi),
-                     plan.block_of_tile('q', s_tile, tq), step, num_ref, idx_ref)
-    return bi, hi, s_tile, kv_tile
-
-  def q_map(bi, hi, s_tile, *_):
-    return bi, hi, s_tile, 0
-
-  def kv_map(*ids):
-    bi, hi, _, kv_tile = coords(*ids)
-    return bi, div(hi, g), kv_tile, 0
+  coords, q_map, kv_map = _query_major_maps(plan, tq, tk, per_kv)
 
   ops, specs = [], []
   for kernel_mod, arrays in ((plan.mask, mask_inputs), (plan.score, score_inputs)):
