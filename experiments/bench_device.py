@@ -217,9 +217,6 @@ def _splash(pattern: str, length: int, cfg: Config):
 
 
 def _jax_case(impl, pattern, length, dtype, backward, cfg: Config):
-  import jax
-  import jax.numpy as jnp
-
   if impl in ('attn_pallas', 'attn_blockwise'):
     attend, build_s = _attn_jax(impl, pattern, length, cfg)
   elif impl in ('cudnn', 'xla'):
@@ -228,7 +225,15 @@ def _jax_case(impl, pattern, length, dtype, backward, cfg: Config):
     attend, build_s = _jax_pallas(pattern, length, cfg)
   else:
     attend, build_s = _splash(pattern, length, cfg)
-  q, k, v = _inputs(cfg, length, dtype)
+  return compiled_case(attend, *_inputs(cfg, length, dtype), backward=backward, build_s=build_s)
+
+
+def compiled_case(attend, q, k, v, *, backward: bool, build_s: float):
+  """(a call that runs the compiled step and waits for it, {compile_s, build_s}): `attend`
+  alone, or the gradients of the float32 sum of its output with respect to q, k and v."""
+  import jax
+  import jax.numpy as jnp
+
   if backward:
     loss = lambda q, k, v: jnp.sum(attend(q, k, v).astype(jnp.float32))  # noqa: E731
     fn = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
